@@ -1,0 +1,130 @@
+"""Configuration of a Mixture-of-LoRA-Experts checkpoint.
+
+This file ships inside every checkpoint (copied verbatim by ``moe_hub.convert``) and imports only
+transformers, so a checkpoint loads with ``trust_remote_code=True`` and nothing else installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+GRANULARITIES = ("linear", "block")
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
+
+class MoELoraConfig(PretrainedConfig):
+    r"""Dense model config (``text_config``) plus the MoE-LoRA specification.
+
+    The dense config is nested under ``text_config`` because generation utilities look the decoder
+    config up by that name (``get_text_config()``); any other name breaks ``generate()``.
+
+    Args:
+        text_config: the dense model's config (a dict or a ``PretrainedConfig``).
+        router: registered router name (``topk``, ``rmoe``, ``hypermoe``, ``graphmoe``).
+        router_config: router-specific options, e.g. ``{"hidden_size": 128}`` for ``rmoe``.
+        num_experts: LoRA experts per routing site.
+        num_experts_per_tok: experts each token is sent to (top-k). Not called ``top_k``: a config
+            field named like a generation setting breaks ``save_pretrained``.
+        lora_rank, lora_alpha, lora_dropout: every expert's LoRA pair, scaled by ``alpha / rank``.
+        target_modules: names of the targeted linears (module-name suffixes, or ``re:<regex>``).
+        routing_granularity: ``linear`` (one router per targeted linear) or ``block`` (one router
+            per MLP block, MixLoRA style).
+        normalize_expert_weights: renormalise the top-k probabilities to sum to one (Mixtral);
+            ``False`` keeps the raw softmax probabilities (Switch), which gives top-1 routers a task
+            gradient.
+        router_aux_loss_coef: weight of the load-balancing loss added to the LM loss.
+        router_z_loss_coef: weight of the router z-loss (0 disables it).
+        output_router_logits: return (and add to the loss) the routers' auxiliary losses.
+        expert_kernel: ``auto`` (Triton on CUDA when available), ``triton`` or ``torch``.
+        base_model_name_or_path, base_model_revision: where the dense weights came from; an
+            adapter-only checkpoint loads them from there.
+    """
+
+    model_type = "moe_lora"
+    sub_configs = {"text_config": AutoConfig}
+
+    def __init__(
+        self,
+        text_config: dict[str, Any] | PretrainedConfig | None = None,
+        router: str = "topk",
+        router_config: dict[str, Any] | None = None,
+        num_experts: int = 8,
+        num_experts_per_tok: int = 2,
+        lora_rank: int = 16,
+        lora_alpha: float = 32.0,
+        lora_dropout: float = 0.05,
+        target_modules: list[str] | None = None,
+        routing_granularity: str = "linear",
+        normalize_expert_weights: bool = True,
+        router_aux_loss_coef: float = 0.001,
+        router_z_loss_coef: float = 0.0,
+        output_router_logits: bool = False,
+        expert_kernel: str = "auto",
+        base_model_name_or_path: str | None = None,
+        base_model_revision: str | None = None,
+        adapter_only: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            model_type = text_config.pop("model_type", None)
+            if model_type is None:
+                raise ValueError("text_config needs a 'model_type' naming the dense architecture")
+            from transformers import CONFIG_MAPPING
+
+            text_config = CONFIG_MAPPING[model_type](**text_config)
+        self.text_config = text_config
+        self.router = router
+        self.router_config = dict(router_config or {})
+        self.num_experts = int(num_experts)
+        self.num_experts_per_tok = int(num_experts_per_tok)
+        self.lora_rank = int(lora_rank)
+        self.lora_alpha = float(lora_alpha)
+        self.lora_dropout = float(lora_dropout)
+        self.target_modules = list(target_modules) if target_modules is not None else None
+        self.routing_granularity = routing_granularity
+        self.normalize_expert_weights = bool(normalize_expert_weights)
+        self.router_aux_loss_coef = float(router_aux_loss_coef)
+        self.router_z_loss_coef = float(router_z_loss_coef)
+        self.output_router_logits = bool(output_router_logits)
+        self.expert_kernel = expert_kernel
+        self.base_model_name_or_path = base_model_name_or_path
+        self.base_model_revision = base_model_revision
+        self.adapter_only = bool(adapter_only)
+        if text_config is not None:
+            # Generation and the pipelines read these from the top-level config.
+            for name in ("vocab_size", "tie_word_embeddings"):
+                if name not in kwargs and hasattr(text_config, name):
+                    kwargs[name] = getattr(text_config, name)
+        super().__init__(**kwargs)
+        self.validate_moe()
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank
+
+    def validate_moe(self) -> None:
+        """Raise ``ValueError`` with a message naming the fix for an impossible specification."""
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1 (got {self.num_experts})")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"top-k must be between 1 and the number of experts: got top-k "
+                f"{self.num_experts_per_tok} with {self.num_experts} experts; lower --top-k or "
+                f"raise --experts"
+            )
+        if self.lora_rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1 (got {self.lora_rank}); pass --rank 8 or more")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1) (got {self.lora_dropout})")
+        if self.routing_granularity not in GRANULARITIES:
+            raise ValueError(
+                f"routing granularity must be one of {GRANULARITIES} "
+                f"(got {self.routing_granularity!r})"
+            )
+        if self.expert_kernel not in KERNEL_CHOICES:
+            raise ValueError(
+                f"expert_kernel must be one of {KERNEL_CHOICES} (got {self.expert_kernel!r})"
+            )

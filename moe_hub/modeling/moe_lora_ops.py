@@ -1,0 +1,104 @@
+"""The expert computation of a MoE-LoRA site, in plain torch, and the dispatch to Triton.
+
+For token t and slot j: e = indices[t, j], w = weights[t, j],
+    delta_t = scale * sum_j w * (x_t A_e) B_e        A: [E, d_in, r], B: [E, r, d_out].
+
+Two torch forms (see KERNELS.md in the project docs for the cost model):
+- masked-dense, for small E * r (the default 8 x 16 = 128): every expert's rank-r values in one
+  matmul x [A_1 | ... | A_E], gated in rank space (unselected experts get weight 0), then one
+  matmul back. No sorting, fixed shapes, the extra FLOPs are free because the op is memory-bound.
+- grouped, for large E * r where masked-dense turns compute-bound: (token, slot) pairs sorted by
+  expert once, one GEMM pair per expert over only its rows.
+Both are differentiable by autograd (x, A, B and the routing weights); the Triton kernels in
+``moe_lora_triton`` implement the same signature with hand-written backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # inside a checkpoint the kernel file sits beside this one
+    from .moe_lora_triton import triton_moe_lora_delta, triton_supported
+except ImportError:
+    try:  # inside the moe_hub library it lives in moe_hub.kernels
+        from moe_hub.kernels.moe_lora_triton import triton_moe_lora_delta, triton_supported
+    except ImportError:
+        triton_moe_lora_delta = None
+
+        def triton_supported(x: torch.Tensor) -> bool:
+            return False
+
+
+#: Above this many rank-space columns (E * r) the grouped form beats masked-dense.
+MASKED_DENSE_MAX_COLUMNS = 512
+
+
+def moe_lora_delta(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    scale: float,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """Expert output [T, d_out] for tokens ``x`` [T, d_in] routed by ``indices``/``weights`` [T, k].
+
+    ``kernel``: ``auto`` uses Triton on CUDA tensors when it is installed, ``triton`` insists on
+    it, ``torch`` forces the reference path.
+    """
+    if kernel == "triton" or (kernel == "auto" and triton_supported(x)):
+        if triton_moe_lora_delta is None:
+            raise RuntimeError(
+                "expert_kernel='triton' needs the triton package; install it or set "
+                "config.expert_kernel='torch'"
+            )
+        return triton_moe_lora_delta(x, lora_A, lora_B, indices, weights, scale)
+    return torch_moe_lora_delta(x, lora_A, lora_B, indices, weights, scale)
+
+
+def torch_moe_lora_delta(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The reference implementation (any device, any dtype, autograd for every input)."""
+    num_experts, _, rank = lora_A.shape
+    if num_experts * rank <= MASKED_DENSE_MAX_COLUMNS:
+        return masked_dense_delta(x, lora_A, lora_B, indices, weights, scale)
+    return grouped_delta(x, lora_A, lora_B, indices, weights, scale)
+
+
+def masked_dense_delta(x, lora_A, lora_B, indices, weights, scale):
+    num_tokens = x.shape[0]
+    num_experts, d_in, rank = lora_A.shape
+    a_cat = lora_A.permute(1, 0, 2).reshape(d_in, num_experts * rank)
+    shrunk = (x @ a_cat).view(num_tokens, num_experts, rank)
+    gate = weights.new_zeros(num_tokens, num_experts).scatter(1, indices, weights)
+    gated = shrunk * gate.to(shrunk.dtype).unsqueeze(-1)
+    b_cat = lora_B.reshape(num_experts * rank, -1)
+    return (gated.view(num_tokens, -1) @ b_cat) * scale
+
+
+def grouped_delta(x, lora_A, lora_B, indices, weights, scale):
+    num_tokens, top_k = indices.shape
+    flat_expert = indices.reshape(-1)
+    order = torch.argsort(flat_expert, stable=True)
+    counts = torch.bincount(flat_expert, minlength=lora_A.shape[0]).tolist()
+    token_of_slot = order // top_k
+    slot_weight = weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
+    out = x.new_zeros(num_tokens, lora_B.shape[-1])
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = token_of_slot[start : start + count]
+        contribution = ((x[rows] @ lora_A[expert]) * slot_weight[start : start + count]) @ lora_B[
+            expert
+        ]
+        out = out.index_add(0, rows, contribution)
+        start += count
+    return out * scale

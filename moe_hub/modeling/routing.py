@@ -1,0 +1,176 @@
+"""What every router shares: routing sites, the router interface, the per-forward context and the
+load-balancing losses.
+
+A *routing site* is one place where tokens are sent to experts: a targeted linear (granularity
+``linear``) or a decoder layer's MLP block (granularity ``block``). Every site owns a router; a
+router returns, per token, the chosen experts, their weights and the logits the auxiliary losses
+need. Routers never touch the frozen base. Their math runs in float32 whatever the model dtype.
+
+Routers whose decision depends on an earlier site (RMoE's GRU state across depth) read and write
+that state through the :class:`RoutingContext` created at every forward of the model. Values are
+stored per site index so that gradient checkpointing, which re-runs a decoder layer during
+backward, reads exactly the state it read the first time, and counts each site's losses once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RoutingSite:
+    """Where a router sits. ``index`` orders all sites by depth; ``kind`` is the module name
+    (``q_proj``, ``mlp``, ...) so that routers can chain sites of one kind across layers."""
+
+    index: int
+    layer: int
+    kind: str
+    name: str
+    in_features: int
+    out_features: int
+
+
+@dataclass
+class RouterOutput:
+    """One routing decision for ``T`` tokens.
+
+    ``indices`` [T, k] (int64) and ``weights`` [T, k] (float32) select and weigh the experts.
+    ``logits`` are the [T, E] router logits the load-balancing loss sees; routers that decide in
+    several steps (GraphMoE) return one [T, E] tensor per step, concatenated along dim 0, with the
+    matching top-k choices of every step in ``logit_indices`` ([steps * T, k]).
+    ``losses`` holds router-specific auxiliary losses (already-reduced scalars, unweighted).
+    ``residual`` is an extra [T, d_out] term added to the site's output (HyperMoE's generated
+    module), or ``None``.
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+    logits: torch.Tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    residual: torch.Tensor | None = None
+    logit_indices: torch.Tensor | None = None
+
+    @property
+    def balance_indices(self) -> torch.Tensor:
+        return self.indices if self.logit_indices is None else self.logit_indices
+
+
+class RoutingContext:
+    """Per-forward scratch space shared by all sites of one model call.
+
+    Created by the model at the start of every forward (so recurrent routing state never leaks
+    across calls or generated tokens) and dropped at its end.
+    """
+
+    def __init__(self, token_mask: torch.Tensor | None, shared: nn.ModuleDict) -> None:
+        # token_mask: [batch, seq] bool, True for real tokens; None when there is no padding.
+        self.token_mask = token_mask
+        self.shared = shared
+        self.state: dict[Any, torch.Tensor] = {}
+        self.outputs: dict[int, RouterOutput] = {}
+
+    def flat_mask(self, num_tokens: int) -> torch.Tensor | None:
+        """The padding mask flattened to the ``num_tokens`` rows a site sees, or ``None``."""
+        if self.token_mask is None:
+            return None
+        mask = self.token_mask
+        if mask.numel() != num_tokens:
+            # With a KV cache the mask covers past + new tokens; a site sees the new ones only.
+            batch = mask.shape[0]
+            if num_tokens % batch:
+                return None
+            mask = mask[:, -(num_tokens // batch):]
+        return mask.reshape(-1)
+
+    def record(self, site: RoutingSite, output: RouterOutput) -> None:
+        # Keyed by site: a checkpointed layer's recomputation overwrites, never appends.
+        self.outputs[site.index] = output
+
+
+class Router(nn.Module):
+    """Base class of the routers. A subclass sets ``name`` and implements :meth:`forward`.
+
+    Routers hold their weights as plain ``nn.Parameter`` and never as ``nn.Linear``:
+    transformers' bitsandbytes quantizer replaces every ``nn.Linear`` it finds, and a quantized
+    router cannot train.
+
+    ``shared_modules`` builds the modules all sites of a model share (RMoE's GRU cell, HyperMoE's
+    hypernetwork); the model stores them once under ``moe_shared.<router name>`` and routers reach
+    them through ``ctx.shared``.
+    """
+
+    name: ClassVar[str]
+    #: Router-specific options (``router_config`` keys) with their defaults.
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, site: RoutingSite, config: Any) -> None:
+        super().__init__()
+        self.site = site
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.normalize = config.normalize_expert_weights
+        self.options = {**self.defaults, **config.router_config}
+
+    @classmethod
+    def shared_modules(cls, config: Any, sites: list[RoutingSite]) -> nn.Module | None:
+        return None
+
+    def reset_parameters(self) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, ctx: RoutingContext, experts: Any) -> RouterOutput:
+        """Route ``x`` [T, d_in]. ``experts`` is the site's expert module (its ``lora_A``,
+        ``lora_B`` and ``scale``), for routers that look at what the experts compute."""
+        raise NotImplementedError
+
+    def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax over all experts, top-k, optional renormalisation over the chosen k."""
+        probs = logits.float().softmax(dim=-1)
+        weights, indices = probs.topk(self.top_k, dim=-1)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return indices, weights
+
+
+ROUTERS: dict[str, type[Router]] = {}
+
+
+def register_router(cls: type[Router]) -> type[Router]:
+    """Class decorator: make a router available under ``cls.name``."""
+    if cls.name in ROUTERS and ROUTERS[cls.name] is not cls:
+        raise ValueError(f"router name {cls.name!r} is registered twice")
+    ROUTERS[cls.name] = cls
+    return cls
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over rows of ``values`` [N, ...] whose ``mask`` [N] is True."""
+    if mask is None:
+        return values.mean(dim=0)
+    weights = mask.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
+    return (values * weights).sum(dim=0) / weights.sum().clamp_min(1.0)
+
+
+def load_balancing_loss(
+    logits: torch.Tensor, indices: torch.Tensor, num_experts: int, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Switch/Mixtral load balance, E * sum_e f_e * P_e, over the unpadded rows.
+
+    ``logits`` [N, E] and ``indices`` [N, k] are every site's rows concatenated; f_e is the
+    fraction of token-slots sent to expert e, P_e the mean router probability of e.
+    """
+    probs = logits.float().softmax(dim=-1)
+    slots = F.one_hot(indices, num_experts).float().mean(dim=1)  # [N, E], rows sum to 1
+    fraction = masked_mean(slots, mask)
+    mean_prob = masked_mean(probs, mask)
+    return num_experts * (fraction * mean_prob).sum()
+
+
+def z_loss(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """ST-MoE router z-loss: mean squared log-partition function, over unpadded rows."""
+    return masked_mean(torch.logsumexp(logits.float(), dim=-1).square(), mask)
