@@ -13,20 +13,25 @@ inserted for targeted linears, and ``moe_shared.<router>.*`` for modules all sit
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
 
 from .configuration_moe_lora import MoELoraConfig
+from .moe_lora_block import inject_moe_lora_blocks
 from .moe_lora_layer import RoutingHolder, inject_moe_lora
-from .routing import ROUTERS, RoutingContext, load_balancing_loss, z_loss
 
 # Importing a router module registers it; a new router is one file plus one line here.
+from .router_graphmoe import GraphMoERouter  # noqa: F401
+from .router_hypermoe import HyperMoERouter  # noqa: F401
+from .router_rmoe import RecurrentRouter  # noqa: F401
 from .router_topk import TopKRouter  # noqa: F401
+from .routing import ROUTERS, RoutingContext, load_balancing_loss, z_loss
 
 __all__ = ["MoELoraForCausalLM", "MoELoraModel", "MoELoraPreTrainedModel"]
 
@@ -66,7 +71,9 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         self._no_split_modules = list(getattr(self.model, "_no_split_modules", None) or [])
         self.moe_shared = nn.ModuleDict()
         self._routing = RoutingHolder(self.moe_shared)
-        self.routing_sites = inject_moe_lora(self.model, config, self._routing)
+        block = config.routing_granularity == "block"
+        inject = inject_moe_lora_blocks if block else inject_moe_lora
+        self.routing_sites = inject(self.model, config, self._routing)
         shared = ROUTERS[config.router].shared_modules(config, self.routing_sites)
         if shared is not None:
             self.moe_shared[config.router] = shared
@@ -92,6 +99,52 @@ class MoELoraPreTrainedModel(PreTrainedModel):
             if ".base_layer." not in name and (".lora_" in name or ".router." in name
                                                 or name.startswith("moe_shared."))
         ]
+
+    #: Module names the wrapper inserts between a dense module and its weights.
+    _wrapper_components = ("base_layer",)
+
+    def dense_name(self, name: str) -> str | None:
+        """The dense model's name for checkpoint tensor ``name`` (None for adapter tensors)."""
+        if not name.startswith("model."):
+            return None
+        parts = [p for p in name[len("model."):].split(".") if p not in self._wrapper_components]
+        return ".".join(parts)
+
+    def tied_parameter_names(self) -> list[str]:
+        """Names of parameters tied to another one (absent from checkpoints that tie them)."""
+        tied = getattr(self, "all_tied_weights_keys", None) or {}
+        return list(tied)
+
+    def reset_adapter_parameters(self) -> None:
+        """Re-initialise every expert, router and shared routing module (in module order)."""
+        for module in self.modules():
+            if hasattr(module, "reset_adapter_parameters") and module is not self:
+                module.reset_adapter_parameters()
+        for module in self.moe_shared.modules():
+            if module is not self.moe_shared and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
+        """Transformers' loader, plus adapter-only checkpoints: their config names the base model
+        (Hub id or local path, and revision), whose weights load under this model's names before
+        the experts and routers are read from the checkpoint's adapter file."""
+        config = kwargs.get("config")
+        if not isinstance(config, PretrainedConfig):  # the Auto classes always pass one
+            config = cls.config_class.from_pretrained(
+                pretrained_model_name_or_path,
+                **{k: kwargs[k] for k in (*_HUB_KWARGS, "revision", "subfolder") if k in kwargs},
+            )
+        if not getattr(config, "adapter_only", False):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        return _load_adapter_only(cls, pretrained_model_name_or_path, config, model_args, kwargs)
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info: Any) -> None:
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        if self.config.adapter_only:
+            # The base checkpoint has no experts or routers: they are read right after it.
+            adapters = set(self.adapter_parameter_names())
+            loading_info.missing_keys = {k for k in loading_info.missing_keys if k not in adapters}
 
     def _begin_routing(self, attention_mask: torch.Tensor | None) -> RoutingContext:
         token_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
@@ -224,3 +277,81 @@ class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
             aux_losses=aux_losses,
             expert_counts=counts,
         )
+
+
+ADAPTER_WEIGHTS = "moe_adapters.safetensors"
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "token")
+
+
+def _dense_key_mapping(cls: type, config: MoELoraConfig, hub: dict[str, Any]) -> dict[str, str]:
+    """``key_mapping`` taking every tensor name of the dense base checkpoint to this model's name
+    for it (``model.`` prefix, ``.base_layer`` inside targeted linears)."""
+    import json
+
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    base, revision = config.base_model_name_or_path, config.base_model_revision
+    index = cached_file(base, "model.safetensors.index.json", revision=revision,
+                        _raise_exceptions_for_missing_entries=False, **hub)
+    if index is not None:
+        with open(index, encoding="utf-8") as f:
+            keys = list(json.load(f)["weight_map"])
+    else:
+        single = cached_file(base, "model.safetensors", revision=revision,
+                             _raise_exceptions_for_missing_entries=False, **hub)
+        if single is None:
+            raise OSError(f"base model {base} (revision {revision}) has no safetensors weights; "
+                          f"an adapter-only checkpoint needs a safetensors base")
+        with safe_open(single, "pt") as f:
+            keys = list(f.keys())
+    with torch.device("meta"):
+        skeleton = cls(config)
+    inner_prefix = skeleton.model.base_model_prefix + "."
+    ours: dict[str, str] = {}
+    for name in skeleton.state_dict():
+        dense = skeleton.dense_name(name)
+        if dense is not None:
+            ours[dense] = name
+            ours.setdefault(dense.removeprefix(inner_prefix), name)  # saved from the bare model
+    return {f"^{re.escape(key)}$": ours[key] for key in keys if key in ours}
+
+
+def _load_adapter_only(cls: type, path: Any, config: MoELoraConfig, model_args: tuple,
+                       kwargs: dict[str, Any]) -> MoELoraPreTrainedModel:
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    if not config.base_model_name_or_path:
+        raise ValueError(f"{path} is an adapter-only checkpoint that names no base model "
+                         f"(base_model_name_or_path): re-create it with `moe-hub convert`")
+    hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    adapter_file = cached_file(path, ADAPTER_WEIGHTS, revision=kwargs.get("revision"),
+                               subfolder=kwargs.get("subfolder", ""), **hub)
+    config_fields = config.to_dict()
+    base_kwargs = {k: v for k, v in kwargs.items()
+                   if k not in ("config", "revision", "subfolder", "_commit_hash")}
+    for key in [k for k in base_kwargs if k in config_fields and k not in ("dtype", "torch_dtype")]:
+        setattr(config, key, base_kwargs.pop(key))  # config overrides, as transformers applies them
+    key_mapping = _dense_key_mapping(cls, config, hub)
+    loaded = super(MoELoraPreTrainedModel, cls).from_pretrained(
+        config.base_model_name_or_path, *model_args, config=config,
+        revision=config.base_model_revision, key_mapping=key_mapping, **base_kwargs,
+    )
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    # save_pretrained must write this model's names, not map them back to the dense ones.
+    model._weight_conversions = [
+        c for c in getattr(model, "_weight_conversions", None) or []
+        if not set(getattr(c, "_original_source_patterns", ())) & set(key_mapping)
+    ]
+    params = dict(model.named_parameters())
+    with safe_open(adapter_file, "pt") as f:
+        stored = set(f.keys())
+        missing = sorted(set(model.adapter_parameter_names()) - stored)
+        if missing:
+            raise ValueError(f"{adapter_file} lacks {len(missing)} expert/router tensor(s) (e.g. "
+                             f"{missing[0]}): re-create the checkpoint with `moe-hub convert`")
+        with torch.no_grad():
+            for name in stored & params.keys():
+                params[name].copy_(f.get_tensor(name))
+    return loaded

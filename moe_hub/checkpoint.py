@@ -1,0 +1,110 @@
+"""The on-disk layout of a moe-hub checkpoint, shared by convert, finetune, info and push.
+
+    config.json                      MoELoraConfig with auto_map -> the shipped code
+    model*.safetensors               the dense base under MoE-LoRA names (absent: adapter-only)
+    moe_adapters.safetensors         experts and routers
+    model.safetensors.index.json     weight map over all of the above
+    *.py                             configuration, modeling, layer, routers, Triton kernel
+    tokenizer files, generation_config.json, README.md (model card)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import MoEHubError
+
+ADAPTER_WEIGHTS = "moe_adapters.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_MODELING_DIR = Path(__file__).resolve().parent / "modeling"
+_KERNEL_FILE = Path(__file__).resolve().parent / "kernels" / "moe_lora_triton.py"
+
+
+def code_files() -> list[Path]:
+    """The source files a checkpoint carries: the flat modeling package and the Triton kernel."""
+    files = sorted(p for p in _MODELING_DIR.glob("*.py") if p.name != "__init__.py")
+    try:
+        from .kernels import moe_lora_triton  # installed location of kernels/
+    except ImportError:
+        moe_lora_triton = None
+    if moe_lora_triton is not None and moe_lora_triton.__file__:
+        files.append(Path(moe_lora_triton.__file__))
+    elif _KERNEL_FILE.is_file():
+        files.append(_KERNEL_FILE)
+    return files
+
+
+def copy_code(target: Path) -> None:
+    """Copy the model code verbatim (one source: what the library runs is what checkpoints run)."""
+    for path in code_files():
+        shutil.copyfile(path, target / path.name)
+
+
+def is_checkpoint(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "moe_lora"
+    except (OSError, ValueError):
+        return False
+
+
+def require_checkpoint(path: str | Path) -> Path:
+    """``path`` as a Path, or MoEHubError when it is not a moe-hub checkpoint directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MoEHubError(f"{path} is not a directory: pass a moe-hub checkpoint directory")
+    if not is_checkpoint(path):
+        raise MoEHubError(
+            f"{path} is not a moe-hub checkpoint (no config.json with model_type 'moe_lora'): "
+            f"create one with `moe-hub convert BASE {path}`"
+        )
+    return path
+
+
+def dense_weight_files(dense_dir: Path, allow_pickle: bool, scratch: Path) -> list[Path]:
+    """The base's safetensors shards in index order. Pickle-only bases are refused unless
+    ``allow_pickle``; then each ``.bin`` is loaded with ``weights_only=True`` and re-saved as
+    safetensors in ``scratch``."""
+    index = dense_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError):
+            raise MoEHubError(f"{index} is corrupt: re-download the base model") from None
+        files = [dense_dir / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise MoEHubError(f"{dense_dir} lacks shard(s) {missing} named in its index: "
+                              f"re-download the base model")
+        return files
+    single = dense_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    pickles = sorted(dense_dir.glob("pytorch_model*.bin"))
+    if pickles and not allow_pickle:
+        raise MoEHubError(
+            f"{dense_dir} has only pickle (.bin) weights, which can run code when loaded: pass "
+            f"--allow-pickle if you trust their source"
+        )
+    if not pickles:
+        raise MoEHubError(f"{dense_dir} has no weights (*.safetensors or pytorch_model*.bin)")
+    scratch.mkdir(parents=True, exist_ok=True)
+    converted = []
+    for path in pickles:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        target = scratch / (path.stem + ".safetensors")
+        save_file({k: v.contiguous() for k, v in state.items()}, target)
+        converted.append(target)
+        del state
+    return converted
+
+
+def write_index(directory: Path, weight_map: dict[str, str]) -> None:
+    """Write the shard index. ``total_size`` counts each distinct file once."""
+    total = sum((directory / name).stat().st_size for name in set(weight_map.values()))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,375 @@
+"""Dense Hugging Face model -> MoE-LoRA checkpoint that loads with plain transformers.
+
+The dense weights are never loaded as a model: the MoE-LoRA model is built on the meta device to
+learn its parameter names, every base shard is rewritten under those names by streaming its bytes
+(``safetensors_io``), and only the new expert and router tensors are materialised. Everything is
+written into a temporary sibling of OUT that is renamed into place at the very end, so an error or
+an interrupt leaves no OUT behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import save_file
+
+from .checkpoint import ADAPTER_WEIGHTS, code_files, copy_code, dense_weight_files, write_index
+from .errors import MoEHubError
+from .modeling import MoELoraConfig, MoELoraForCausalLM
+from .modeling.routing import ROUTERS
+from .safetensors_io import read_header, rewrite_shard, tensor_names
+
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt",
+                    "chat_template*", "added_tokens.json")
+
+
+@dataclass
+class ConvertOptions:
+    """Everything ``moe-hub convert`` accepts besides BASE and OUT (also readable from YAML/JSON)."""
+
+    router: str = "topk"
+    router_config: dict[str, Any] = field(default_factory=dict)
+    experts: int = 8
+    top_k: int = 2
+    rank: int = 16
+    alpha: float | None = None  # None: 2 * rank, the usual LoRA choice
+    dropout: float = 0.05
+    targets: list[str] | None = None  # None: every linear inside the decoder layers
+    granularity: str = "linear"
+    normalize_expert_weights: bool = True
+    aux_loss_coef: float = 0.001
+    z_loss_coef: float = 0.0
+    expert_kernel: str = "auto"
+    dtype: str = "auto"  # auto keeps the base's stored dtypes
+    seed: int = 0
+    revision: str | None = None
+    allow_pickle: bool = False
+    adapter_only: bool = False
+    overwrite: bool = False
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> ConvertOptions:
+        """Options from a YAML or JSON file; ``overrides`` (e.g. CLI flags) win."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise MoEHubError(f"cannot read config file {path}: {err.strerror}") from None
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise MoEHubError(f"{path} must hold a mapping of option names to values")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MoEHubError(f"unknown option(s) {unknown} in {path}; valid: {sorted(known)}")
+        return cls(**{**data, **overrides})
+
+    def model_config(self, text_config: Any, base: str, revision: str | None) -> MoELoraConfig:
+        if self.router not in ROUTERS:
+            raise MoEHubError(
+                f"unknown router {self.router!r}: pass --router one of {sorted(ROUTERS)}"
+            )
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
+            raise MoEHubError(f"unknown dtype {self.dtype!r}: pass --dtype auto, "
+                              f"{', '.join(DTYPE_NAMES)}")
+        try:
+            return MoELoraConfig(
+                text_config=text_config,
+                router=self.router,
+                router_config=self.router_config,
+                num_experts=self.experts,
+                num_experts_per_tok=self.top_k,
+                lora_rank=self.rank,
+                lora_alpha=self.alpha if self.alpha is not None else 2.0 * self.rank,
+                lora_dropout=self.dropout,
+                target_modules=self.targets,
+                routing_granularity=self.granularity,
+                normalize_expert_weights=self.normalize_expert_weights,
+                router_aux_loss_coef=self.aux_loss_coef,
+                router_z_loss_coef=self.z_loss_coef,
+                expert_kernel=self.expert_kernel,
+                base_model_name_or_path=base,
+                base_model_revision=revision,
+                adapter_only=self.adapter_only,
+            )
+        except ValueError as err:
+            raise MoEHubError(str(err)) from None
+
+
+def convert(
+    base: str | os.PathLike,
+    out: str | os.PathLike,
+    options: ConvertOptions | None = None,
+    *,
+    progress: bool = True,
+    **option_overrides: Any,
+) -> Path:
+    """Convert the dense causal LM ``base`` (Hub id, local directory or ``.gguf`` file) into a
+    MoE-LoRA checkpoint at ``out`` and return its path.
+
+    Example::
+
+        from moe_hub import convert
+        convert("HuggingFaceTB/SmolLM2-135M-Instruct", "smol-moe", router="rmoe", experts=8)
+    """
+    options = options or ConvertOptions()
+    if option_overrides:
+        options = ConvertOptions(**{**asdict(options), **option_overrides})
+    out = Path(out)
+    if out.exists() and not options.overwrite:
+        raise MoEHubError(f"{out} already exists: pass --overwrite to replace it")
+    with _staging_dir(out) as staging, _resolve_base(base, options, staging) as (dense_dir, origin):
+        text_config = _dense_config(dense_dir)
+        config = options.model_config(text_config, origin, options.revision)
+        weight_files = dense_weight_files(dense_dir, options.allow_pickle, staging / ".pickle")
+        with torch.device("meta"):
+            try:
+                model = MoELoraForCausalLM(config)
+            except ValueError as err:
+                raise MoEHubError(str(err)) from None
+        dtype = None if options.dtype == "auto" else DTYPE_NAMES[options.dtype]
+        weight_map: dict[str, str] = {}
+        if not options.adapter_only:
+            weight_map.update(
+                _write_base_shards(model, weight_files, staging, dtype, progress)
+            )
+        adapters = _init_adapters(model, options.seed)
+        save_file(adapters, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(adapters, ADAPTER_WEIGHTS))
+        write_index(staging, weight_map)
+        _write_config(config, text_config, dtype, staging)
+        copy_code(staging)
+        _copy_tokenizer_and_generation_config(dense_dir, text_config, staging)
+        from .model_card import write_model_card
+
+        write_model_card(staging)
+        _publish(staging, out, options.overwrite)
+    return out
+
+
+@contextmanager
+def _staging_dir(out: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out`` (same filesystem, so the final rename is atomic), removed
+    on any error, interrupt included."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not overwrite:
+            raise MoEHubError(f"{out} appeared while converting: pass --overwrite to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
+@contextmanager
+def _resolve_base(
+    base: str | os.PathLike, options: ConvertOptions, staging: Path
+) -> Iterator[tuple[Path, str]]:
+    """Yield (local dense directory, name recorded as the base). GGUF files are dequantised into
+    a scratch directory inside the staging area first."""
+    text = os.fspath(base)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not os.access(path, os.R_OK):
+            raise MoEHubError(f"BASE {path} is not readable: check its permissions")
+        if path.is_file() and path.suffix == ".gguf":
+            scratch = staging / ".gguf-dense"
+            _gguf_to_dense(path, scratch)
+            try:
+                yield scratch, path.name
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            return
+        if path.is_file():
+            raise MoEHubError(
+                f"BASE {path} is a file but not a .gguf: pass a model directory, a .gguf file "
+                f"or a Hub model id"
+            )
+        if not (path / "config.json").is_file():
+            raise MoEHubError(
+                f"BASE {path} has no config.json: point BASE at a transformers model directory"
+            )
+        yield path, text
+        return
+    looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or os.sep in text \
+        and text.count("/") > 1
+    if looks_local or not _HUB_ID.match(text):
+        raise MoEHubError(f"BASE {text} does not exist: pass an existing directory, .gguf file or "
+                          f"a Hub model id (user/model)")
+    yield _download(text, options.revision), text
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", *_TOKENIZER_FILES]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except RepositoryNotFoundError:
+        raise MoEHubError(f"no model {repo_id!r} on the Hub (or it is private: log in with "
+                          f"`hf auth login` or set HF_TOKEN)") from None
+    except (HfHubHTTPError, OSError) as err:
+        raise MoEHubError(f"could not download {repo_id}: {err}") from None
+
+
+def _gguf_to_dense(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF file with transformers (needs the ``gguf`` package) into a safetensors
+    directory. GGUF is one file, read whole by transformers: this path is not streamed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, OSError, KeyError) as err:
+        raise MoEHubError(f"cannot read {gguf} as a transformers GGUF model: {err}") from None
+    # transformers refuses to save a model that still carries its GGUF quantizer.
+    model.hf_quantizer = None
+    for holder in (model.config, model.config.get_text_config()):
+        if hasattr(holder, "quantization_config"):
+            del holder.quantization_config
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    del model
+
+
+def _dense_config(dense_dir: Path) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(dense_dir)
+    except (ValueError, OSError, KeyError) as err:
+        raise MoEHubError(f"cannot read {dense_dir / 'config.json'}: {err}") from None
+    if getattr(config, "model_type", None) == "moe_lora":
+        raise MoEHubError(f"{dense_dir} is already a moe-hub checkpoint: convert its dense base")
+    return config.get_text_config()
+
+
+def dense_to_checkpoint_names(model: MoELoraForCausalLM) -> dict[str, str]:
+    """Map every dense state-dict name to the MoE-LoRA checkpoint name that holds it."""
+    mapping = {}
+    adapters = set(model.adapter_parameter_names())
+    for name in model.state_dict():
+        if name in adapters:
+            continue
+        dense = model.dense_name(name)
+        if dense is not None:
+            mapping[dense] = name
+    return mapping
+
+
+def _write_base_shards(
+    model: MoELoraForCausalLM, weight_files: list[Path], staging: Path,
+    dtype: torch.dtype | None, progress: bool,
+) -> dict[str, str]:
+    mapping = dense_to_checkpoint_names(model)
+    prefix = model.model.base_model_prefix + "."
+    headers = [read_header(path)[0] for path in weight_files]  # validate every shard up front
+
+    def rename(name: str) -> str | None:
+        if name in mapping:
+            return mapping[name]
+        return mapping.get(prefix + name)  # checkpoints saved from the bare base model
+
+    found = {rename(n) for h in headers for n in tensor_names(h)} - {None}
+    missing = sorted(set(mapping.values()) - found - set(model.tied_parameter_names()))
+    if missing:
+        raise MoEHubError(
+            f"BASE lacks {len(missing)} weight(s) the model needs (e.g. {missing[0]}): the "
+            f"checkpoint is incomplete or is not a {model.config.text_config.model_type} model"
+        )
+    weight_map: dict[str, str] = {}
+    total = sum(path.stat().st_size for path in weight_files)
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("writing base shards", total=total)
+        count = len(weight_files)
+        for number, src in enumerate(weight_files, start=1):
+            # Never "model.safetensors": transformers prefers that name over the index and would
+            # not see the adapters.
+            name = f"model-{number:05d}-of-{count:05d}.safetensors"
+            sizes = rewrite_shard(src, staging / name, rename, dtype,
+                                  on_bytes=lambda n: bar.advance(task, n))
+            weight_map.update(dict.fromkeys(sizes, name))
+    return weight_map
+
+
+def _init_adapters(model: MoELoraForCausalLM, seed: int) -> dict[str, torch.Tensor]:
+    """Materialise the expert and router tensors of a meta model on the CPU, deterministically.
+
+    The generator is seeded once and parameters are initialised in module order, so the same seed
+    gives byte-identical adapters.
+    """
+    names = model.adapter_parameter_names()
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        meta = getattr(module, attr)
+        setattr(module, attr, torch.nn.Parameter(torch.empty(meta.shape, dtype=torch.float32)))
+    torch.manual_seed(seed)
+    model.reset_adapter_parameters()
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().contiguous() for name in names}
+
+
+def _write_config(config: MoELoraConfig, text_config: Any, dtype: torch.dtype | None,
+                  staging: Path) -> None:
+    config.architectures = ["MoELoraForCausalLM"]
+    config.auto_map = {
+        "AutoConfig": "configuration_moe_lora.MoELoraConfig",
+        "AutoModel": "modeling_moe_lora.MoELoraModel",
+        "AutoModelForCausalLM": "modeling_moe_lora.MoELoraForCausalLM",
+    }
+    base_dtype = dtype or getattr(text_config, "dtype", None) or torch.float32
+    config.dtype = base_dtype
+    text_config.dtype = base_dtype
+    from . import __version__
+
+    config.moe_hub_version = __version__
+    config.save_pretrained(staging)
+
+
+def _copy_tokenizer_and_generation_config(dense_dir: Path, text_config: Any,
+                                          staging: Path) -> None:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    try:
+        AutoTokenizer.from_pretrained(dense_dir).save_pretrained(staging)
+    except (OSError, ValueError, TypeError, KeyError):
+        pass  # tiny test models and some bases ship no tokenizer; the checkpoint works without
+    if (dense_dir / "generation_config.json").is_file():
+        shutil.copy2(dense_dir / "generation_config.json", staging / "generation_config.json")
+    else:
+        GenerationConfig.from_model_config(text_config).save_pretrained(staging)
+
+
+__all__ = ["ConvertOptions", "code_files", "convert", "dense_to_checkpoint_names"]

@@ -1,0 +1,56 @@
+"""The end-to-end job on the embedded default model, as one function (behind `moe-hub demo`)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+
+def run_demo(workdir: Path, router: str = "topk", steps: int = 30, quantize: str = "nf4") -> dict:
+    """Convert SmolLM2-135M-Instruct, fine-tune it, reload it with AutoModel and generate.
+
+    Returns the figures it printed (times, losses, the model's answer).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .convert import convert
+    from .default_model import default_model_path
+    from .finetune import finetune
+
+    console = Console(stderr=True)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    figures: dict = {}
+
+    gguf = default_model_path()
+    console.rule(f"1/3 convert {gguf.name} -> MoE-LoRA ({router})")
+    start = time.perf_counter()
+    converted = convert(gguf, workdir / f"smollm2-moe-{router}", router=router, overwrite=True)
+    figures["convert_s"] = round(time.perf_counter() - start, 1)
+
+    console.rule(f"2/3 fine-tune {steps} steps on a {quantize} base")
+    tuned = workdir / f"smollm2-moe-{router}-tuned"
+    start = time.perf_counter()
+    metrics = finetune(converted, output=tuned, quantize=quantize, max_steps=steps,
+                       overwrite=True)
+    figures["finetune_s"] = round(time.perf_counter() - start, 1)
+    figures["metrics"] = metrics
+
+    console.rule("3/3 load with AutoModelForCausalLM(trust_remote_code=True) and chat")
+    model = AutoModelForCausalLM.from_pretrained(tuned, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(tuned)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    answer = tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:],
+                              skip_special_tokens=True)
+    figures["answer"] = answer
+    console.print(f"[bold]user:[/bold] {messages[0]['content']}\n[bold]model:[/bold] {answer}")
+    console.print(f"checkpoints: {converted} (converted), {tuned} (fine-tuned)")
+    console.print(f"convert {figures['convert_s']} s, fine-tune {figures['finetune_s']} s")
+    return figures

@@ -1,0 +1,251 @@
+"""README.md model cards for moe-hub checkpoints.
+
+The card is rendered from ``model_cards/moe_lora.md.jinja`` with huggingface_hub's ``ModelCard``
+and is derived entirely from files in the checkpoint directory, so it can be re-rendered at any
+time (after fine-tuning, before a push) and always describes what is actually there:
+
+- ``config.json`` (``model_type`` ``moe_lora``): router, experts, LoRA settings, base model.
+- ``moe_hub_training.json`` (optional, written by fine-tuning): ``data`` (a string or a dict),
+  ``datasets`` (Hub dataset ids), ``steps``, ``hyperparameters`` (dict), ``metrics`` or
+  ``final_metrics`` (dict), ``expert_load`` or ``expert_load_stats``.
+- ``routing_heatmap.png`` (optional): shown in a Routing section.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+CONFIG_FILE = "config.json"
+TRAINING_FILE = "moe_hub_training.json"
+HEATMAP_FILE = "routing_heatmap.png"
+README_FILE = "README.md"
+TEMPLATE_NAME = "moe_lora.md.jinja"
+MODEL_TYPE = "moe_lora"
+
+# A Hub id is "name" or "namespace/name"; anything else (paths, .gguf files) is not metadata.
+_HUB_ID = re.compile(r"^(?:[\w.-]{1,96}/)?[\w.-]{1,96}$")
+
+
+class NotACheckpointError(ValueError):
+    """The directory is not a moe-hub checkpoint."""
+
+
+def read_checkpoint_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict; raises NotACheckpointError naming the fix."""
+    path = Path(checkpoint_dir)
+    config_path = path / CONFIG_FILE
+    if not path.is_dir():
+        raise NotACheckpointError(f"{path} is not a directory; pass a moe-hub checkpoint folder")
+    if not config_path.is_file():
+        raise NotACheckpointError(
+            f"{path} has no config.json, so it is not a moe-hub checkpoint; "
+            f"create one with `moe-hub convert BASE {path}`"
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise NotACheckpointError(
+            f"{config_path} is not valid JSON ({err}); re-run convert"
+        ) from err
+    if config.get("model_type") != MODEL_TYPE:
+        raise NotACheckpointError(
+            f"{path} is not a moe-hub checkpoint (config.json model_type is "
+            f"{config.get('model_type')!r}, expected {MODEL_TYPE!r}); convert it first with "
+            f"`moe-hub convert {path} OUT`"
+        )
+    return config
+
+
+def looks_like_hub_id(name: str | None) -> bool:
+    """True for "owner/name"-shaped strings that are not an existing local path."""
+    if not name or name.endswith((".gguf", ".json", ".jsonl", ".csv", ".parquet")):
+        return False
+    return bool(_HUB_ID.match(name)) and not Path(name).exists()
+
+
+def license_from_readme(readme: str | os.PathLike | None) -> str | None:
+    """The ``license`` field of a README's YAML front matter, or None."""
+    if readme is None or not Path(readme).is_file():
+        return None
+    text = Path(readme).read_text(encoding="utf-8", errors="replace")
+    match = re.match(r"^---\s*\n(.*?)\n---\s*(?:\n|$)", text, re.DOTALL)
+    if not match:
+        return None
+    try:
+        front = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        return None
+    value = front.get("license") if isinstance(front, dict) else None
+    return str(value) if value else None
+
+
+def base_license(base: str | None, revision: str | None = None) -> str | None:
+    """License of the base model when it can be known without network traffic: the README of a
+    local base folder, or the README of a Hub base already in the local cache."""
+    if not base:
+        return None
+    local = Path(base)
+    if local.is_dir():
+        return license_from_readme(local / README_FILE)
+    if looks_like_hub_id(base):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(base, README_FILE, revision=revision)
+        if isinstance(cached, str):
+            return license_from_readme(cached)
+    return None
+
+
+def read_training_record(checkpoint_dir: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(checkpoint_dir) / TRAINING_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err}); re-run fine-tuning or delete it"
+        ) from err
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} must hold a JSON object; re-run fine-tuning or delete it")
+    return record
+
+
+def _training_datasets(record: dict[str, Any]) -> list[str]:
+    """Hub dataset ids named by a training record (local files are not card metadata)."""
+    names: list[str] = []
+    declared = record.get("datasets")
+    if isinstance(declared, str):
+        names.append(declared)
+    elif isinstance(declared, list):
+        names.extend(str(n) for n in declared)
+    data = record.get("data")
+    if isinstance(data, dict):
+        data = data.get("name") or data.get("dataset") or data.get("path")
+    if isinstance(data, str):
+        names.append(data)
+    unique = []
+    for name in names:
+        if looks_like_hub_id(name) and name not in unique:
+            unique.append(name)
+    return unique
+
+
+def _describe_data(data: Any) -> str | None:
+    if data is None:
+        return None
+    if isinstance(data, dict):
+        return ", ".join(f"{key}: `{value}`" for key, value in data.items())
+    if isinstance(data, list):
+        return ", ".join(f"`{item}`" for item in data)
+    return f"`{data}`"
+
+
+def checkpoint_card_data(
+    config: dict[str, Any],
+    training: dict[str, Any] | None = None,
+    *,
+    license: str | None = None,
+) -> ModelCardData:
+    """Hub metadata for a checkpoint described by ``config`` (and its training record)."""
+    base = config.get("base_model_name_or_path")
+    router = str(config.get("router") or "topk")
+    tags = ["moe", "lora", "moe-lora", "moe-hub", router, "custom_code"]
+    extra: dict[str, Any] = {}
+    if looks_like_hub_id(base):
+        extra["base_model_relation"] = "adapter" if config.get("adapter_only") else "finetune"
+    datasets = _training_datasets(training) if training else []
+    return ModelCardData(
+        base_model=base if looks_like_hub_id(base) else None,
+        library_name="transformers",
+        license=license,
+        tags=tags,
+        datasets=datasets or None,
+        pipeline_tag="text-generation",
+        **extra,
+    )
+
+
+def render_model_card(
+    checkpoint_dir: str | os.PathLike,
+    *,
+    config: dict[str, Any] | None = None,
+    repo_id: str | None = None,
+    license: str | None = None,
+) -> ModelCard:
+    """Render the card of ``checkpoint_dir``; ``config`` overrides its config.json (used by an
+    adapter-only push of a full checkpoint)."""
+    path = Path(checkpoint_dir)
+    if config is None:
+        config = read_checkpoint_config(path)
+    training = read_training_record(path)
+    base = config.get("base_model_name_or_path")
+    revision = config.get("base_model_revision")
+    if license is None:
+        # A re-render (after fine-tuning, before a push) keeps the license found at conversion.
+        license = base_license(base, revision) or license_from_readme(path / README_FILE)
+    card_data = checkpoint_card_data(config, training, license=license)
+    text_config = config.get("text_config") or {}
+    architectures = text_config.get("architectures") or []
+    arch = architectures[0] if architectures else text_config.get("model_type", "dense")
+    base_label = base or "the dense base model"
+    base_link = f"https://huggingface.co/{base}" if looks_like_hub_id(base) else "#"
+    repo_id = repo_id or path.resolve().name
+    training = training or {}
+    template = resources.files("moe_hub.model_cards").joinpath(TEMPLATE_NAME).read_text("utf-8")
+    target_modules = config.get("target_modules")
+    return ModelCard.from_template(
+        card_data,
+        template_str=template,
+        title=f"{repo_id.split('/')[-1]}",
+        repo_id=repo_id,
+        adapter_only=bool(config.get("adapter_only")),
+        base_label=base_label,
+        base_link=base_link,
+        base_revision=revision,
+        arch=arch,
+        router=config.get("router", "topk"),
+        router_config=config.get("router_config") or {},
+        num_experts=config.get("num_experts"),
+        top_k=config.get("num_experts_per_tok"),
+        routing_granularity=config.get("routing_granularity", "linear"),
+        lora_rank=config.get("lora_rank"),
+        lora_alpha=config.get("lora_alpha"),
+        lora_dropout=config.get("lora_dropout"),
+        target_modules=", ".join(f"`{m}`" for m in target_modules) if target_modules else "default",
+        fine_tuned=bool(training),
+        data=_describe_data(training.get("data")),
+        steps=training.get("steps") or training.get("global_step"),
+        hyperparameters=training.get("hyperparameters") or {},
+        metrics=training.get("metrics") or training.get("final_metrics") or {},
+        expert_load=training.get("expert_load") or training.get("expert_load_stats") or {},
+        heatmap=HEATMAP_FILE if (path / HEATMAP_FILE).is_file() else None,
+    )
+
+
+def write_model_card(
+    checkpoint_dir: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    license: str | None = None,
+) -> Path:
+    """Render README.md into ``checkpoint_dir`` (replacing any previous card) and return its path.
+
+    ``repo_id`` fills the loading snippets (defaults to the folder name); ``license`` overrides
+    the license read from the base model's README.
+    """
+    path = Path(checkpoint_dir)
+    card = render_model_card(path, repo_id=repo_id, license=license)
+    target = path / README_FILE
+    partial = path / f".{README_FILE}.partial"
+    partial.write_text(str(card), encoding="utf-8")
+    os.replace(partial, target)
+    return target

