@@ -111,14 +111,15 @@ def _expert_rows(pid, plan_ptr, num_slots, E, BLOCK_M: tl.constexpr, BLOCK_E: tl
     block_ends = tl.load(plan_ptr + num_slots + 2 * E + es, mask=es < E, other=0)
     block_ends = tl.where(es < E, block_ends, pid + 1)
     expert = tl.sum((block_ends <= pid).to(tl.int32), axis=0)
-    valid = expert < E
+    spare = expert >= E
     expert = tl.minimum(expert, E - 1)
     first_block = tl.load(plan_ptr + num_slots + 2 * E + tl.maximum(expert - 1, 0))
     first_block = tl.where(expert > 0, first_block, 0)
     start = tl.load(plan_ptr + num_slots + expert)
     end = tl.load(plan_ptr + num_slots + E + expert)
+    end = tl.where(spare, start, end)  # a spare program's row range is empty
     rows = start + (pid - first_block) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = (rows < end) & valid
+    row_mask = rows < end
     slots = tl.load(plan_ptr + rows, mask=row_mask, other=0)
     return expert, slots, row_mask
 

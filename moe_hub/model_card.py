@@ -23,6 +23,8 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from .errors import MoEHubError
+
 CONFIG_FILE = "config.json"
 TRAINING_FILE = "moe_hub_training.json"
 HEATMAP_FILE = "routing_heatmap.png"
@@ -34,7 +36,7 @@ MODEL_TYPE = "moe_lora"
 _HUB_ID = re.compile(r"^(?:[\w.-]{1,96}/)?[\w.-]{1,96}$")
 
 
-class NotACheckpointError(ValueError):
+class NotACheckpointError(MoEHubError, ValueError):
     """The directory is not a moe-hub checkpoint."""
 
 

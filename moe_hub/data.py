@@ -1,0 +1,298 @@
+"""Training data for fine-tuning: load rows, tokenize them with labels, pack, split, collate.
+
+Rows come from a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file, a Hub dataset id, or the
+dataset moe-hub ships (``default``). Three row formats are recognised from the columns:
+
+- ``text``: plain language modelling on the whole text;
+- ``prompt`` + ``completion``: the completion follows the prompt;
+- ``messages``: a chat (list of ``{"role", "content"}``) rendered with the tokenizer's template.
+
+With ``completion_only`` the loss covers only completions / assistant turns (labels -100 elsewhere).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import MoEHubError
+
+DEFAULT_DATASET = "default"
+FORMATS = ("messages", "prompt_completion", "text")
+IGNORE_INDEX = -100
+_LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def default_dataset_path() -> Path:
+    """The shipped multi-task chat dataset (see scripts/make_default_dataset.py)."""
+    return Path(str(resources.files("moe_hub.datasets").joinpath("default.jsonl")))
+
+
+def load_rows(data: str | os.PathLike, split: str = "train") -> Any:
+    """Rows of ``data`` (local file, Hub dataset id or ``default``) as a ``datasets.Dataset``."""
+    import datasets
+
+    text = os.fspath(data)
+    if text == DEFAULT_DATASET:
+        text = str(default_dataset_path())
+    path = Path(text).expanduser()
+    suffix = path.suffix.lower()
+    local = suffix in _LOCAL_BUILDERS or path.exists() or text.startswith((".", "/", "~"))
+    try:
+        if local:
+            if not path.is_file():
+                raise MoEHubError(f"data file {path} does not exist: pass an existing .jsonl, "
+                                  f".json, .csv or .parquet file or a Hub dataset id")
+            if suffix not in _LOCAL_BUILDERS:
+                raise MoEHubError(f"data file {path} has an unknown extension: use .jsonl, .json, "
+                                  f".csv or .parquet")
+            return datasets.load_dataset(_LOCAL_BUILDERS[suffix], data_files=str(path),
+                                         split="train")
+        return datasets.load_dataset(text, split=split)
+    except MoEHubError:
+        raise
+    except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as err:
+        raise MoEHubError(f"dataset {text!r} not found ({err}): pass a local file or an existing "
+                          f"Hub dataset id") from None
+    except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
+        cause = err.__cause__ or err
+        raise MoEHubError(f"cannot read dataset {text!r}: {cause}") from None
+
+
+def detect_format(columns: list[str]) -> str:
+    """The row format implied by the dataset's columns (see the module docstring)."""
+    if "messages" in columns:
+        return "messages"
+    if "prompt" in columns and "completion" in columns:
+        return "prompt_completion"
+    if "text" in columns:
+        return "text"
+    raise MoEHubError(
+        f"the dataset has columns {sorted(columns)} but none of the known formats: give each row "
+        f"'messages' (chat), 'prompt' and 'completion', or 'text'"
+    )
+
+
+def _field(row: dict[str, Any], name: str, index: int) -> str:
+    value = row.get(name)
+    if not isinstance(value, str) or not value:
+        raise MoEHubError(f"row {index} has no usable '{name}' (got {value!r}): every row needs a "
+                          f"non-empty string there")
+    return value
+
+
+def _check_messages(row: dict[str, Any], index: int) -> list[dict[str, str]]:
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise MoEHubError(f"row {index} has no usable 'messages' (got {messages!r}): give a list "
+                          f"of {{'role', 'content'}} turns")
+    for turn in messages:
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) \
+                or not isinstance(turn.get("content"), str):
+            raise MoEHubError(f"row {index} has a malformed message {turn!r}: each turn needs a "
+                              f"string 'role' and 'content'")
+    if not any(turn["role"] == "assistant" for turn in messages):
+        raise MoEHubError(f"row {index} has no assistant turn: there is nothing to learn from it")
+    return [{"role": t["role"], "content": t["content"]} for t in messages]
+
+
+def _with_eos(ids: list[int], tokenizer: Any) -> list[int]:
+    eos = tokenizer.eos_token_id
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+
+def _chat_spans(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+    """Render the chat; return the text and the character spans of the assistant replies.
+
+    Each assistant span starts after the prefix rendered with the generation prompt (so the
+    "assistant:" header is not trained) and ends where the next prefix ends.
+    """
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        start = tokenizer.apply_chat_template(messages[:i], tokenize=False,
+                                              add_generation_prompt=True) if i else ""
+        end = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not full.startswith(end) or not end.startswith(start):
+            raise MoEHubError("the tokenizer's chat template does not render a chat as a prefix of "
+                              "its continuation: pass completion_only=False")
+        spans.append((len(start), len(end)))
+    return full, spans
+
+
+def tokenize_row(
+    row: dict[str, Any], index: int, tokenizer: Any, fmt: str, completion_only: bool,
+    max_length: int,
+) -> dict[str, list[int]]:
+    """input_ids, attention_mask and labels of one row, truncated to ``max_length``."""
+    if fmt == "text":
+        ids = _with_eos(tokenizer(_field(row, "text", index))["input_ids"], tokenizer)
+        labels = list(ids)
+    elif fmt == "prompt_completion":
+        prompt = tokenizer(_field(row, "prompt", index))["input_ids"]
+        completion = tokenizer(_field(row, "completion", index),
+                               add_special_tokens=False)["input_ids"]
+        completion = _with_eos(completion, tokenizer)
+        ids = prompt + completion
+        labels = ([IGNORE_INDEX] * len(prompt) if completion_only else list(prompt)) + completion
+    elif fmt == "messages":
+        messages = _check_messages(row, index)
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise MoEHubError("the tokenizer has no chat template, so 'messages' rows cannot be "
+                              "rendered: use a chat tokenizer or 'prompt'/'completion' rows")
+        text, spans = _chat_spans(messages, tokenizer)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=completion_only)
+        ids = encoded["input_ids"]
+        if completion_only:
+            labels = [
+                token if any(s <= start < e for s, e in spans) else IGNORE_INDEX
+                for token, (start, _) in zip(ids, encoded["offset_mapping"])
+            ]
+        else:
+            labels = list(ids)
+    else:
+        raise MoEHubError(f"unknown data format {fmt!r}: use one of {FORMATS}")
+    ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    """Concatenate examples and cut them into ``max_length`` blocks (the last may be shorter)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for example in examples:
+        ids.extend(example["input_ids"])
+        labels.extend(example["labels"])
+    blocks = []
+    for start in range(0, len(ids), max_length):
+        chunk = ids[start:start + max_length]
+        blocks.append({"input_ids": chunk, "attention_mask": [1] * len(chunk),
+                       "labels": labels[start:start + max_length]})
+    return blocks
+
+
+@dataclass
+class PreparedData:
+    train: Any
+    eval: Any | None
+    format: str
+    rows: int
+    truncated: int
+    tokens: int
+
+
+def model_max_length(config: Any) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _tokenize_all(rows: Any, tokenizer: Any, completion_only: bool, max_length: int,
+                  name: str) -> tuple[Any, str, int, int]:
+    import datasets
+
+    if len(rows) == 0:
+        raise MoEHubError(f"{name} is empty: give at least one row")
+    fmt = detect_format(list(rows.column_names))
+    examples, truncated = [], 0
+    for index, row in enumerate(rows):
+        example = tokenize_row(row, index, tokenizer, fmt, completion_only, max_length + 1)
+        if len(example["input_ids"]) > max_length:
+            truncated += 1
+            example = {key: value[:max_length] for key, value in example.items()}
+        if not any(label != IGNORE_INDEX for label in example["labels"][1:]):
+            continue  # truncation removed every trained token: the row teaches nothing
+        examples.append(example)
+    if not examples:
+        raise MoEHubError(f"no row of {name} has a trained token within max_length={max_length}: "
+                          f"raise max_length")
+    return datasets.Dataset.from_list(examples), fmt, truncated, len(rows)
+
+
+def prepare_data(
+    data: str | os.PathLike,
+    tokenizer: Any,
+    *,
+    max_length: int,
+    completion_only: bool = True,
+    packing: bool = False,
+    eval_data: str | os.PathLike | None = None,
+    eval_split: float = 0.0,
+    data_split: str = "train",
+    seed: int = 0,
+    model_limit: int | None = None,
+) -> PreparedData:
+    """Load, validate and tokenize the training (and evaluation) data."""
+    if max_length < 2:
+        raise MoEHubError(f"max_length must be at least 2 (got {max_length})")
+    if model_limit is not None and max_length > model_limit:
+        raise MoEHubError(f"max_length {max_length} is over the model's limit of {model_limit} "
+                          f"positions: pass max_length <= {model_limit}")
+    if eval_data is not None and eval_split:
+        raise MoEHubError("pass either eval_data or eval_split, not both")
+    if not 0.0 <= eval_split < 1.0:
+        raise MoEHubError(f"eval_split is a fraction in [0, 1) (got {eval_split})")
+    rows = load_rows(data, data_split)
+    train, fmt, truncated, count = _tokenize_all(rows, tokenizer, completion_only, max_length,
+                                                 f"dataset {os.fspath(data)}")
+    evaluation = None
+    if eval_data is not None:
+        evaluation, _, _, _ = _tokenize_all(load_rows(eval_data, data_split), tokenizer,
+                                            completion_only, max_length,
+                                            f"eval dataset {os.fspath(eval_data)}")
+    elif eval_split:
+        held = max(1, math.floor(len(train) * eval_split))
+        if held >= len(train):
+            raise MoEHubError(f"eval_split {eval_split} leaves no training rows: lower it")
+        parts = train.train_test_split(test_size=held, seed=seed)
+        train, evaluation = parts["train"], parts["test"]
+    if packing:
+        import datasets
+
+        train = datasets.Dataset.from_list(pack(list(train), max_length))
+        if evaluation is not None:
+            evaluation = datasets.Dataset.from_list(pack(list(evaluation), max_length))
+    tokens = sum(len(ids) for ids in train["input_ids"])
+    return PreparedData(train, evaluation, fmt, count, truncated, tokens)
+
+
+class PadCollator:
+    """Right-pads a batch: pad id for inputs, 0 for the mask, -100 for labels."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in features:
+            gap = width - len(f["input_ids"])
+            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * gap)
+            batch["attention_mask"].append(list(f["attention_mask"]) + [0] * gap)
+            batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * gap)
+        return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+__all__ = [
+    "DEFAULT_DATASET", "FORMATS", "IGNORE_INDEX", "PadCollator", "PreparedData",
+    "default_dataset_path", "detect_format", "load_rows", "model_max_length", "pack",
+    "pad_token_id", "prepare_data", "tokenize_row",
+]

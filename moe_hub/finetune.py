@@ -1,0 +1,548 @@
+"""Fine-tune the experts and routers of a moe-hub checkpoint on a bitsandbytes-quantized base.
+
+The checkpoint loads with the library's ``MoELoraForCausalLM`` and a ``BitsAndBytesConfig``:
+transformers' quantizer replaces the dense linears (``base_layer``) with 4-bit/8-bit layers, while
+experts and routers, plain parameters, stay in float32 and are the only trainable tensors.
+transformers' ``Trainer`` runs the loop (so torchrun/accelerate launch it on several processes).
+
+The output is a checkpoint in the convert format with the base in its ORIGINAL precision: the
+input's base shards are hard-linked (or copied) and only ``moe_adapters.safetensors`` is new.
+Everything is assembled in a temporary sibling of OUT and renamed at the end. Intermediate
+Trainer checkpoints (adapters, optimizer, scheduler, RNG) live in ``<OUT>.checkpoints/`` so that an
+interrupted or diverged run can be resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import ADAPTER_WEIGHTS, INDEX_FILE, copy_code, require_checkpoint, write_index
+from .convert import _publish, _staging_dir
+from .data import PadCollator, model_max_length, pad_token_id, prepare_data
+from .errors import MoEHubError
+from .routing_stats import HEATMAP_FILE, STATS_FILE, RoutingStats
+
+QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TRAINING_FILE = "moe_hub_training.json"
+# Files of the input checkpoint that fine-tuning regenerates instead of copying.
+_REGENERATED = {ADAPTER_WEIGHTS, INDEX_FILE, "README.md", "config.json", TRAINING_FILE,
+                STATS_FILE, HEATMAP_FILE}
+
+
+@dataclass
+class FinetuneOptions:
+    """Everything ``finetune`` accepts besides CHECKPOINT, DATA and OUT (also from YAML/JSON).
+
+    ``training_args`` passes any other ``transformers.TrainingArguments`` field through; a config
+    file may name such fields at its top level too.
+    """
+
+    quantize: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "auto"  # auto: bfloat16 with bf16, else float32
+    eval_data: str | None = None
+    eval_split: float = 0.0
+    data_split: str = "train"
+    max_length: int = 512
+    packing: bool = False
+    completion_only: bool = True
+    lr: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup: float = 0.03  # a fraction of the steps when < 1, else a step count
+    scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    seed: int = 0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    save_steps: int = 200
+    save_total_limit: int | None = 2
+    report_to: str = "none"
+    aux_loss_coef: float | None = None  # None: keep the checkpoint's
+    z_loss_coef: float | None = None
+    resume: bool | str = False  # True: the last checkpoint in <OUT>.checkpoints; or a path
+    checkpoint_dir: str | None = None  # default <OUT>.checkpoints
+    keep_checkpoints: bool = False
+    tokenizer: str | None = None  # default: the checkpoint's own tokenizer
+    overwrite: bool = False
+    training_args: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> FinetuneOptions:
+        """Options from a YAML or JSON file; unknown keys that are TrainingArguments fields go to
+        ``training_args``; ``overrides`` (e.g. CLI flags) win."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise MoEHubError(f"cannot read config file {path}: {err.strerror}") from None
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise MoEHubError(f"{path} must hold a mapping of option names to values")
+        return cls.from_dict({**data, **overrides}, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "options") -> FinetuneOptions:
+        from transformers import TrainingArguments
+
+        own = {f.name for f in fields(cls)}
+        trainer_fields = {f.name for f in fields(TrainingArguments)}
+        passthrough = dict(data.get("training_args") or {})
+        mine = {}
+        for key, value in data.items():
+            if key == "training_args":
+                continue
+            if key in own:
+                mine[key] = value
+            elif key in trainer_fields:
+                passthrough[key] = value
+            else:
+                raise MoEHubError(f"unknown option {key!r} in {source}: use a finetune option "
+                                  f"({', '.join(sorted(own))}) or a TrainingArguments field")
+        return cls(**mine, training_args=passthrough)
+
+    def validate(self) -> None:
+        if self.quantize not in QUANTIZATIONS:
+            raise MoEHubError(f"unknown quantization {self.quantize!r}: pass --quantize one of "
+                              f"{', '.join(QUANTIZATIONS)}")
+        if self.compute_dtype != "auto" and self.compute_dtype not in COMPUTE_DTYPES:
+            raise MoEHubError(f"unknown compute dtype {self.compute_dtype!r}: pass auto, "
+                              f"{', '.join(COMPUTE_DTYPES)}")
+        for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                raise MoEHubError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.max_steps < 1 and self.epochs <= 0:
+            raise MoEHubError("nothing to train: pass epochs > 0 or max_steps >= 1")
+        if self.lr <= 0:
+            raise MoEHubError(f"lr must be positive (got {self.lr})")
+
+    def dtype(self) -> torch.dtype:
+        if self.compute_dtype == "auto":
+            return torch.bfloat16 if self.bf16 else torch.float32
+        return COMPUTE_DTYPES[self.compute_dtype]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"loss is {value} at step {step}")
+        self.step = step
+        self.value = value
+
+
+def quantization_config(options: FinetuneOptions) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if options.quantize == "none":
+        return None
+    if options.quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=options.quantize,
+        bnb_4bit_use_double_quant=options.double_quant,
+        bnb_4bit_compute_dtype=options.dtype(),
+    )
+
+
+def load_for_training(checkpoint: str | os.PathLike, options: FinetuneOptions) -> Any:
+    """The checkpoint as a trainable model: quantized base (per ``options``), fp32 adapters
+    that alone require grad, router losses in the loss, train mode."""
+    from .modeling import MoELoraForCausalLM
+
+    quant = quantization_config(options)
+    kwargs: dict[str, Any] = {"dtype": options.dtype()}
+    if quant is not None:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise MoEHubError(f"--quantize {options.quantize} needs bitsandbytes: pip install "
+                              f"bitsandbytes, or pass --quantize none") from None
+        kwargs["quantization_config"] = quant
+    model = MoELoraForCausalLM.from_pretrained(checkpoint, **kwargs)
+    if options.aux_loss_coef is not None:
+        model.config.router_aux_loss_coef = float(options.aux_loss_coef)
+    if options.z_loss_coef is not None:
+        model.config.router_z_loss_coef = float(options.z_loss_coef)
+    prepare_for_training(model)
+    return model
+
+
+def prepare_for_training(model: Any) -> list[str]:
+    """Freeze the base, make adapters fp32 and trainable, disable the bnb CPU repacking; return
+    the trainable parameter names."""
+    adapters = set(model.adapter_parameter_names())
+    for name, param in model.named_parameters():
+        if name in adapters:
+            if type(param) is not torch.nn.Parameter:
+                raise MoEHubError(f"adapter tensor {name} was quantized ({type(param).__name__}): "
+                                  f"the checkpoint's code is not a moe-hub model")
+            if param.dtype != torch.float32:
+                param.data = param.data.float()
+            param.requires_grad_(True)
+        else:
+            param.requires_grad_(False)
+    try:
+        import bitsandbytes as bnb
+
+        for module in model.modules():
+            # On AVX512-BF16 CPUs an eval forward repacks 4-bit weights in place and breaks them.
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+    except ImportError:
+        pass
+    model.config.output_router_logits = True
+    model.config.use_cache = False
+    model.train()
+    return sorted(adapters)
+
+
+def adapter_state(model: Any) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().to("cpu", torch.float32).contiguous()
+            for name in model.adapter_parameter_names()}
+
+
+def _make_trainer_class() -> type:
+    from transformers import Trainer
+
+    class MoELoraTrainer(Trainer):
+        """Trainer that logs router losses by name, counts expert loads, stops on a non-finite
+        loss before the optimizer applies it, and checkpoints only the adapters."""
+
+        def __init__(self, *args: Any, routing_stats: RoutingStats, **kwargs: Any) -> None:
+            model = kwargs["model"]
+            # Trainer refuses a quantized model unless PEFT adapters are attached; the MoE-LoRA
+            # experts are such adapters, so say so for the duration of its check.
+            flag = getattr(model, "_hf_peft_config_loaded", False)
+            model._hf_peft_config_loaded = True
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                model._hf_peft_config_loaded = flag
+            self.routing_stats = routing_stats
+            self._aux_sums: dict[str, float] = {}
+            self._aux_count = 0
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+            if model.training:
+                for name, value in (outputs.get("aux_losses") or {}).items():
+                    self._aux_sums[name] = self._aux_sums.get(name, 0.0) + float(value.detach())
+                self._aux_count += 1
+                self.routing_stats.add(outputs.get("expert_counts"))
+            return (loss, outputs) if return_outputs else loss
+
+        def training_step(self, model: Any, inputs: dict[str, Any],
+                          num_items_in_batch: Any = None) -> torch.Tensor:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                # Raised before optimizer.step(): the weights and saved checkpoints stay good.
+                raise NonFiniteLoss(self.state.global_step + 1, value)
+            return loss
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs and self._aux_count:
+                for name, total in self._aux_sums.items():
+                    logs[f"router_{name}"] = round(total / self._aux_count, 6)
+                self._aux_sums, self._aux_count = {}, 0
+            super().log(logs, start_time)
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            if not self.args.should_save:
+                return
+            output_dir = output_dir or self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            model = self.accelerator.unwrap_model(self.model)
+            save_file(adapter_state(model), os.path.join(output_dir, ADAPTER_WEIGHTS),
+                      metadata={"format": "pt"})
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            model = self.accelerator.unwrap_model(model or self.model)
+            load_adapters(model, Path(resume_from_checkpoint) / ADAPTER_WEIGHTS)
+
+        def _load_best_model(self) -> None:
+            best = self.state.best_model_checkpoint
+            if best:
+                load_adapters(self.accelerator.unwrap_model(self.model),
+                              Path(best) / ADAPTER_WEIGHTS)
+
+    return MoELoraTrainer
+
+
+def load_adapters(model: Any, path: Path) -> None:
+    """Copy the adapter tensors saved in ``path`` into ``model`` (all of them must be there)."""
+    if not path.is_file():
+        raise MoEHubError(f"{path.parent} is not a moe-hub training checkpoint (no "
+                          f"{ADAPTER_WEIGHTS}): pass a checkpoint-N directory")
+    tensors = load_file(path)
+    params = dict(model.named_parameters())
+    missing = sorted(set(model.adapter_parameter_names()) - set(tensors))
+    if missing:
+        raise MoEHubError(f"{path} lacks adapter tensor(s) such as {missing[0]}: it belongs to "
+                          f"a different model")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if name in params:
+                params[name].copy_(tensor.to(params[name].dtype))
+
+
+def _training_arguments(options: FinetuneOptions, run_dir: Path, has_eval: bool,
+                        progress: bool) -> Any:
+    from transformers import TrainingArguments
+
+    warmup = options.warmup if options.warmup < 1 else int(options.warmup)
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(run_dir),
+        learning_rate=options.lr,
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps,
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum,
+        warmup_steps=warmup,
+        lr_scheduler_type=options.scheduler,
+        weight_decay=options.weight_decay,
+        seed=options.seed,
+        data_seed=options.seed,
+        bf16=options.bf16,
+        gradient_checkpointing=options.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=options.logging_steps,
+        save_strategy="steps",
+        save_steps=options.save_steps,
+        save_total_limit=options.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=options.eval_steps or options.save_steps if has_eval else None,
+        report_to=options.report_to,
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        disable_tqdm=not progress,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+    kwargs.update(options.training_args)
+    try:
+        return TrainingArguments(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise MoEHubError(f"invalid training arguments: {err}") from None
+
+
+def _resume_point(options: FinetuneOptions, run_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if isinstance(options.resume, str) and options.resume not in ("", "true", "True"):
+        path = Path(options.resume)
+        if not (path / ADAPTER_WEIGHTS).is_file():
+            raise MoEHubError(f"cannot resume from {path}: it is not a checkpoint-N directory "
+                              f"written by moe-hub finetune")
+        return str(path)
+    last = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    if options.resume:
+        if last is None:
+            raise MoEHubError(f"nothing to resume: {run_dir} holds no checkpoint-N directory")
+        return last
+    if last is not None:
+        raise MoEHubError(f"{run_dir} holds checkpoints of an earlier run: pass --resume to "
+                          f"continue it, or delete the directory to start over")
+    return None
+
+
+def _load_tokenizer(checkpoint: Path, options: FinetuneOptions, config: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    source = options.tokenizer or checkpoint
+    # The dense config picks the tokenizer class when tokenizer_config.json names none, and
+    # keeps transformers from resolving the checkpoint's auto_map (a remote-code prompt).
+    extra = {} if options.tokenizer else {"config": config.text_config}
+    try:
+        return AutoTokenizer.from_pretrained(source, **extra)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise MoEHubError(f"cannot load a tokenizer from {source} ({err.__class__.__name__}): "
+                          f"pass --tokenizer NAME_OR_PATH") from None
+
+
+def finetune(
+    checkpoint: str | os.PathLike,
+    data: str | os.PathLike,
+    output: str | os.PathLike,
+    options: FinetuneOptions | None = None,
+    *,
+    config_file: str | os.PathLike | None = None,
+    callbacks: list[Any] | None = None,
+    progress: bool = True,
+    **option_overrides: Any,
+) -> dict[str, Any]:
+    """Fine-tune the experts and routers of ``checkpoint`` on ``data``; write the result to
+    ``output`` and return the final metrics.
+
+    Example::
+
+        from moe_hub import finetune
+        finetune("smol-moe", "default", "smol-moe-ft", quantize="nf4", max_steps=100)
+    """
+    if config_file is not None:
+        base = asdict(options) if options else {}
+        options = FinetuneOptions.from_file(config_file, **{**base, **option_overrides})
+    elif option_overrides or options is None:
+        options = FinetuneOptions.from_dict({**(asdict(options) if options else {}),
+                                             **option_overrides})
+    options.validate()
+    checkpoint = require_checkpoint(checkpoint)
+    output = Path(output)
+    if output.exists() and not options.overwrite:
+        raise MoEHubError(f"{output} already exists: pass --overwrite to replace it")
+    run_dir = Path(options.checkpoint_dir or f"{output}.checkpoints")
+    resume_from = _resume_point(options, run_dir)
+
+    from .modeling import MoELoraConfig
+
+    config = MoELoraConfig.from_pretrained(checkpoint)
+    tokenizer = _load_tokenizer(checkpoint, options, config)
+    prepared = prepare_data(
+        data, tokenizer, max_length=options.max_length, completion_only=options.completion_only,
+        packing=options.packing, eval_data=options.eval_data, eval_split=options.eval_split,
+        data_split=options.data_split, seed=options.seed, model_limit=model_max_length(config),
+    )
+    model = load_for_training(checkpoint, options)
+    stats = RoutingStats([site.name for site in model.routing_sites], model.config.num_experts)
+    args = _training_arguments(options, run_dir, prepared.eval is not None, progress)
+    trainer = _make_trainer_class()(
+        model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+        data_collator=PadCollator(pad_token_id(tokenizer)), callbacks=callbacks,
+        routing_stats=stats,
+    )
+    started = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except NonFiniteLoss as err:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+        kept = (f"the last good checkpoint is {last}: resume from it with a lower --lr"
+                if last else "no checkpoint was saved before it")
+        raise MoEHubError(f"training stopped: {err}; {output} was not written and {kept}") from None
+    metrics: dict[str, Any] = dict(result.metrics)
+    if prepared.eval is not None:
+        metrics.update(trainer.evaluate())
+    stats.all_reduce()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    metrics.update({
+        "global_step": trainer.state.global_step,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "train_rows": prepared.rows,
+        "train_examples": len(prepared.train),
+        "truncated_rows": prepared.truncated,
+        "wall_seconds": round(time.perf_counter() - started, 3),
+    })
+    for entry in reversed(trainer.state.log_history):
+        router = {k: v for k, v in entry.items() if k.startswith("router_")}
+        if router:
+            metrics.update(router)
+            break
+    if trainer.is_world_process_zero():
+        _write_output(checkpoint, output, trainer.accelerator.unwrap_model(trainer.model),
+                      options, data, prepared, metrics, stats)
+        if not options.keep_checkpoints:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        metrics["output"] = str(output)
+        _print_summary(metrics, output, progress)
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # the base shards are unchanged: share them instead of copying GBs
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _write_output(checkpoint: Path, output: Path, model: Any, options: FinetuneOptions,
+                  data: Any, prepared: Any, metrics: dict[str, Any], stats: RoutingStats) -> None:
+    from .model_card import write_model_card
+
+    with _staging_dir(output) as staging:
+        for src in sorted(checkpoint.iterdir()):
+            if src.name in _REGENERATED or src.name.startswith(".") or src.suffix == ".py":
+                continue
+            if src.is_file():
+                _link_or_copy(src, staging / src.name)
+        adapters = adapter_state(model)
+        save_file(adapters, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        index_path = checkpoint / INDEX_FILE
+        weight_map = json.loads(index_path.read_text())["weight_map"] if index_path.is_file() \
+            else {}
+        weight_map = {k: v for k, v in weight_map.items() if v != ADAPTER_WEIGHTS}
+        weight_map.update(dict.fromkeys(adapters, ADAPTER_WEIGHTS))
+        write_index(staging, weight_map)
+        config = json.loads((checkpoint / "config.json").read_text())
+        config["router_aux_loss_coef"] = model.config.router_aux_loss_coef
+        config["router_z_loss_coef"] = model.config.router_z_loss_coef
+        config["output_router_logits"] = False
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        copy_code(staging)
+        stats_path, _ = stats.write(staging)
+        summary = json.loads(stats_path.read_text())
+        record = {
+            "base_checkpoint": str(checkpoint),
+            "data": str(data),
+            "data_format": prepared.format,
+            "eval_data": options.eval_data,
+            "steps": metrics["global_step"],
+            "hyperparameters": {
+                k: v for k, v in asdict(options).items()
+                if k not in ("overwrite", "checkpoint_dir", "keep_checkpoints", "resume")
+            },
+            "final_metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+            "expert_load_stats": {k: v for k, v in summary.items() if k != "sites"},
+        }
+        from . import __version__
+
+        record["moe_hub_version"] = __version__
+        (staging / TRAINING_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        write_model_card(staging, repo_id=output.name)
+        _publish(staging, output, options.overwrite)
+
+
+def _print_summary(metrics: dict[str, Any], output: Path, progress: bool) -> None:
+    from rich.console import Console
+
+    parts = [f"{metrics['global_step']} steps in {metrics['wall_seconds']:.1f}s"]
+    if metrics.get("first_loss") is not None:
+        parts.append(f"loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f}")
+    if metrics.get("eval_loss") is not None:
+        parts.append(f"eval loss {metrics['eval_loss']:.4f}")
+    Console(stderr=True, quiet=not progress).print(
+        f"[green]fine-tuned[/green] {', '.join(parts)}; wrote {output}")
+
+
+__all__ = ["QUANTIZATIONS", "FinetuneOptions", "finetune", "load_for_training",
+           "prepare_for_training"]

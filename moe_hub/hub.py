@@ -1,0 +1,223 @@
+"""Publish a moe-hub checkpoint to the Hugging Face Hub in one atomic commit.
+
+Everything that can be checked locally (repo id, checkpoint layout, token) is checked before the
+first request. All traffic goes through ``huggingface_hub.HfApi``: ``create_repo``, then
+``create_branch`` when a missing branch is named, then ONE ``create_commit`` with a
+``CommitOperationAdd`` per file. ``upload_folder`` is avoided on purpose: with ``hf_xet``
+installed it may split a folder into several commits, and a failed push must leave the repository
+exactly as it was.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+from pathlib import Path
+
+from .checkpoint import ADAPTER_WEIGHTS, INDEX_FILE
+from .errors import MoEHubError
+from .model_card import (
+    CONFIG_FILE,
+    README_FILE,
+    looks_like_hub_id,
+    read_checkpoint_config,
+    render_model_card,
+)
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+# Left behind by editors, staging and the OS; never part of a model repository.
+_SKIPPED = re.compile(r"(^|/)(\.[^/]*|__pycache__(/.*)?|.*\.pyc|.*\.partial)$")
+
+
+def validate_repo_id(repo_id: str) -> str:
+    """Return ``repo_id`` or raise MoEHubError naming the expected OWNER/NAME form."""
+    bad = (
+        not isinstance(repo_id, str)
+        or not _REPO_ID.match(repo_id)
+        or "--" in repo_id
+        or ".." in repo_id
+        or repo_id.endswith((".git", ".", "-"))
+    )
+    if bad:
+        raise MoEHubError(
+            f"malformed repo id {repo_id!r}: use OWNER/NAME with letters, digits, '-', '_' or '.' "
+            f"(e.g. alice/smollm2-moe)"
+        )
+    return repo_id
+
+
+def resolve_token(token: str | None) -> str:
+    """The token from the argument, else HF_TOKEN, else the stored login; never printed."""
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise MoEHubError(
+            "no Hugging Face token: pass --token, set HF_TOKEN or run `hf auth login` "
+            "(pushing needs a token with write access)"
+        )
+    return token
+
+
+def _checkpoint_files(checkpoint: Path) -> list[str]:
+    """Relative paths of every file in the checkpoint that belongs in the repository."""
+    files = []
+    for path in sorted(checkpoint.rglob("*")):
+        rel = path.relative_to(checkpoint).as_posix()
+        if path.is_file() and not _SKIPPED.search(rel):
+            files.append(rel)
+    return files
+
+
+def _weight_map(checkpoint: Path) -> dict[str, str]:
+    index = checkpoint / INDEX_FILE
+    if not index.is_file():
+        return {}
+    try:
+        return json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError):
+        raise MoEHubError(
+            f"{index} is corrupt: re-create the checkpoint with `moe-hub convert`"
+        ) from None
+
+
+def plan_upload(
+    checkpoint: Path, repo_id: str, adapter_only: bool = False
+) -> dict[str, bytes | Path]:
+    """What to upload: repository path -> bytes (generated) or Path (copied as is).
+
+    The model card is re-rendered for ``repo_id``. ``adapter_only`` leaves out the base shards and
+    rewrites config.json and the index for an adapter-only checkpoint.
+    """
+    config = read_checkpoint_config(checkpoint)
+    weight_map = _weight_map(checkpoint)
+    missing = sorted({name for name in weight_map.values() if not (checkpoint / name).is_file()})
+    if missing:
+        raise MoEHubError(f"{checkpoint} lacks {missing[0]} named in {INDEX_FILE}: the checkpoint "
+                          f"is incomplete; re-create it with `moe-hub convert`")
+    if not (checkpoint / ADAPTER_WEIGHTS).is_file():
+        raise MoEHubError(f"{checkpoint} has no {ADAPTER_WEIGHTS}: re-create it with "
+                          f"`moe-hub convert`")
+    plan: dict[str, bytes | Path] = {rel: checkpoint / rel for rel in _checkpoint_files(checkpoint)}
+    if adapter_only or config.get("adapter_only"):
+        base = config.get("base_model_name_or_path")
+        if not looks_like_hub_id(base):
+            raise MoEHubError(
+                f"an adapter-only repository must name a base model on the Hub, but this "
+                f"checkpoint's base is {base!r}: convert from a Hub id, or push without "
+                f"--adapter-only"
+            )
+    if adapter_only and not config.get("adapter_only"):
+        base_shards = {name for name in weight_map.values() if name != ADAPTER_WEIGHTS}
+        for name in base_shards:
+            plan.pop(name, None)
+        config = {**config, "adapter_only": True}
+        adapters = {key: name for key, name in weight_map.items() if name == ADAPTER_WEIGHTS}
+        index = {"metadata": {"total_size": (checkpoint / ADAPTER_WEIGHTS).stat().st_size},
+                 "weight_map": dict(sorted(adapters.items()))}
+        plan[INDEX_FILE] = (json.dumps(index, indent=2) + "\n").encode()
+        plan[CONFIG_FILE] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    card = render_model_card(checkpoint, config=config, repo_id=repo_id)
+    plan[README_FILE] = str(card).encode()
+    return plan
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level failures of whichever HTTP stack this huggingface_hub uses."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                         ("requests", "ConnectionError")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def _http_failure(err: Exception, repo_id: str, endpoint: str) -> MoEHubError:
+    response = getattr(err, "response", None)
+    status = getattr(response, "status_code", None)
+    where = f"{repo_id} at {endpoint}"
+    if status == 401:
+        return MoEHubError(f"the Hub refused the token (HTTP 401) for {where}: pass a valid "
+                           f"--token or set HF_TOKEN")
+    if status == 403:
+        return MoEHubError(f"no write access to {where} (HTTP 403): use a token with write "
+                           f"permission for {repo_id.split('/')[0]}")
+    if status == 404:
+        return MoEHubError(f"not found (HTTP 404) while pushing to {where}: check the repo id "
+                           f"and --revision")
+    if status is not None and status >= 500:
+        return MoEHubError(f"the Hub failed (HTTP {status}) while pushing to {where}; the commit "
+                           f"is atomic, so nothing was changed: retry the push")
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+    return MoEHubError(f"push to {where} failed (HTTP {status}): {detail}")
+
+
+def push(
+    checkpoint: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+    adapter_only: bool = False,
+) -> str:
+    """Push ``checkpoint`` to ``repo_id`` in one commit; return the commit URL (the pull request
+    URL with ``create_pr``).
+
+    ``revision`` names a branch (created from main when missing); ``adapter_only`` uploads only
+    experts, routers, config, code and card, and loading fetches the base named in the config.
+
+    Example::
+
+        from moe_hub import push
+        push("smol-moe", "alice/smol-moe", private=True)
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    validate_repo_id(repo_id)
+    path = Path(checkpoint)
+    try:
+        plan = plan_upload(path, repo_id, adapter_only=adapter_only)
+    except ValueError as err:  # NotACheckpointError and a corrupt training record
+        raise MoEHubError(str(err)) from None
+    token = resolve_token(token)
+    api = HfApi(endpoint=endpoint, token=token)
+    endpoint = api.endpoint
+    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=source if isinstance(
+        source, bytes) else str(source)) for rel, source in sorted(plan.items())]
+    message = commit_message or ("Upload MoE-LoRA adapters with moe-hub" if adapter_only
+                                 else "Upload MoE-LoRA model with moe-hub")
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None and revision != "main" and not revision.startswith("refs/pr/"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.create_commit(
+            repo_id,
+            operations=operations,
+            commit_message=message,
+            revision=revision,
+            create_pr=create_pr,
+        )
+    except HfHubHTTPError as err:
+        raise _http_failure(err, repo_id, endpoint) from None
+    except _transport_errors() as err:
+        raise MoEHubError(
+            f"lost the connection to {endpoint} while pushing {repo_id} "
+            f"({err.__class__.__name__}); the commit is atomic, so the repository has either all "
+            f"of this push or none of it: retry the push"
+        ) from None
+    except ValueError as err:  # invalid README metadata reported by the Hub
+        raise MoEHubError(f"the Hub rejected the push to {repo_id}: {err}".splitlines()[0]) \
+            from None
+    return info.pr_url or info.commit_url
+
+
+__all__ = ["plan_upload", "push", "resolve_token", "validate_repo_id"]

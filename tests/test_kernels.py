@@ -1,0 +1,251 @@
+"""The Triton expert kernels against a float64 torch reference, run by the Triton interpreter.
+
+The jit decorators read TRITON_INTERPRET when the kernel module is imported, so it is set before
+that import. If another test module of this pytest process imported the kernels first (compiled
+mode, useless on CPU), this file re-runs itself in a fresh interpreter instead.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from moe_hub.kernels import moe_lora_triton as kernels
+from torch.utils.checkpoint import checkpoint
+
+from moe_hub.modeling import MoELoraConfig, MoELoraForCausalLM
+from moe_hub.modeling.moe_lora_ops import torch_moe_lora_delta
+
+#: Relative error bounds (Frobenius norm of the difference over that of the float64 reference)
+#: per input dtype: fp32 accumulates exactly like the reference up to rounding; fp16/bf16 inputs
+#: are rounded copies of the reference inputs, so only the kernel's 16-bit outputs and the
+#: rank-space values rounded for the tensor cores add error (bf16 has 8 mantissa bits).
+REL_BOUND = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Per test, not at import: other test modules must keep the torch path on CPU.
+    monkeypatch.setenv("MOE_HUB_TRITON_ON_CPU", "1")
+    monkeypatch.setenv("MOE_HUB_TRITON_POISON", "1")  # unwritten kernel outputs become NaN
+
+
+def random_routing(num_tokens: int, num_experts: int, top_k: int, experts=None, seed: int = 0):
+    """Distinct experts per token (drawn from ``experts`` when given) and positive weights."""
+    gen = torch.Generator().manual_seed(seed)
+    pool = torch.tensor(experts if experts is not None else range(num_experts))
+    rows = [pool[torch.randperm(len(pool), generator=gen)[:top_k]] for _ in range(num_tokens)]
+    weights = torch.rand(num_tokens, top_k, generator=gen) + 0.05
+    return torch.stack(rows), weights
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert got.shape == want.shape
+    assert torch.isfinite(got).all(), "the kernel left unwritten (NaN) or non-finite elements"
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def check_against_reference(
+    num_tokens, d_in, d_out, num_experts, top_k, rank, dtype=torch.float32, experts=None,
+    transposed_x=False, seed=0,
+):
+    torch.manual_seed(seed)
+    if transposed_x:  # column-major x: stride (1, T)
+        x = torch.randn(d_in, num_tokens).to(dtype).t()
+    else:
+        x = torch.randn(num_tokens, d_in).to(dtype)
+    lora_A = (torch.randn(num_experts, d_in, rank) / d_in**0.5).to(dtype)
+    lora_B = (torch.randn(num_experts, rank, d_out) / rank**0.5).to(dtype)
+    indices, weights = random_routing(num_tokens, num_experts, top_k, experts, seed)
+    grad_y = torch.randn(num_tokens, d_out).to(dtype)
+    scale = 1.7
+
+    ref = [t.double().requires_grad_() for t in (x, lora_A, lora_B, weights)]
+    want = torch_moe_lora_delta(ref[0], ref[1], ref[2], indices, ref[3], scale)
+    want.backward(grad_y.double())
+
+    got_inputs = [t.detach().clone().requires_grad_() for t in (x, lora_A, lora_B, weights)]
+    if transposed_x:
+        got_inputs[0] = x.detach().t().clone().t().requires_grad_()
+        assert not got_inputs[0].is_contiguous()
+    got = kernels.triton_moe_lora_delta(
+        got_inputs[0], got_inputs[1], got_inputs[2], indices, got_inputs[3], scale
+    )
+    assert got.dtype == dtype
+    got.backward(grad_y)
+
+    bound = REL_BOUND[dtype]
+    errors = {"y": relative_error(got, want.detach())}
+    for name, mine, theirs in zip(("dx", "dA", "dB", "dw"), got_inputs, ref):
+        assert mine.grad.dtype == mine.dtype
+        errors[name] = relative_error(mine.grad, theirs.grad)
+    assert all(err < bound for err in errors.values()), (errors, bound)
+    return got_inputs
+
+
+MASKED_DENSE_CASES = [
+    # T, d_in, d_out, E, k, r
+    pytest.param(1, 40, 24, 4, 1, 8, id="one-token-k1"),
+    pytest.param(37, 40, 50, 4, 2, 12, id="rank12-odd-dims"),
+    pytest.param(19, 33, 17, 4, 4, 8, id="k-equals-E"),
+    pytest.param(21, 24, 20, 2, 1, 8, id="smallest-E-and-r"),
+    pytest.param(12, 20, 18, 64, 2, 8, id="E64-at-512-columns"),
+]
+
+
+@pytest.mark.parametrize("num_tokens,d_in,d_out,num_experts,top_k,rank", MASKED_DENSE_CASES)
+def test_masked_dense_matches_reference(num_tokens, d_in, d_out, num_experts, top_k, rank):
+    assert kernels._is_masked_dense(num_experts, rank)
+    check_against_reference(num_tokens, d_in, d_out, num_experts, top_k, rank)
+
+
+GROUPED_CASES = [
+    pytest.param(33, 40, 50, 8, 2, 80, None, id="E8-r80"),
+    pytest.param(1, 24, 20, 6, 1, 96, None, id="one-token"),
+    pytest.param(7, 24, 20, 6, 6, 96, None, id="k-equals-E"),
+    pytest.param(25, 36, 22, 8, 2, 72, [1, 5], id="six-experts-without-tokens"),
+    pytest.param(40, 20, 36, 4, 1, 160, [2], id="all-tokens-on-one-expert"),
+    pytest.param(10, 24, 18, 5, 2, 128, None, id="rank128"),
+]
+
+
+@pytest.mark.parametrize(
+    "num_tokens,d_in,d_out,num_experts,top_k,rank,experts", GROUPED_CASES
+)
+def test_grouped_matches_reference(num_tokens, d_in, d_out, num_experts, top_k, rank, experts):
+    assert not kernels._is_masked_dense(num_experts, rank)
+    check_against_reference(num_tokens, d_in, d_out, num_experts, top_k, rank, experts=experts)
+
+
+def test_masked_dense_with_empty_and_full_experts():
+    # every token on expert 3 (k=1), the other seven experts get nothing
+    inputs = check_against_reference(30, 40, 36, 8, 1, 16, experts=[3])
+    assert inputs[1].grad[[0, 1, 2, 4, 5, 6, 7]].abs().max() == 0
+    assert inputs[2].grad[3].abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("num_experts,rank", [(4, 12), (8, 80)], ids=["masked-dense", "grouped"])
+def test_half_precision_inputs(dtype, num_experts, rank):
+    check_against_reference(29, 40, 34, num_experts, 2, rank, dtype=dtype)
+
+
+@pytest.mark.parametrize("num_experts,rank", [(4, 16), (8, 80)], ids=["masked-dense", "grouped"])
+def test_non_contiguous_x(num_experts, rank):
+    check_against_reference(23, 36, 28, num_experts, 2, rank, transposed_x=True)
+
+
+def test_non_contiguous_adapters_and_grad_output():
+    torch.manual_seed(1)
+    x = torch.randn(17, 30)
+    lora_A = torch.randn(4, 16, 30).transpose(1, 2) / 5  # [E, d_in, r], strides permuted
+    lora_B = torch.randn(4, 40, 16)[:, ::2].transpose(1, 2) / 4  # [E, r, 20], strided
+    indices, weights = random_routing(17, 4, 2)
+    want = torch_moe_lora_delta(x.double(), lora_A.double(), lora_B.double(), indices,
+                                weights.double(), 0.5)
+    got = kernels.triton_moe_lora_delta(x, lora_A, lora_B, indices, weights, 0.5)
+    assert relative_error(got, want) < REL_BOUND[torch.float32]
+
+
+@pytest.mark.parametrize("num_experts,rank", [(4, 8), (8, 80)], ids=["masked-dense", "grouped"])
+def test_checkpointing_and_compile_give_the_same_gradients(num_experts, rank):
+    torch.manual_seed(2)
+    leaves = [torch.randn(9, 32), torch.randn(num_experts, 32, rank) / 6,
+              torch.randn(num_experts, rank, 24) / 6]
+    indices, weights = random_routing(9, num_experts, 2)
+    leaves = [t.requires_grad_() for t in (*leaves, weights)]
+
+    def loss(x, a, b, w):
+        return kernels.triton_moe_lora_delta(x, a, b, indices, w, 0.5).square().sum()
+
+    plain = torch.autograd.grad(loss(*leaves), leaves)
+    checkpointed = torch.autograd.grad(checkpoint(loss, *leaves, use_reentrant=False), leaves)
+    # aot_eager traces the fake impls and the registered autograd formula without a C compiler
+    compiled = torch.autograd.grad(
+        torch.compile(loss, backend="aot_eager", fullgraph=True)(*leaves), leaves
+    )
+    for want, *others in zip(plain, checkpointed, compiled):
+        for other in others:
+            torch.testing.assert_close(other, want, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, lora_A, lora_B = torch.randn(3, 8), torch.randn(2, 8, 16), torch.randn(2, 16, 8)
+    indices, weights = random_routing(3, 2, 1)
+    with pytest.raises(ValueError, match="share a dtype"):
+        kernels.triton_moe_lora_delta(x.half(), lora_A, lora_B, indices, weights, 1.0)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        kernels.triton_moe_lora_delta(torch.randn(3, 9), lora_A, lora_B, indices, weights, 1.0)
+    with pytest.raises(ValueError, match="int64"):
+        kernels.triton_moe_lora_delta(x, lora_A, lora_B, indices.int(), weights, 1.0)
+
+
+def test_supported_only_where_it_can_run(monkeypatch: pytest.MonkeyPatch):
+    x = torch.randn(2, 4)
+    assert kernels.triton_supported(x)
+    monkeypatch.delenv("MOE_HUB_TRITON_ON_CPU")
+    assert not kernels.triton_supported(x)
+    with pytest.raises(RuntimeError, match="expert_kernel='torch'"):
+        kernels.triton_moe_lora_delta(x, torch.randn(2, 4, 8), torch.randn(2, 8, 4),
+                                      *random_routing(2, 2, 1), 1.0)
+
+
+def tiny_moe_model(kernel: str, num_experts: int, rank: int) -> MoELoraForCausalLM:
+    torch.manual_seed(0)
+    config = MoELoraConfig(
+        text_config=tiny_config("llama"), num_experts=num_experts, num_experts_per_tok=2,
+        lora_rank=rank, lora_alpha=2.0 * rank, lora_dropout=0.0, expert_kernel=kernel,
+        output_router_logits=True, router_aux_loss_coef=0.01,
+        target_modules=["q_proj", "down_proj"],  # an attention and an MLP linear keep it quick
+    )
+    model = MoELoraForCausalLM(config)
+    with torch.no_grad():  # B starts at zero; non-zero B makes every gradient path non-trivial
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_(0.0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("num_experts,rank", [(4, 8), (4, 160)], ids=["masked-dense", "grouped"])
+def test_model_triton_path_matches_torch_path(num_experts, rank):
+    """Same loss and parameter gradients; the Triton model also runs checkpointed."""
+    input_ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    results = {}
+    for kernel in ("torch", "triton"):
+        model = tiny_moe_model(kernel, num_experts, rank)
+        if kernel == "triton":
+            model.gradient_checkpointing_enable()
+            model.train()
+        out = model(input_ids=input_ids, labels=input_ids)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results[kernel] = (out.loss.detach(), grads)
+    (loss_t, grads_t), (loss_k, grads_k) = results["torch"], results["triton"]
+    torch.testing.assert_close(loss_k, loss_t, rtol=1e-5, atol=0)
+    assert grads_k.keys() == grads_t.keys()
+    assert any(".router." in n for n in grads_t) and any("lora_A" in n for n in grads_t)
+    for name, want in grads_t.items():
+        assert want.abs().max() > 0, name
+        assert relative_error(grads_k[name], want.double()) < 1e-4, name
+
+
+if not kernels.INTERPRETED:
+    # The kernel module was imported in compiled mode before this file set TRITON_INTERPRET:
+    # replace every test above by one that runs this file in a fresh interpreter.
+    for _name in [n for n in globals() if n.startswith("test_")]:
+        del globals()[_name]
+
+    def test_kernels_in_fresh_interpreter():
+        repo = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", str(Path(__file__)), "-x", "-q", "-p",
+             "no:cacheprovider"], cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
