@@ -32,8 +32,10 @@ from .safetensors_io import read_header, rewrite_shard, tensor_names
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt",
-                    "chat_template*", "added_tokens.json")
+_TOKENIZER_FILES = (
+    "tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt", "chat_template*",
+    "added_tokens.json",
+)
 
 
 @dataclass
@@ -219,8 +221,8 @@ def _resolve_base(
             )
         yield path, text
         return
-    looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or os.sep in text \
-        and text.count("/") > 1
+    looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or (os.sep in text \
+        and text.count("/") > 1)
     if looks_local or not _HUB_ID.match(text):
         raise MoEHubError(f"BASE {text} does not exist: pass an existing directory, .gguf file or "
                           f"a Hub model id (user/model)")

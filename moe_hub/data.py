@@ -57,6 +57,8 @@ def load_rows(data: str | os.PathLike, split: str = "train") -> Any:
         return datasets.load_dataset(text, split=split)
     except MoEHubError:
         raise
+    except StopIteration:  # datasets' json builder on a file without a single row
+        raise MoEHubError(f"dataset {text!r} is empty: give at least one row") from None
     except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as err:
         raise MoEHubError(f"dataset {text!r} not found ({err}): pass a local file or an existing "
                           f"Hub dataset id") from None

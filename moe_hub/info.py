@@ -81,8 +81,8 @@ def render_info(info: dict[str, Any]) -> None:
         ("rank / alpha / dropout", f"{info['rank']} / {info['alpha']:g} / {info['dropout']:g}"),
         ("targets", ", ".join(info["targets"])),
         ("routing sites", str(info["routing_sites"])),
-        ("parameters", f"total {params['total']:,}  trainable {params['trainable']:,}  "
-                       f"added {params['added']:,} ({100 * params['added'] / params['total']:.2f}%)"),
+        ("parameters", f"total {params['total']:,}  trainable {params['trainable']:,}  added "
+                       f"{params['added']:,} ({100 * params['added'] / params['total']:.2f}%)"),
         ("base weights", _size(info["bytes"]["base_weights"])),
         ("adapters", _size(info["bytes"]["adapters"])),
         ("all files", _size(info["bytes"]["all_files"])),

@@ -49,13 +49,14 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         try:
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise MoEHubError(f"{path} has a corrupt header ({err.__class__.__name__}): {fix}") from None
+            reason = err.__class__.__name__
+            raise MoEHubError(f"{path} has a corrupt header ({reason}): {fix}") from None
     end = 0
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
-            start, stop = entry["data_offsets"]
+            _, stop = entry["data_offsets"]
             entry["dtype"], entry["shape"]
         except (KeyError, TypeError, ValueError):
             raise MoEHubError(f"{path} has a corrupt entry for {name!r}: {fix}") from None

@@ -71,6 +71,15 @@ def smollm2_gguf() -> Path:
     return default_model_path()
 
 
+@pytest.fixture(scope="session")
+def smollm2_converted(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct converted with the default options (topk, 8 experts, top-2, r=16),
+    once per test session: loading the GGUF costs ~30 s on two cores."""
+    from moe_hub.convert import convert
+
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "moe", progress=False)
+
+
 def run_without_moe_hub(code: str, cwd: Path, env: dict | None = None) -> str:
     """Run ``code`` in a fresh interpreter where ``import moe_hub`` raises, return its stdout."""
     blocker = cwd / "_block_moe_hub"

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 from conftest import save_tiny_dense
-from typer.testing import CliRunner
-
 from moe_hub.cli.app import app
+from typer.testing import CliRunner
 
 
 def _run(*args: str) -> tuple[int, str]:

@@ -24,7 +24,7 @@ def test_sharded_conversion_peak_rss(tmp_path: Path) -> None:
     # Measured in a fresh process: RSS after imports and after building the meta model once is
     # the baseline; the conversion's peak RSS (VmHWM, reset at the baseline) must stay under 2x
     # the largest shard + the adapters.
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent(rf"""
         import json, re, psutil, torch
         from moe_hub.convert import convert
         from moe_hub.modeling import MoELoraConfig, MoELoraForCausalLM

@@ -8,16 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from moe_hub.convert import convert
-
 pytestmark = pytest.mark.slow
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def converted(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert(smollm2_gguf, tmp_path_factory.mktemp("smol") / "moe", progress=False)
+@pytest.fixture
+def converted(smollm2_converted: Path) -> Path:
+    return smollm2_converted
 
 
 def test_smollm2_chat_answer_equals_dense(smollm2_gguf: Path, converted: Path) -> None:

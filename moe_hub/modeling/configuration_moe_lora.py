@@ -116,7 +116,9 @@ class MoELoraConfig(PretrainedConfig):
                 f"raise --experts"
             )
         if self.lora_rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1 (got {self.lora_rank}); pass --rank 8 or more")
+            raise ValueError(
+                f"LoRA rank must be >= 1 (got {self.lora_rank}); pass --rank 8 or more"
+            )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1) (got {self.lora_dropout})")
         if self.routing_granularity not in GRANULARITIES:
