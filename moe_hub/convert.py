@@ -40,7 +40,7 @@ _TOKENIZER_FILES = (
 
 @dataclass
 class ConvertOptions:
-    """Everything ``moe-hub convert`` accepts besides BASE and OUT (also readable from YAML/JSON)."""
+    """What `moe-hub convert` accepts besides BASE and OUT (also readable from YAML/JSON)."""
 
     router: str = "topk"
     router_config: dict[str, Any] = field(default_factory=dict)

@@ -34,7 +34,7 @@ def run_demo(workdir: Path, router: str = "topk", steps: int = 30, quantize: str
     console.rule(f"2/3 fine-tune {steps} steps on a {quantize} base")
     tuned = workdir / f"smollm2-moe-{router}-tuned"
     start = time.perf_counter()
-    metrics = finetune(converted, output=tuned, quantize=quantize, max_steps=steps,
+    metrics = finetune(converted, "default", tuned, quantize=quantize, max_steps=steps,
                        overwrite=True)
     figures["finetune_s"] = round(time.perf_counter() - start, 1)
     figures["metrics"] = metrics

@@ -98,12 +98,12 @@ class HyperNetwork(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-rank modules A [n, d_in, r_h], B [n, r_h, d_out] for ``summary`` [n, width]."""
         kind = self.kinds.index(site.kind)
-        site_vec = self.layer_embedding[site.layer] + self.kind_embedding[kind]
+        site_vec = (self.layer_embedding[site.layer] + self.kind_embedding[kind]).float()
         inputs = torch.cat([summary, site_vec.expand(summary.shape[0], -1)], dim=-1)
-        hidden = F.relu(F.linear(inputs, self.trunk_weight, self.trunk_bias))
+        hidden = F.relu(F.linear(inputs, self.trunk_weight.float(), self.trunk_bias.float()))
         key = _shape_key(site)
-        a = F.linear(hidden, self.head_a_weight[key], self.head_a_bias[key])
-        b = F.linear(hidden, self.head_b_weight[key], self.head_b_bias[key])
+        a = F.linear(hidden, self.head_a_weight[key].float(), self.head_a_bias[key].float())
+        b = F.linear(hidden, self.head_b_weight[key].float(), self.head_b_bias[key].float())
         return (a.view(-1, site.in_features, self.rank), b.view(-1, self.rank, site.out_features))
 
 
@@ -139,9 +139,10 @@ class HyperSupplement(nn.Module):
         sets, set_of_token = torch.unique(chosen, dim=0, return_inverse=True)
         unselected = torch.ones(sets.shape[0], num_experts, device=x.device)
         unselected = unselected.scatter(1, sets, 0.0)
-        summary = unselected @ self.expert_embedding
-        summary = F.linear(F.relu(F.linear(summary, self.mlp_in_weight, self.mlp_in_bias)),
-                           self.mlp_out_weight, self.mlp_out_bias)
+        # Router math stays in float32 even in a model cast to half precision.
+        summary = unselected @ self.expert_embedding.float()
+        hidden = F.relu(F.linear(summary, self.mlp_in_weight.float(), self.mlp_in_bias.float()))
+        summary = F.linear(hidden, self.mlp_out_weight.float(), self.mlp_out_bias.float())
         lora_a, lora_b = hyper.generate(summary, self.site)
         ones = torch.ones(x.shape[0], 1, device=x.device)
         return moe_lora_delta(x.float(), lora_a, lora_b, set_of_token.view(-1, 1), ones,

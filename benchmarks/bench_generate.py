@@ -1,0 +1,85 @@
+"""generate() throughput of a freshly converted checkpoint against its dense base
+(PERFORMANCE.md target 4: >= 0.8x the dense tokens/s at batch 1 and 16, KV cache on).
+
+    python benchmarks/bench_generate.py                 # SmolLM2-135M-Instruct, CPU or CUDA
+    python benchmarks/bench_generate.py --base DIR --device cuda --dtype bfloat16
+
+Both models run in this one process on the same prompts; the table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def tokens_per_second(model, input_ids, attention_mask, new_tokens: int, repeats: int) -> float:
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  use_cache=True, attention_mask=attention_mask)
+    model.generate(input_ids, **kwargs)  # warm-up
+    timings = []
+    for _ in range(repeats):
+        if input_ids.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(input_ids, **kwargs)
+        if input_ids.is_cuda:
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - start)
+    timings.sort()
+    return input_ids.shape[0] * new_tokens / timings[len(timings) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", help="dense model dir or .gguf [SmolLM2-135M-Instruct]")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--router", default="topk")
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    from moe_hub.convert import convert
+    from moe_hub.default_model import default_model_path
+
+    base = Path(args.base) if args.base else default_model_path()
+    dtype = getattr(torch, args.dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        converted = convert(base, Path(tmp) / "moe", router=args.router, progress=False)
+        load = dict(dtype=dtype)
+        if base.suffix == ".gguf":
+            dense = AutoModelForCausalLM.from_pretrained(base.parent, gguf_file=base.name, **load)
+        else:
+            dense = AutoModelForCausalLM.from_pretrained(base, **load)
+        moe = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True, **load)
+        dense.to(args.device).eval()
+        moe.to(args.device).eval()
+        rows = []
+        for batch in (int(b) for b in args.batches.split(",")):
+            generator = torch.Generator().manual_seed(batch)
+            ids = torch.randint(10, dense.config.vocab_size, (batch, args.prompt_len),
+                                generator=generator).to(args.device)
+            mask = torch.ones_like(ids)
+            with torch.no_grad():
+                dense_tps = tokens_per_second(dense, ids, mask, args.new_tokens, args.repeats)
+                moe_tps = tokens_per_second(moe, ids, mask, args.new_tokens, args.repeats)
+            rows.append((batch, dense_tps, moe_tps))
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"\n{base.name} on {name}, {args.dtype}, router {args.router}, prompt "
+          f"{args.prompt_len}, {args.new_tokens} new tokens, torch {torch.__version__}")
+    print(f"{'batch':>6}{'dense tok/s':>14}{'moe tok/s':>12}{'ratio':>8}")
+    for batch, dense_tps, moe_tps in rows:
+        print(f"{batch:>6}{dense_tps:>14.1f}{moe_tps:>12.1f}{moe_tps / dense_tps:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
