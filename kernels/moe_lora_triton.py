@@ -342,8 +342,18 @@ def _blocks(on_gpu: bool) -> dict[str, int]:
     """One fixed configuration per machine kind: tiny blocks keep the interpreter fast; on a GPU
     64-row tiles keep the tensor cores busy while the op stays memory-bound."""
     if not on_gpu:
-        return {"T": 16, "K": 32, "N": 32, "M": 16, "R_MAX": 64, "warps": 1}
-    return {"T": 64, "K": 64, "N": 64, "M": 64, "R_MAX": 128, "warps": 4}
+        return {"T": 16, "T_SHRINK": 16, "K": 32, "N": 32, "M": 16, "R_MAX": 64, "warps": 1}
+    return {"T": 64, "T_SHRINK": 32, "K": 64, "N": 64, "M": 64, "R_MAX": 128, "warps": 4}
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
 
 
 def _is_masked_dense(num_experts: int, rank: int) -> bool:
@@ -394,10 +404,11 @@ def _forward_impl(x, lora_A, lora_B, indices, weights, scale):
         block_r = min(_pow2_at_least(columns), cfg["R_MAX"])
         shrunk = _empty((num_tokens, columns), torch.float32, dev)
         y = _empty((num_tokens, d_out), x.dtype, dev)
-        _dense_shrink_kernel[(triton.cdiv(num_tokens, cfg["T"]), triton.cdiv(columns, block_r))](
+        shrink_grid = (triton.cdiv(num_tokens, cfg["T_SHRINK"]), triton.cdiv(columns, block_r))
+        _dense_shrink_kernel[shrink_grid](
             x, lora_A, shrunk, num_tokens, d_in, columns, rank,
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), 1.0,
-            BLOCK_T=cfg["T"], BLOCK_K=cfg["K"], BLOCK_R=block_r, UPCAST=upcast,
+            BLOCK_T=cfg["T_SHRINK"], BLOCK_K=cfg["K"], BLOCK_R=block_r, UPCAST=upcast,
             num_warps=cfg["warps"],
         )
         _dense_expand_kernel[(triton.cdiv(num_tokens, cfg["T"]), triton.cdiv(d_out, cfg["N"]))](
@@ -447,10 +458,11 @@ def _backward_impl(grad_y, x, lora_A, lora_B, indices, weights, shrunk, plan, sc
         t_blocks = triton.cdiv(num_tokens, cfg["T"])
         # u = c * dy B_cat^T: B_cat^T[o, (e, c)] = B[e, c, o]
         u = _empty((num_tokens, columns), torch.float32, dev)
-        _dense_shrink_kernel[(t_blocks, triton.cdiv(columns, block_r))](
+        shrink_grid = (triton.cdiv(num_tokens, cfg["T_SHRINK"]), triton.cdiv(columns, block_r))
+        _dense_shrink_kernel[shrink_grid](
             dy, B, u, num_tokens, d_out, columns, rank,
             dy.stride(0), dy.stride(1), B.stride(0), B.stride(2), B.stride(1), float(scale),
-            BLOCK_T=cfg["T"], BLOCK_K=cfg["K"], BLOCK_R=block_r, UPCAST=upcast,
+            BLOCK_T=cfg["T_SHRINK"], BLOCK_K=cfg["K"], BLOCK_R=block_r, UPCAST=upcast,
             num_warps=cfg["warps"],
         )
         grad_w = _empty((num_tokens, top_k), torch.float32, dev)
@@ -467,11 +479,12 @@ def _backward_impl(grad_y, x, lora_A, lora_B, indices, weights, shrunk, plan, sc
             TOP_K=top_k, BLOCK_T=cfg["T"], BLOCK_N=cfg["N"], BLOCK_R=block_r, UPCAST=upcast,
             num_warps=cfg["warps"],
         )
-        # Token splits give the reduction over T enough programs without atomics.
-        per_split = cfg["T"] * max(1, triton.cdiv(t_blocks, 16 if x.is_cuda else 2))
-        splits = triton.cdiv(num_tokens, per_split)
-
         def weight_grad(p, rank_values, n, alpha):
+            # Token splits give the reduction over T a few programs per SM without atomics.
+            tiles = triton.cdiv(n, cfg["N"]) * triton.cdiv(columns, block_r)
+            wanted = triton.cdiv(4 * _multiprocessors(dev), tiles) if x.is_cuda else 2
+            per_split = cfg["T"] * triton.cdiv(t_blocks, max(1, min(wanted, t_blocks)))
+            splits = triton.cdiv(num_tokens, per_split)
             partial = _empty((splits, n, columns), torch.float32, dev)
             grid = (triton.cdiv(n, cfg["N"]), triton.cdiv(columns, block_r), splits)
             _dense_weight_grad_kernel[grid](

@@ -138,9 +138,10 @@ def convert(
     out = Path(out)
     if out.exists() and not options.overwrite:
         raise MoEHubError(f"{out} already exists: pass --overwrite to replace it")
-    with _staging_dir(out) as staging, _resolve_base(base, options, staging) as (dense_dir, origin):
+    with _staging_dir(out) as staging, _resolve_base(base, options, staging) as resolved:
+        dense_dir, origin, revision = resolved
         text_config = _dense_config(dense_dir)
-        config = options.model_config(text_config, origin, options.revision)
+        config = options.model_config(text_config, origin, revision)
         weight_files = dense_weight_files(dense_dir, options.allow_pickle, staging / ".pickle")
         with torch.device("meta"):
             try:
@@ -194,9 +195,11 @@ def _publish(staging: Path, out: Path, overwrite: bool) -> None:
 @contextmanager
 def _resolve_base(
     base: str | os.PathLike, options: ConvertOptions, staging: Path
-) -> Iterator[tuple[Path, str]]:
-    """Yield (local dense directory, name recorded as the base). GGUF files are dequantised into
-    a scratch directory inside the staging area first."""
+) -> Iterator[tuple[Path, str, str | None]]:
+    """Yield (local dense directory, name recorded as the base, revision recorded with it).
+
+    GGUF files are dequantised into a scratch directory inside the staging area first. A Hub base
+    records the commit it was downloaded at, so an adapter-only checkpoint stays pinned to it."""
     text = os.fspath(base)
     path = Path(text).expanduser()
     if path.exists():
@@ -206,7 +209,7 @@ def _resolve_base(
             scratch = staging / ".gguf-dense"
             _gguf_to_dense(path, scratch)
             try:
-                yield scratch, path.name
+                yield scratch, path.name, None
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             return
@@ -219,14 +222,17 @@ def _resolve_base(
             raise MoEHubError(
                 f"BASE {path} has no config.json: point BASE at a transformers model directory"
             )
-        yield path, text
+        yield path, text, options.revision
         return
     looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or (os.sep in text \
         and text.count("/") > 1)
     if looks_local or not _HUB_ID.match(text):
         raise MoEHubError(f"BASE {text} does not exist: pass an existing directory, .gguf file or "
                           f"a Hub model id (user/model)")
-    yield _download(text, options.revision), text
+    snapshot = _download(text, options.revision)
+    # snapshot_download returns .../snapshots/<commit sha>: pin the base to that commit.
+    pinned = snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else options.revision
+    yield snapshot, text, pinned
 
 
 def _download(repo_id: str, revision: str | None) -> Path:

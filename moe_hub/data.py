@@ -106,10 +106,12 @@ def _check_messages(row: dict[str, Any], index: int) -> list[dict[str, str]]:
 
 def _with_eos(ids: list[int], tokenizer: Any) -> list[int]:
     eos = tokenizer.eos_token_id
-    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+    return [*ids, eos] if eos is not None and (not ids or ids[-1] != eos) else ids
 
 
-def _chat_spans(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+def _chat_spans(
+    messages: list[dict[str, str]], tokenizer: Any
+) -> tuple[str, list[tuple[int, int]]]:
     """Render the chat; return the text and the character spans of the assistant replies.
 
     Each assistant span starts after the prefix rendered with the generation prompt (so the

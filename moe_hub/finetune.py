@@ -143,12 +143,28 @@ class FinetuneOptions:
 
 
 class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss or the adapters' gradients became NaN or infinite."""
 
-    def __init__(self, step: int, value: float) -> None:
-        super().__init__(f"loss is {value} at step {step}")
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(f"{what} at step {step}")
         self.step = step
-        self.value = value
+
+
+def _finite_guard() -> Any:
+    from transformers import TrainerCallback
+
+    class FiniteGradients(TrainerCallback):
+        """Stops before the optimizer applies a non-finite gradient. A NaN weight does not always
+        make the loss NaN (attention can mask it out), but its gradient spreads it everywhere."""
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None,
+                                  **kwargs: Any) -> None:
+            for name, param in model.named_parameters():
+                if param.grad is not None and not torch.isfinite(param.grad).all():
+                    raise NonFiniteLoss(state.global_step + 1,
+                                        f"the gradient of {name} is not finite")
+
+    return FiniteGradients()
 
 
 def quantization_config(options: FinetuneOptions) -> Any:
@@ -262,7 +278,7 @@ def _make_trainer_class() -> type:
             value = float(loss.detach())
             if not math.isfinite(value):
                 # Raised before optimizer.step(): the weights and saved checkpoints stay good.
-                raise NonFiniteLoss(self.state.global_step + 1, value)
+                raise NonFiniteLoss(self.state.global_step + 1, f"the loss is {value}")
             return loss
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -331,8 +347,6 @@ def _training_arguments(options: FinetuneOptions, run_dir: Path, has_eval: bool,
         seed=options.seed,
         data_seed=options.seed,
         bf16=options.bf16,
-        gradient_checkpointing=options.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=options.logging_steps,
         save_strategy="steps",
         save_steps=options.save_steps,
@@ -347,6 +361,11 @@ def _training_arguments(options: FinetuneOptions, run_dir: Path, has_eval: bool,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
     )
+    # transformers 5.x renamed gradient checkpointing to activation checkpointing.
+    known = {f.name for f in fields(TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in known else "gradient"
+    kwargs[f"{prefix}_checkpointing"] = options.gradient_checkpointing
+    kwargs[f"{prefix}_checkpointing_kwargs"] = {"use_reentrant": False}
     kwargs.update(options.training_args)
     try:
         return TrainingArguments(**kwargs)
@@ -435,7 +454,8 @@ def finetune(
     args = _training_arguments(options, run_dir, prepared.eval is not None, progress)
     trainer = _make_trainer_class()(
         model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-        data_collator=PadCollator(pad_token_id(tokenizer)), callbacks=callbacks,
+        data_collator=PadCollator(pad_token_id(tokenizer)),
+        callbacks=[_finite_guard(), *(callbacks or [])],
         routing_stats=stats,
     )
     started = time.perf_counter()
@@ -469,7 +489,7 @@ def finetune(
             break
     if trainer.is_world_process_zero():
         _write_output(checkpoint, output, trainer.accelerator.unwrap_model(trainer.model),
-                      options, data, prepared, metrics, stats)
+                      options, data, prepared, metrics, stats, trainer.state.log_history)
         if not options.keep_checkpoints:
             shutil.rmtree(run_dir, ignore_errors=True)
         metrics["output"] = str(output)
@@ -486,7 +506,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _write_output(checkpoint: Path, output: Path, model: Any, options: FinetuneOptions,
-                  data: Any, prepared: Any, metrics: dict[str, Any], stats: RoutingStats) -> None:
+                  data: Any, prepared: Any, metrics: dict[str, Any], stats: RoutingStats,
+                  log_history: list[dict[str, Any]]) -> None:
     from .model_card import write_model_card
 
     with _staging_dir(output) as staging:
@@ -523,6 +544,7 @@ def _write_output(checkpoint: Path, output: Path, model: Any, options: FinetuneO
             },
             "final_metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
             "expert_load_stats": {k: v for k, v in summary.items() if k != "sites"},
+            "log_history": log_history,
         }
         from . import __version__
 

