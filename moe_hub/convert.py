@@ -24,7 +24,7 @@ import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import save_file
 
-from .checkpoint import ADAPTER_WEIGHTS, code_files, copy_code, dense_weight_files, write_index
+from .checkpoint import ADAPTER_WEIGHTS, copy_code, dense_weight_files, write_index
 from .errors import MoEHubError
 from .modeling import MoELoraConfig, MoELoraForCausalLM
 from .modeling.routing import ROUTERS
@@ -281,33 +281,13 @@ def _dense_config(dense_dir: Path) -> Any:
     return config.get_text_config()
 
 
-def dense_to_checkpoint_names(model: MoELoraForCausalLM) -> dict[str, str]:
-    """Map every dense state-dict name to the MoE-LoRA checkpoint name that holds it."""
-    mapping = {}
-    adapters = set(model.adapter_parameter_names())
-    for name in model.state_dict():
-        if name in adapters:
-            continue
-        dense = model.dense_name(name)
-        if dense is not None:
-            mapping[dense] = name
-    return mapping
-
-
 def _write_base_shards(
     model: MoELoraForCausalLM, weight_files: list[Path], staging: Path,
     dtype: torch.dtype | None, progress: bool,
 ) -> dict[str, str]:
-    mapping = dense_to_checkpoint_names(model)
-    prefix = model.model.base_model_prefix + "."
+    mapping = model.checkpoint_names_by_dense_name()
     headers = [read_header(path)[0] for path in weight_files]  # validate every shard up front
-
-    def rename(name: str) -> str | None:
-        if name in mapping:
-            return mapping[name]
-        return mapping.get(prefix + name)  # checkpoints saved from the bare base model
-
-    found = {rename(n) for h in headers for n in tensor_names(h)} - {None}
+    found = {mapping.get(n) for h in headers for n in tensor_names(h)} - {None}
     missing = sorted(set(mapping.values()) - found - set(model.tied_parameter_names()))
     if missing:
         raise MoEHubError(
@@ -325,7 +305,7 @@ def _write_base_shards(
             # Never "model.safetensors": transformers prefers that name over the index and would
             # not see the adapters.
             name = f"model-{number:05d}-of-{count:05d}.safetensors"
-            sizes = rewrite_shard(src, staging / name, rename, dtype,
+            sizes = rewrite_shard(src, staging / name, mapping.get, dtype,
                                   on_bytes=lambda n: bar.advance(task, n))
             weight_map.update(dict.fromkeys(sizes, name))
     return weight_map
@@ -380,4 +360,4 @@ def _copy_tokenizer_and_generation_config(dense_dir: Path, text_config: Any,
         GenerationConfig.from_model_config(text_config).save_pretrained(staging)
 
 
-__all__ = ["ConvertOptions", "code_files", "convert", "dense_to_checkpoint_names"]
+__all__ = ["ConvertOptions", "convert"]

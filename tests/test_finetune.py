@@ -335,12 +335,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from moe_hub.cli.app import app
+
     ckpt = tiny_checkpoint(tmp_path)
-    done = subprocess.run(
-        [sys.executable, "-m", "moe_hub.cli.app", "finetune", str(ckpt),
-         str(tmp_path / "missing.jsonl"), str(tmp_path / "out"), "--no-progress"],
-        capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1
-    lines = done.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: data file") and "does not exist" in lines[-1]
-    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(app, ["finetune", str(ckpt), str(tmp_path / "missing.jsonl"),
+                                      str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: data file"), result.stderr
+    assert "does not exist" in lines[0] and not (tmp_path / "out").exists()

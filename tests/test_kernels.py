@@ -246,7 +246,6 @@ bf16 = {"a_ptr": "*bf16", "m_ptr": "*bf16", "p_ptr": "*bf16", "r_ptr": "*fp32", 
 blocks = dict(TOP_K=2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=64, BLOCK_T=64, BLOCK_E=16,
               UPCAST=False)
 for fn, out, flags in [
-    (K._dense_expand_kernel, "*bf16", {}),
     (K._grouped_shrink_kernel, "*fp32", {"GATE_GRAD": True}),
     (K._grouped_expand_kernel, "*fp32", {"APPLY_WEIGHT": True}),
     (K._grouped_weight_grad_kernel, "*bf16", {"APPLY_WEIGHT": True}),

@@ -104,11 +104,27 @@ class MoELoraPreTrainedModel(PreTrainedModel):
     _wrapper_components = ("base_layer",)
 
     def dense_name(self, name: str) -> str | None:
-        """The dense model's name for checkpoint tensor ``name`` (None for adapter tensors)."""
+        """The dense model's name for this model's tensor ``name`` (None outside ``self.model``)."""
         if not name.startswith("model."):
             return None
         parts = [p for p in name[len("model."):].split(".") if p not in self._wrapper_components]
         return ".".join(parts)
+
+    def checkpoint_names_by_dense_name(self) -> dict[str, str]:
+        """Every dense checkpoint tensor name -> this model's name for it.
+
+        Also accepts the names of checkpoints saved from the bare base model (``layers.0...``
+        rather than ``model.layers.0...``, as older GPT-2 checkpoints are).
+        """
+        adapters = set(self.adapter_parameter_names())
+        inner_prefix = self.model.base_model_prefix + "."
+        names: dict[str, str] = {}
+        for name in self.state_dict():
+            dense = None if name in adapters else self.dense_name(name)
+            if dense is not None:
+                names[dense] = name
+                names.setdefault(dense.removeprefix(inner_prefix), name)
+        return names
 
     def tied_parameter_names(self) -> list[str]:
         """Names of parameters tied to another one (absent from checkpoints that tie them)."""
@@ -309,14 +325,7 @@ def _dense_key_mapping(cls: type, config: MoELoraConfig, hub: dict[str, Any]) ->
         with safe_open(single, "pt") as f:
             keys = list(f.keys())
     with torch.device("meta"):
-        skeleton = cls(config)
-    inner_prefix = skeleton.model.base_model_prefix + "."
-    ours: dict[str, str] = {}
-    for name in skeleton.state_dict():
-        dense = skeleton.dense_name(name)
-        if dense is not None:
-            ours[dense] = name
-            ours.setdefault(dense.removeprefix(inner_prefix), name)  # saved from the bare model
+        ours = cls(config).checkpoint_names_by_dense_name()
     return {f"^{re.escape(key)}$": ours[key] for key in keys if key in ours}
 
 
