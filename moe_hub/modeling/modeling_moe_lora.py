@@ -163,11 +163,14 @@ class MoELoraPreTrainedModel(PreTrainedModel):
             loading_info.missing_keys = {k for k in loading_info.missing_keys if k not in adapters}
 
     def _begin_routing(self, attention_mask: torch.Tensor | None) -> RoutingContext:
-        token_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
-        return self._routing.begin(token_mask)
+        # Only a 2-D padding mask says which tokens are real; 4-D custom masks route every token.
+        padding = attention_mask is not None and attention_mask.dim() == 2
+        return self._routing.begin(attention_mask.bool() if padding else None)
 
-    def _router_summary(self, ctx: RoutingContext) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple]:
-        """Auxiliary losses over every site's decisions, padding excluded, each site counted once."""
+    def _router_summary(
+        self, ctx: RoutingContext
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple]:
+        """Auxiliary losses over every site's decisions, padding excluded, each site once."""
         outputs = [ctx.outputs[i] for i in sorted(ctx.outputs)]
         if not outputs:
             zero = torch.zeros((), device=self.device)
