@@ -250,9 +250,9 @@ def synchronize(device: torch.device) -> None:
 
 def time_variant(setup: Setup, variant: str, base: str) -> Row:
     args, device = setup.args, setup.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     model = build(setup, variant, base)
+    if device.type == "cuda":  # after the build: the moe-hub rows are initialised in fp32
+        torch.cuda.reset_peak_memory_stats(device)
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -652,7 +652,8 @@ def triton_moe_lora_delta(
     fp32/fp16/bf16 inputs; any strides.
     """
     _check_inputs(x, lora_A, lora_B, indices, weights)
-    if x.shape[0] == 0:
-        return x.new_zeros((0, lora_B.shape[2])) + 0 * lora_B.sum() + 0 * weights.sum()
+    if x.shape[0] == 0:  # no launch with an empty grid; keep every input in the graph
+        empty = x.new_zeros((0, lora_B.shape[2]))
+        return empty + 0 * (x.sum() + lora_A.sum() + lora_B.sum() + weights.sum()).to(x.dtype)
     y, _, _ = _forward_op(x, lora_A, lora_B, indices, weights, float(scale))
     return y

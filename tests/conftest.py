@@ -12,6 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton reads TRITON_INTERPRET when a kernel module is first imported, and any test file may be
+# the first to import the model code: set it for the whole session so the kernel tests run
+# in-process on the CPU. Models still use the torch path unless MOE_HUB_TRITON_ON_CPU=1.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
