@@ -12,6 +12,7 @@ With ``completion_only`` the loss covers only completions / assistant turns (lab
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ def load_rows(data: str | os.PathLike, split: str = "train") -> Any:
     local = suffix in _LOCAL_BUILDERS or path.exists() or text.startswith((".", "/", "~"))
     try:
         if local:
+            if path.is_dir():
+                raise MoEHubError(f"data {path} is a directory: pass one .jsonl, .json, .csv or "
+                                  f".parquet file")
             if not path.is_file():
                 raise MoEHubError(f"data file {path} does not exist: pass an existing .jsonl, "
                                   f".json, .csv or .parquet file or a Hub dataset id")
@@ -221,6 +225,10 @@ def _tokenize_all(rows: Any, tokenizer: Any, completion_only: bool, max_length: 
     if not examples:
         raise MoEHubError(f"no row of {name} has a trained token within max_length={max_length}: "
                           f"raise max_length")
+    if len(examples) < len(rows):
+        logging.getLogger(__name__).warning(
+            "%d of %d rows of %s lose every trained token to max_length=%d and are skipped",
+            len(rows) - len(examples), len(rows), name, max_length)
     return datasets.Dataset.from_list(examples), fmt, truncated, len(rows)
 
 

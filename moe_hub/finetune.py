@@ -15,7 +15,6 @@ interrupted or diverged run can be resumed.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -150,21 +149,31 @@ class NonFiniteLoss(RuntimeError):
         self.step = step
 
 
-def _finite_guard() -> Any:
+def _finite_guard(trainer: Any) -> Any:
     from transformers import TrainerCallback
 
-    class FiniteGradients(TrainerCallback):
-        """Stops before the optimizer applies a non-finite gradient. A NaN weight does not always
-        make the loss NaN (attention can mask it out), but its gradient spreads it everywhere."""
+    class FiniteGuard(TrainerCallback):
+        """Stops before the optimizer applies a non-finite loss or gradient. A NaN weight does
+        not always make the loss NaN (attention can mask it out), but its gradient is NaN."""
 
         def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None,
                                   **kwargs: Any) -> None:
+            losses, trainer._step_losses = trainer._step_losses, []
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            checks = [torch.stack(torch._foreach_norm(grads)).sum()] if grads else []
+            checks += [loss.float() for loss in losses]
+            # One device sync per step, not one per tensor.
+            if checks and bool(torch.isfinite(torch.stack(checks)).all()):
+                return
+            step = state.global_step + 1
+            for loss in losses:
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(step, f"the loss is {float(loss)}")
             for name, param in model.named_parameters():
                 if param.grad is not None and not torch.isfinite(param.grad).all():
-                    raise NonFiniteLoss(state.global_step + 1,
-                                        f"the gradient of {name} is not finite")
+                    raise NonFiniteLoss(step, f"the gradient of {name} is not finite")
 
-    return FiniteGradients()
+    return FiniteGuard()
 
 
 def quantization_config(options: FinetuneOptions) -> Any:
@@ -196,6 +205,9 @@ def load_for_training(checkpoint: str | os.PathLike, options: FinetuneOptions) -
             raise MoEHubError(f"--quantize {options.quantize} needs bitsandbytes: pip install "
                               f"bitsandbytes, or pass --quantize none") from None
         kwargs["quantization_config"] = quant
+        if torch.cuda.is_available():
+            # Trainer does not move bitsandbytes models: load each process's copy on its GPU.
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     model = MoELoraForCausalLM.from_pretrained(checkpoint, **kwargs)
     if options.aux_loss_coef is not None:
         model.config.router_aux_loss_coef = float(options.aux_loss_coef)
@@ -258,8 +270,10 @@ def _make_trainer_class() -> type:
             finally:
                 model._hf_peft_config_loaded = flag
             self.routing_stats = routing_stats
-            self._aux_sums: dict[str, float] = {}
+            self._aux_sums: dict[str, torch.Tensor] = {}
             self._aux_count = 0
+            self._step_losses: list[torch.Tensor] = []
+            self.add_callback(_finite_guard(self))
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
@@ -267,7 +281,8 @@ def _make_trainer_class() -> type:
                                                  num_items_in_batch=num_items_in_batch)
             if model.training:
                 for name, value in (outputs.get("aux_losses") or {}).items():
-                    self._aux_sums[name] = self._aux_sums.get(name, 0.0) + float(value.detach())
+                    value = value.detach().float()
+                    self._aux_sums[name] = self._aux_sums.get(name, 0.0) + value
                 self._aux_count += 1
                 self.routing_stats.add(outputs.get("expert_counts"))
             return (loss, outputs) if return_outputs else loss
@@ -275,16 +290,13 @@ def _make_trainer_class() -> type:
         def training_step(self, model: Any, inputs: dict[str, Any],
                           num_items_in_batch: Any = None) -> torch.Tensor:
             loss = super().training_step(model, inputs, num_items_in_batch)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                # Raised before optimizer.step(): the weights and saved checkpoints stay good.
-                raise NonFiniteLoss(self.state.global_step + 1, f"the loss is {value}")
+            self._step_losses.append(loss.detach())  # checked by the guard before the update
             return loss
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if "loss" in logs and self._aux_count:
                 for name, total in self._aux_sums.items():
-                    logs[f"router_{name}"] = round(total / self._aux_count, 6)
+                    logs[f"router_{name}"] = round(float(total) / self._aux_count, 6)
                 self._aux_sums, self._aux_count = {}, 0
             super().log(logs, start_time)
 
@@ -427,8 +439,9 @@ def finetune(
         finetune("smol-moe", "default", "smol-moe-ft", quantize="nf4", max_steps=100)
     """
     if config_file is not None:
-        base = asdict(options) if options else {}
-        options = FinetuneOptions.from_file(config_file, **{**base, **option_overrides})
+        if options is not None:
+            raise MoEHubError("pass either options or config_file, not both")
+        options = FinetuneOptions.from_file(config_file, **option_overrides)
     elif option_overrides or options is None:
         options = FinetuneOptions.from_dict({**(asdict(options) if options else {}),
                                              **option_overrides})
@@ -455,7 +468,7 @@ def finetune(
     trainer = _make_trainer_class()(
         model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
         data_collator=PadCollator(pad_token_id(tokenizer)),
-        callbacks=[_finite_guard(), *(callbacks or [])],
+        callbacks=callbacks,
         routing_stats=stats,
     )
     started = time.perf_counter()
@@ -470,7 +483,10 @@ def finetune(
         raise MoEHubError(f"training stopped: {err}; {output} was not written and {kept}") from None
     metrics: dict[str, Any] = dict(result.metrics)
     if prepared.eval is not None:
-        metrics.update(trainer.evaluate())
+        final_eval = [e for e in trainer.state.log_history
+                      if "eval_loss" in e and e.get("step") == trainer.state.global_step]
+        metrics.update({k: v for k, v in final_eval[-1].items() if k.startswith("eval_")}
+                       if final_eval else trainer.evaluate())
     stats.all_reduce()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics.update({
@@ -479,6 +495,7 @@ def finetune(
         "final_loss": losses[-1] if losses else None,
         "train_rows": prepared.rows,
         "train_examples": len(prepared.train),
+        "train_tokens": prepared.tokens,
         "truncated_rows": prepared.truncated,
         "wall_seconds": round(time.perf_counter() - started, 3),
     })

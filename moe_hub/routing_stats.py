@@ -24,26 +24,39 @@ class RoutingStats:
     def __init__(self, site_names: list[str], num_experts: int) -> None:
         self.site_names = list(site_names)
         self.num_experts = num_experts
-        self.counts = torch.zeros(len(site_names), num_experts, dtype=torch.float64)
+        self._counts = torch.zeros(len(site_names), num_experts, dtype=torch.float64)
+        # Summed where the model runs: copying to the CPU at every step would stall a GPU.
+        self._pending: torch.Tensor | None = None
 
     def add(self, counts: torch.Tensor | None) -> None:
         if counts is None or counts.numel() == 0:
             return
-        self.counts += counts.detach().to("cpu", torch.float64)
+        counts = counts.detach().to(torch.float64)
+        self._pending = counts if self._pending is None else self._pending + counts
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """[sites, experts] routed slots so far."""
+        if self._pending is not None:
+            self._counts = self._counts + self._pending.cpu()
+            self._pending = None
+        return self._counts
 
     def all_reduce(self) -> None:
         """Sum the counts of every process of a distributed run (no-op otherwise)."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            counts = self.counts.clone()
+            # gloo reduces CPU tensors, nccl device tensors: reduce where the pending sum lives.
+            device = self._pending.device if self._pending is not None else "cpu"
+            counts = self.counts.to(device)
             dist.all_reduce(counts)
-            self.counts = counts
+            self._counts = counts.cpu()
 
     def loads(self) -> torch.Tensor:
         """Fraction of each site's routed slots given to each expert ([sites, experts])."""
-        totals = self.counts.sum(dim=1, keepdim=True).clamp_min(1.0)
-        return self.counts / totals
+        counts = self.counts
+        return counts / counts.sum(dim=1, keepdim=True).clamp_min(1.0)
 
     def summary(self) -> dict[str, Any]:
         """Per-site and overall load figures. ``balance`` is the normalised entropy of the load

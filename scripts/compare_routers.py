@@ -34,7 +34,7 @@ ROUTER_OPTIONS = {
     "hypermoe": {"embed_dim": 32, "hyper_rank": 4},
     "graphmoe": {"steps": 2, "message_size": 16},
 }
-METHODS = ["lora", *ROUTER_OPTIONS]
+METHODS = ["base", "lora", *ROUTER_OPTIONS]
 
 
 def moe_adapter_count(text_config: Any, router: str, rank: int, args: argparse.Namespace) -> int:
@@ -77,6 +77,7 @@ def matched_ranks(text_config: Any, args: argparse.Namespace) -> dict[str, tuple
         best = max(1, round((budget - one) / (two - one)) + 1)
         ranks[router] = (best, moe_adapter_count(text_config, router, best, args))
     ranks["lora"] = lora_rank_for(text_config, budget)
+    ranks["base"] = (0, 0)
     return ranks
 
 
@@ -111,12 +112,8 @@ def evaluate(model: Any, dataset: Any, collator: Any, batch_size: int) -> dict[s
     return result
 
 
-def train_lora(gguf: Path, rank: int, prepared: Any, collator: Any, args: argparse.Namespace,
-               out: Path) -> Any:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
-
-    from moe_hub.modeling.moe_lora_layer import find_target_linears
+def load_dense(gguf: Path) -> Any:
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                  dtype=torch.float32)
@@ -125,14 +122,26 @@ def train_lora(gguf: Path, rank: int, prepared: Any, collator: Any, args: argpar
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    return model
+
+
+def train_lora(gguf: Path, rank: int, prepared: Any, collator: Any, args: argparse.Namespace,
+               out: Path) -> Any:
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from moe_hub.modeling.moe_lora_layer import find_target_linears
+
+    model = load_dense(gguf)
     targets = sorted({name.rsplit(".", 1)[-1] for name, _ in find_target_linears(model, None)})
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05,
                                              target_modules=targets, task_type="CAUSAL_LM"))
     training = TrainingArguments(
-        output_dir=str(out / "lora-run"), max_steps=args.steps, per_device_train_batch_size=
-        args.batch_size, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.03,
-        seed=args.seed, data_seed=args.seed, logging_steps=max(1, args.steps // 10), save_strategy="no",
-        report_to="none", use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
+        output_dir=str(out / "lora-run"), max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
+        lr_scheduler_type="cosine", warmup_steps=0.03, seed=args.seed, data_seed=args.seed,
+        logging_steps=max(1, args.steps // 10), save_strategy="no", report_to="none",
+        use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
     )
     Trainer(model=model, args=training, train_dataset=prepared.train,
             data_collator=collator).train()
@@ -164,7 +173,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rank, params = ranks[method]
         started = time.perf_counter()
         torch.manual_seed(args.seed)
-        if method == "lora":
+        if method == "base":  # the untrained dense model, for reference
+            model = load_dense(gguf)
+        elif method == "lora":
             model = train_lora(gguf, rank, prepared, collator, args, out)
         else:
             checkpoint = convert(gguf, out / f"{method}-init", router=method,
@@ -176,7 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      max_length=args.max_length, eval_split=args.eval_split, overwrite=True,
                      progress=False)
-            model = MoELoraForCausalLM.from_pretrained(trained)
+            model = MoELoraForCausalLM.from_pretrained(trained, dtype=torch.float32)
         metrics = evaluate(model, eval_set, collator, args.batch_size)
         metrics.update(rank=rank, trainable_params=params,
                        seconds=round(time.perf_counter() - started, 1))

@@ -76,7 +76,7 @@ def trained(tmp_path_factory):
     ckpt = tiny_checkpoint(root)
     snaps = Snapshots()
     metrics = finetune(ckpt, write_data(root / "d.jsonl"), root / "out", max_steps=10,
-                       save_steps=5, callbacks=[snaps], **FAST)
+                       save_steps=5, eval_split=0.25, eval_steps=5, callbacks=[snaps], **FAST)
     return ckpt, root / "out", metrics, snaps
 
 
@@ -91,6 +91,9 @@ def test_loss_decreases_and_router_losses_are_logged(trained):
     assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
     assert 0.5 < metrics["router_load_balance"] < 4.0  # E * sum f_i P_i: 1 when balanced
     assert record["final_metrics"]["final_loss"] == metrics["final_loss"]
+    evals = [e["eval_loss"] for e in record["log_history"] if "eval_loss" in e]
+    assert len(evals) >= 2 and evals[-1] < evals[0]  # 4 held-out rows, evaluated every 5 steps
+    assert metrics["train_examples"] == 12 and metrics["eval_loss"] == evals[-1]
 
 
 def test_only_adapter_parameters_change(trained):
@@ -151,6 +154,21 @@ def test_training_record_stats_heatmap_and_card(trained):
     assert set(load_file(out / "moe_adapters.safetensors")) <= set(index)
     config = json.loads((out / "config.json").read_text())
     assert config["output_router_logits"] is False and config["model_type"] == "moe_lora"
+
+
+def test_config_file_passes_trainer_fields_through(tmp_path):
+    from moe_hub.finetune import _training_arguments
+
+    path = tmp_path / "ft.yaml"
+    path.write_text("quantize: fp4\nlr: 0.001\nmax_grad_norm: 0.25\noptim: adamw_torch\n")
+    options = FinetuneOptions.from_file(path, lr=0.002)
+    assert options.quantize == "fp4" and options.lr == 0.002
+    assert options.training_args == {"max_grad_norm": 0.25, "optim": "adamw_torch"}
+    args = _training_arguments(options, tmp_path / "run", has_eval=False, progress=False)
+    assert args.max_grad_norm == 0.25 and args.learning_rate == 0.002
+    path.write_text("learning_rat: 0.1\n")
+    with pytest.raises(MoEHubError, match="unknown option 'learning_rat'"):
+        FinetuneOptions.from_file(path)
 
 
 def test_quantized_loading_touches_base_linears_only(tmp_path):
@@ -226,7 +244,8 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         finetune(ckpt, data, tmp_path / "resumed", callbacks=[Interrupt(3)], **common)
     assert not (tmp_path / "resumed").exists()
-    assert (tmp_path / "resumed.checkpoints" / "checkpoint-3" / "moe_adapters.safetensors").is_file()
+    saved = tmp_path / "resumed.checkpoints" / "checkpoint-3"
+    assert (saved / "moe_adapters.safetensors").is_file()
     with pytest.raises(MoEHubError, match="pass --resume"):
         finetune(ckpt, data, tmp_path / "resumed", **common)
     metrics = finetune(ckpt, data, tmp_path / "resumed", resume=True, **common)
@@ -335,9 +354,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
-    from typer.testing import CliRunner
-
     from moe_hub.cli.app import app
+    from typer.testing import CliRunner
 
     ckpt = tiny_checkpoint(tmp_path)
     result = CliRunner().invoke(app, ["finetune", str(ckpt), str(tmp_path / "missing.jsonl"),
@@ -346,3 +364,19 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: data file"), result.stderr
     assert "does not exist" in lines[0] and not (tmp_path / "out").exists()
+
+
+def test_routing_stats_measure_balance_and_sum_over_forwards(tmp_path):
+    from moe_hub.routing_stats import RoutingStats
+
+    stats = RoutingStats(["even", "collapsed"], 4)
+    stats.add(torch.tensor([[5, 5, 5, 5], [0, 20, 0, 0]]))
+    stats.add(torch.tensor([[1, 1, 1, 1], [0, 4, 0, 0]]))
+    summary = stats.summary()
+    even, collapsed = summary["sites"]
+    assert even["routed"] == 24 and even["load"] == [0.25] * 4 and even["balance"] == 1.0
+    assert collapsed["balance"] == 0.0 and collapsed["max_load"] == 1.0
+    assert summary["overall_load"] == [0.125, 0.625, 0.125, 0.125]
+    json_path, png = stats.write(tmp_path)
+    assert json.loads(json_path.read_text()) == summary
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -90,9 +91,12 @@ def trained_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict:
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         model.train()
         torch.manual_seed(0)
-        for _ in range(3):
+        got_grad = set()
+        for _ in range(2):
             loss = model(tokens, labels=tokens, output_router_logits=True).loss
             loss.backward()
+            got_grad |= {n for n, p in model.named_parameters()
+                         if p.grad is not None and p.grad.abs().sum() > 0}
             optimizer.step()
             optimizer.zero_grad()
         model.eval()
@@ -107,7 +111,8 @@ def trained_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict:
         model.save_pretrained(saved)
         torch.save({"ids": tokens, "logits": trained_logits}, saved / "expected.pt")
         results[(router, granularity)] = dict(
-            init_err=init_err, adapters=adapters, changed=changed, dense_names=dense_names,
+            init_err=init_err, adapters=adapters, changed=changed, got_grad=got_grad,
+            dense_names=dense_names,
             dense_keys=set(dense_state), dense_equal=dense_equal, saved=saved,
             trained_err=rel_err(trained_logits, dense_logits),
         )
@@ -124,7 +129,12 @@ def test_converted_router_starts_as_dense_and_trains_only_adapters(
     # Every non-adapter tensor is a dense weight under its dense name, and stays bit-identical.
     assert set(result["dense_names"].values()) == result["dense_keys"]
     assert result["dense_equal"]
-    assert result["changed"] == result["adapters"], result["adapters"] - result["changed"]
+    assert result["got_grad"] <= result["changed"] <= result["adapters"]
+    # Every kind of adapter tensor trained somewhere (an expert that no token chose in these two
+    # steps may keep its A: with B = 0 at the start, A only gets gradient once B has moved).
+    def kinds(names: set[str]) -> set[str]:
+        return {re.sub(r"\.\d+\.", ".N.", name) for name in names}
+    assert kinds(result["changed"]) == kinds(result["adapters"])
     assert result["trained_err"] > 1e-3  # training moved the model away from the base
 
 
@@ -220,10 +230,9 @@ def test_state_resets_every_forward_and_kv_cache_generation_matches(router: str)
         model = perturb(build(router, granularity)).eval()
         first, second = ids(1, 7, seed=10), ids(1, 7, seed=11)
         with torch.no_grad():
+            alone = model(second).logits
             model(first)
-            after_other = model(second).logits
-            fresh = perturb(build(router, granularity)).eval()(second).logits
-            assert torch.equal(after_other, fresh)
+            assert torch.equal(model(second).logits, alone)  # nothing carried over from `first`
             cached = model.generate(first, max_new_tokens=4, do_sample=False, use_cache=True)
             uncached = model.generate(first, max_new_tokens=4, do_sample=False, use_cache=False)
         assert cached.tolist() == uncached.tolist()

@@ -85,8 +85,9 @@ class RecurrentRouter(Router):
 
     def previous_state(self, ctx: RoutingContext, like: torch.Tensor) -> torch.Tensor:
         """h of the nearest earlier site of this chain in this forward, or h_0 = 0."""
-        earlier = [key[2] for key in ctx.state
-                   if key[:2] == (self.name, self.site.kind) and key[2] < self.site.index]
+        chain = (self.name, self.site.kind)
+        earlier = [key[2] for key in ctx.state if isinstance(key, tuple) and len(key) == 3
+                   and key[:2] == chain and key[2] < self.site.index]
         if not self.recurrent or not earlier:
             return torch.zeros_like(like)
         state = ctx.state[self.state_key(max(earlier))]
