@@ -11,7 +11,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -108,3 +112,29 @@ def write_index(directory: Path, weight_map: dict[str, str]) -> None:
     total = sum((directory / name).stat().st_size for name in set(weight_map.values()))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+@contextmanager
+def staging_dir(out: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out`` (same filesystem, so the final rename is atomic), removed
+    on any error, interrupt included."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(staging: Path, out: Path, overwrite: bool) -> None:
+    """Move a finished ``staging`` directory to ``out``, replacing an old ``out`` only when
+    ``overwrite`` (the old one is renamed aside first, so ``out`` is never half-written)."""
+    if out.exists():
+        if not overwrite:
+            raise MoEHubError(f"{out} appeared while writing it: pass --overwrite to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)

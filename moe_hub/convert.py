@@ -9,11 +9,9 @@ an interrupt leaves no OUT behind.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -24,10 +22,18 @@ import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import save_file
 
-from .checkpoint import ADAPTER_WEIGHTS, copy_code, dense_weight_files, write_index
+from .checkpoint import (
+    ADAPTER_WEIGHTS,
+    copy_code,
+    dense_weight_files,
+    publish,
+    staging_dir,
+    write_index,
+)
 from .errors import MoEHubError
 from .modeling import MoELoraConfig, MoELoraForCausalLM
 from .modeling.routing import ROUTERS
+from .options_file import read_options_file
 from .safetensors_io import read_header, rewrite_shard, tensor_names
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,18 +72,7 @@ class ConvertOptions:
     def from_file(cls, path: str | Path, **overrides: Any) -> ConvertOptions:
         """Options from a YAML or JSON file; ``overrides`` (e.g. CLI flags) win."""
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise MoEHubError(f"cannot read config file {path}: {err.strerror}") from None
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise MoEHubError(f"{path} must hold a mapping of option names to values")
+        data = read_options_file(path)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -138,7 +133,7 @@ def convert(
     out = Path(out)
     if out.exists() and not options.overwrite:
         raise MoEHubError(f"{out} already exists: pass --overwrite to replace it")
-    with _staging_dir(out) as staging, _resolve_base(base, options, staging) as resolved:
+    with staging_dir(out) as staging, _resolve_base(base, options, staging) as resolved:
         dense_dir, origin, revision = resolved
         text_config = _dense_config(dense_dir)
         config = options.model_config(text_config, origin, revision)
@@ -164,32 +159,8 @@ def convert(
         from .model_card import write_model_card
 
         write_model_card(staging)
-        _publish(staging, out, options.overwrite)
+        publish(staging, out, options.overwrite)
     return out
-
-
-@contextmanager
-def _staging_dir(out: Path) -> Iterator[Path]:
-    """A temporary sibling of ``out`` (same filesystem, so the final rename is atomic), removed
-    on any error, interrupt included."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _publish(staging: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not overwrite:
-            raise MoEHubError(f"{out} appeared while converting: pass --overwrite to replace it")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out)
 
 
 @contextmanager

@@ -25,10 +25,18 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import ADAPTER_WEIGHTS, INDEX_FILE, copy_code, require_checkpoint, write_index
-from .convert import _publish, _staging_dir
+from .checkpoint import (
+    ADAPTER_WEIGHTS,
+    INDEX_FILE,
+    copy_code,
+    publish,
+    require_checkpoint,
+    staging_dir,
+    write_index,
+)
 from .data import PadCollator, model_max_length, pad_token_id, prepare_data
 from .errors import MoEHubError
+from .options_file import read_options_file
 from .routing_stats import HEATMAP_FILE, STATS_FILE, RoutingStats
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
@@ -86,18 +94,7 @@ class FinetuneOptions:
         """Options from a YAML or JSON file; unknown keys that are TrainingArguments fields go to
         ``training_args``; ``overrides`` (e.g. CLI flags) win."""
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise MoEHubError(f"cannot read config file {path}: {err.strerror}") from None
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise MoEHubError(f"{path} must hold a mapping of option names to values")
+        data = read_options_file(path)
         return cls.from_dict({**data, **overrides}, source=str(path))
 
     @classmethod
@@ -527,7 +524,7 @@ def _write_output(checkpoint: Path, output: Path, model: Any, options: FinetuneO
                   log_history: list[dict[str, Any]]) -> None:
     from .model_card import write_model_card
 
-    with _staging_dir(output) as staging:
+    with staging_dir(output) as staging:
         for src in sorted(checkpoint.iterdir()):
             if src.name in _REGENERATED or src.name.startswith(".") or src.suffix == ".py":
                 continue
@@ -568,7 +565,7 @@ def _write_output(checkpoint: Path, output: Path, model: Any, options: FinetuneO
         record["moe_hub_version"] = __version__
         (staging / TRAINING_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
         write_model_card(staging, repo_id=output.name)
-        _publish(staging, output, options.overwrite)
+        publish(staging, output, options.overwrite)
 
 
 def _print_summary(metrics: dict[str, Any], output: Path, progress: bool) -> None:

@@ -46,14 +46,15 @@ class RoutingHolder:
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an ``nn.Linear``, a GPT-2 ``Conv1D`` or a bitsandbytes linear."""
+    """(in_features, out_features) of an ``nn.Linear``, GPT-2's ``Conv1D`` or a bitsandbytes
+    linear."""
     if Conv1D and isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
     return module.in_features, module.out_features
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or bool(Conv1D) and isinstance(module, Conv1D)
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
 
 
 class MoELoraLinear(nn.Module):
@@ -71,12 +72,13 @@ class MoELoraLinear(nn.Module):
         experts, rank = config.num_experts, config.lora_rank
         self.lora_A = nn.Parameter(torch.empty(experts, site.in_features, rank))
         self.lora_B = nn.Parameter(torch.empty(experts, rank, site.out_features))
-        self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
+        dropout = config.lora_dropout
+        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.router = ROUTERS[config.router](site, config)
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
-        """LoRA init: A ~ kaiming-uniform(a=sqrt(5)) over d_in, B = 0 (the layer starts as the base)."""
+        """LoRA init: A ~ kaiming-uniform(a=sqrt(5)) over d_in, B = 0 (starts as the base)."""
         bound = 1.0 / math.sqrt(self.site.in_features)
         nn.init.uniform_(self.lora_A, -bound, bound)
         nn.init.zeros_(self.lora_B)
@@ -99,7 +101,8 @@ class MoELoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         experts, d_in, rank = self.lora_A.shape
-        return f"site={self.site.index}, experts={experts}, rank={rank}, d_in={d_in}, d_out={self.site.out_features}"
+        return (f"site={self.site.index}, experts={experts}, rank={rank}, d_in={d_in}, "
+                f"d_out={self.site.out_features}")
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
