@@ -1,4 +1,4 @@
-"""`moe-hub finetune CHECKPOINT DATA OUT`."""
+"""`moe-hub finetune CKPT --data DATA --output OUT`."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import typer
 
 def finetune_command(
     checkpoint: Annotated[Path, typer.Argument(help="A moe-hub checkpoint directory")],
-    data: Annotated[str, typer.Argument(
-        help="Training data: .jsonl/.json/.csv/.parquet file, Hub dataset id, or 'default'")],
-    out: Annotated[Path, typer.Argument(help="Directory to write the fine-tuned checkpoint to")],
+    out: Annotated[Path, typer.Option(
+        "--output", "-o", help="Directory to write the fine-tuned checkpoint to")],
+    data: Annotated[str, typer.Option(
+        help="Training data: .jsonl/.json/.csv/.parquet file, Hub dataset id, or 'default' (the "
+             "shipped multi-task chat set)")] = "default",
     quantize: Annotated[str | None, typer.Option(help="nf4, fp4, int8 or none [nf4]")] = None,
     double_quant: Annotated[bool | None, typer.Option(
         help="Quantize the 4-bit quantization constants too [on]")] = None,

@@ -358,7 +358,8 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     from typer.testing import CliRunner
 
     ckpt = tiny_checkpoint(tmp_path)
-    result = CliRunner().invoke(app, ["finetune", str(ckpt), str(tmp_path / "missing.jsonl"),
+    result = CliRunner().invoke(app, ["finetune", str(ckpt), "--data",
+                                      str(tmp_path / "missing.jsonl"), "--output",
                                       str(tmp_path / "out"), "--no-progress"])
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
