@@ -112,27 +112,36 @@ def evaluate(model: Any, dataset: Any, collator: Any, batch_size: int) -> dict[s
     return result
 
 
-def load_dense(gguf: Path) -> Any:
+def load_dense(dense: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
-    # GGUF weights load dequantized; drop the GGUF marker so Trainer accepts the model.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model
+    return AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
 
 
-def train_lora(gguf: Path, rank: int, prepared: Any, collator: Any, args: argparse.Namespace,
+def dequantize_once(gguf: Path, target: Path) -> Path:
+    """Read the GGUF once (the slow part) into a safetensors directory every method starts from."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (target / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        # GGUF weights load dequantized; drop the GGUF marker so the model can be saved.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(target)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(target)
+    return target
+
+
+def train_lora(dense: Path, rank: int, prepared: Any, collator: Any, args: argparse.Namespace,
                out: Path) -> Any:
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
     from moe_hub.modeling.moe_lora_layer import find_target_linears
 
-    model = load_dense(gguf)
+    model = load_dense(dense)
     targets = sorted({name.rsplit(".", 1)[-1] for name, _ in find_target_linears(model, None)})
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05,
                                              target_modules=targets, task_type="CAUSAL_LM"))
@@ -159,9 +168,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gguf = default_model_path()
-    text_config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).get_text_config()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    dense = dequantize_once(default_model_path(), out / "dense")
+    text_config = AutoConfig.from_pretrained(dense).get_text_config()
+    tokenizer = AutoTokenizer.from_pretrained(dense)
     data = args.data or str(default_dataset_path())
     prepared = prepare_data(data, tokenizer, max_length=args.max_length, eval_split=args.eval_split,
                             seed=args.seed)
@@ -174,11 +183,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         torch.manual_seed(args.seed)
         if method == "base":  # the untrained dense model, for reference
-            model = load_dense(gguf)
+            model = load_dense(dense)
         elif method == "lora":
-            model = train_lora(gguf, rank, prepared, collator, args, out)
+            model = train_lora(dense, rank, prepared, collator, args, out)
         else:
-            checkpoint = convert(gguf, out / f"{method}-init", router=method,
+            checkpoint = convert(dense, out / f"{method}-init", router=method,
                                  router_config=ROUTER_OPTIONS[method], experts=args.experts,
                                  top_k=args.top_k, rank=rank, granularity=args.granularity,
                                  seed=args.seed, overwrite=True, progress=False)
