@@ -10,7 +10,6 @@ shard size. The safetensors library has no streaming writer, hence this module; 
 from __future__ import annotations
 
 import json
-import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -138,6 +137,4 @@ def rewrite_shard(
                 fout.write(tensor.to(DTYPES[code]).view(torch.uint8).numpy().tobytes())
                 if on_bytes:
                     on_bytes(stop - start)
-        fout.flush()
-        os.fsync(fout.fileno())
     return sizes
