@@ -210,20 +210,38 @@ class MoELoraPreTrainedModel(PreTrainedModel):
                 total = total + value
         return total
 
-    def gradient_checkpointing_enable(
-        self, gradient_checkpointing_kwargs: dict | None = None, **options: Any
-    ) -> None:
-        # Reentrant checkpointing gives the cross-layer routing state no gradient (the "detached
-        # state" ablation of RMoE): only the non-reentrant form is correct here. ``options``
-        # (every_n_layers, offload) come from Trainer through activation_checkpointing_enable.
-        kwargs = dict(gradient_checkpointing_kwargs or {})
-        if kwargs.get("use_reentrant", False):
-            raise ValueError(
-                "MoE-LoRA models need non-reentrant gradient checkpointing: pass "
-                "gradient_checkpointing_kwargs={'use_reentrant': False}"
+    # Reentrant checkpointing gives the cross-layer routing state no gradient (the "detached
+    # state" ablation of RMoE): only the non-reentrant form is allowed. transformers >= 5.2x
+    # routes everything through activation_checkpointing_enable; older 5.x through
+    # gradient_checkpointing_enable.
+    if hasattr(PreTrainedModel, "activation_checkpointing_enable"):
+
+        def activation_checkpointing_enable(
+            self, activation_checkpointing_kwargs: dict | None = None, **options: Any
+        ) -> None:
+            super().activation_checkpointing_enable(
+                _non_reentrant(activation_checkpointing_kwargs), **options
             )
-        kwargs["use_reentrant"] = False
-        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
+
+    else:
+
+        def gradient_checkpointing_enable(
+            self, gradient_checkpointing_kwargs: dict | None = None, **options: Any
+        ) -> None:
+            super().gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=_non_reentrant(gradient_checkpointing_kwargs),
+                **options,
+            )
+
+
+def _non_reentrant(kwargs: dict | None) -> dict:
+    kwargs = dict(kwargs or {})
+    if kwargs.get("use_reentrant", False):
+        raise ValueError(
+            "MoE-LoRA models need non-reentrant gradient checkpointing: pass "
+            "gradient_checkpointing_kwargs={'use_reentrant': False}"
+        )
+    return {**kwargs, "use_reentrant": False}
 
 
 class MoELoraModel(MoELoraPreTrainedModel):
