@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from typer.testing import CliRunner
-
 from moe_hub.cli.app import app
+from typer.testing import CliRunner
 
 
 def test_convert_then_info(tmp_path: Path, tiny_dense: Path) -> None:
