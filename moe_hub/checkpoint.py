@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -49,24 +50,44 @@ def copy_code(target: Path) -> None:
         shutil.copyfile(path, target / path.name)
 
 
-def is_checkpoint(path: Path) -> bool:
+CONFIG_FILE = "config.json"
+MODEL_TYPE = "moe_lora"
+
+
+class NotACheckpointError(MoEHubError, ValueError):
+    """The directory is not a moe-hub checkpoint."""
+
+
+def read_checkpoint_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict; raises NotACheckpointError naming the fix."""
+    path = Path(checkpoint_dir)
+    config_path = path / CONFIG_FILE
+    if not path.is_dir():
+        raise NotACheckpointError(f"{path} is not a directory; pass a moe-hub checkpoint folder")
+    if not config_path.is_file():
+        raise NotACheckpointError(
+            f"{path} has no config.json, so it is not a moe-hub checkpoint; "
+            f"create one with `moe-hub convert BASE {path}`"
+        )
     try:
-        return json.loads((path / "config.json").read_text()).get("model_type") == "moe_lora"
-    except (OSError, ValueError):
-        return False
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise NotACheckpointError(
+            f"{config_path} is not valid JSON ({err}); re-run convert"
+        ) from err
+    if config.get("model_type") != MODEL_TYPE:
+        raise NotACheckpointError(
+            f"{path} is not a moe-hub checkpoint (config.json model_type is "
+            f"{config.get('model_type')!r}, expected {MODEL_TYPE!r}); convert it first with "
+            f"`moe-hub convert {path} OUT`"
+        )
+    return config
 
 
 def require_checkpoint(path: str | Path) -> Path:
-    """``path`` as a Path, or MoEHubError when it is not a moe-hub checkpoint directory."""
-    path = Path(path)
-    if not path.is_dir():
-        raise MoEHubError(f"{path} is not a directory: pass a moe-hub checkpoint directory")
-    if not is_checkpoint(path):
-        raise MoEHubError(
-            f"{path} is not a moe-hub checkpoint (no config.json with model_type 'moe_lora'): "
-            f"create one with `moe-hub convert BASE {path}`"
-        )
-    return path
+    """``path`` as a Path, or NotACheckpointError when it is not a moe-hub checkpoint."""
+    read_checkpoint_config(path)
+    return Path(path)
 
 
 def dense_weight_files(dense_dir: Path, allow_pickle: bool, scratch: Path) -> list[Path]:

@@ -16,15 +16,9 @@ import os
 import re
 from pathlib import Path
 
-from .checkpoint import ADAPTER_WEIGHTS, INDEX_FILE
+from .checkpoint import ADAPTER_WEIGHTS, CONFIG_FILE, INDEX_FILE, read_checkpoint_config
 from .errors import MoEHubError
-from .model_card import (
-    CONFIG_FILE,
-    README_FILE,
-    looks_like_hub_id,
-    read_checkpoint_config,
-    render_model_card,
-)
+from .model_card import README_FILE, looks_like_hub_id, render_model_card
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 # Trainer's resume states (optimizer, scheduler, RNG): large and not part of the model.

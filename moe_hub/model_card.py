@@ -23,47 +23,17 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from .errors import MoEHubError
+from .checkpoint import read_checkpoint_config
 
-CONFIG_FILE = "config.json"
 TRAINING_FILE = "moe_hub_training.json"
 HEATMAP_FILE = "routing_heatmap.png"
 README_FILE = "README.md"
 TEMPLATE_NAME = "moe_lora.md.jinja"
-MODEL_TYPE = "moe_lora"
 
 # A Hub id is "name" or "namespace/name"; anything else (paths, .gguf files) is not metadata.
 _HUB_ID = re.compile(r"^(?:[\w.-]{1,96}/)?[\w.-]{1,96}$")
 
 
-class NotACheckpointError(MoEHubError, ValueError):
-    """The directory is not a moe-hub checkpoint."""
-
-
-def read_checkpoint_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint's config.json as a dict; raises NotACheckpointError naming the fix."""
-    path = Path(checkpoint_dir)
-    config_path = path / CONFIG_FILE
-    if not path.is_dir():
-        raise NotACheckpointError(f"{path} is not a directory; pass a moe-hub checkpoint folder")
-    if not config_path.is_file():
-        raise NotACheckpointError(
-            f"{path} has no config.json, so it is not a moe-hub checkpoint; "
-            f"create one with `moe-hub convert BASE {path}`"
-        )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise NotACheckpointError(
-            f"{config_path} is not valid JSON ({err}); re-run convert"
-        ) from err
-    if config.get("model_type") != MODEL_TYPE:
-        raise NotACheckpointError(
-            f"{path} is not a moe-hub checkpoint (config.json model_type is "
-            f"{config.get('model_type')!r}, expected {MODEL_TYPE!r}); convert it first with "
-            f"`moe-hub convert {path} OUT`"
-        )
-    return config
 
 
 def looks_like_hub_id(name: str | None) -> bool:
