@@ -1,7 +1,9 @@
 """Conversion cost against a plain copy of the same shards (PERFORMANCE.md target 5).
 
 Writes a sharded random Llama-shaped checkpoint, then, each in a fresh process so peak RSS is its
-own: `cp` of the shards, and `moe_hub.convert`. Prints wall time, peak RSS growth and the ratios.
+own and after an `os.sync()`: a copy of the shards (shutil.copytree, which copies in the kernel
+as `cp` does) and `moe_hub.convert`, interleaved `--repeats` times. Prints median wall time, peak
+RSS growth and the ratios.
 Runs on the CPU; `--layers/--hidden` scale it (defaults: ~0.9 GB in 8 shards).
 
     python benchmarks/bench_convert.py [--hidden 1024 --layers 16 --shard 128MB]
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -32,11 +35,19 @@ _MEASURE = textwrap.dedent("""
 
 
 def measure(imports: str, work: str) -> dict:
+    # Flush the previous run's dirty pages first: otherwise the kernel throttles this run's
+    # writes to pay for them, and whichever step runs second looks slower.
+    os.sync()
     code = _MEASURE.format(imports=imports, work=work)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(done.stderr)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def median_of(runs: list[dict]) -> dict:
+    ordered = sorted(runs, key=lambda run: run["wall_s"])
+    return {**ordered[len(ordered) // 2], "all_wall_s": [run["wall_s"] for run in runs]}
 
 
 def main() -> None:
@@ -47,6 +58,7 @@ def main() -> None:
     parser.add_argument("--shard", default="128MB")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each; medians reported")
     args = parser.parse_args()
 
     import torch
@@ -66,21 +78,27 @@ def main() -> None:
         del model
         shards = sorted(dense.glob("*.safetensors"))
         sizes = [p.stat().st_size for p in shards]
-        copy = measure("import shutil, pathlib",
-                       f"shutil.copytree({str(dense)!r}, {str(work / 'copy')!r})")
-        conv = measure(
-            "from moe_hub.convert import convert",
-            f"convert({str(dense)!r}, {str(work / 'moe')!r}, experts={args.experts}, "
-            f"rank={args.rank}, progress=False)",
-        )
+        copies, conversions = [], []
+        for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
+            shutil.rmtree(work / "copy", ignore_errors=True)
+            shutil.rmtree(work / "moe", ignore_errors=True)
+            copies.append(measure("import shutil",
+                                  f"shutil.copytree({str(dense)!r}, {str(work / 'copy')!r})"))
+            conversions.append(measure(
+                "from moe_hub.convert import convert",
+                f"convert({str(dense)!r}, {str(work / 'moe')!r}, experts={args.experts}, "
+                f"rank={args.rank}, progress=False)",
+            ))
+        copy, conv = median_of(copies), median_of(conversions)
         adapters = (work / "moe" / "moe_adapters.safetensors").stat().st_size
         mib = 2**20
         print(f"\nshards: {len(shards)}, total {sum(sizes) / mib:.0f} MiB, largest "
               f"{max(sizes) / mib:.0f} MiB; adapters {adapters / mib:.0f} MiB "
               f"(E={args.experts}, r={args.rank})")
-        print(f"{'step':<10}{'wall s':>10}{'RSS growth MiB':>16}")
-        print(f"{'copy':<10}{copy['wall_s']:>10.2f}{copy['rss_growth'] / mib:>16.0f}")
-        print(f"{'convert':<10}{conv['wall_s']:>10.2f}{conv['rss_growth'] / mib:>16.0f}")
+        print(f"{'step':<10}{'median wall s':>14}{'RSS growth MiB':>16}  all runs (s)")
+        for label, run in (("copy", copy), ("convert", conv)):
+            runs = " ".join(f"{t:.2f}" for t in run["all_wall_s"])
+            print(f"{label:<10}{run['wall_s']:>14.2f}{run['rss_growth'] / mib:>16.0f}  {runs}")
         budget = 2 * max(sizes) + adapters
         print(f"convert / copy wall: {conv['wall_s'] / copy['wall_s']:.2f}x (target <= 1.5x); "
               f"RSS growth / (2 x largest shard + adapters): "

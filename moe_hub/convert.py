@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,6 +36,7 @@ from .modeling import MoELoraConfig, MoELoraForCausalLM
 from .modeling.routing import ROUTERS
 from .options_file import read_options_file
 from .safetensors_io import read_header, rewrite_shard, tensor_names
+from .skeleton import model_skeleton
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -138,20 +140,21 @@ def convert(
         text_config = _dense_config(dense_dir)
         config = options.model_config(text_config, origin, revision)
         weight_files = dense_weight_files(dense_dir, options.allow_pickle, staging / ".pickle")
-        with torch.device("meta"):
-            try:
-                model = MoELoraForCausalLM(config)
-            except ValueError as err:
-                raise MoEHubError(str(err)) from None
+        try:
+            model = model_skeleton(config)
+        except ValueError as err:
+            raise MoEHubError(str(err)) from None
         dtype = None if options.dtype == "auto" else DTYPE_NAMES[options.dtype]
-        weight_map: dict[str, str] = {}
         if not options.adapter_only:
-            weight_map.update(
-                _write_base_shards(model, weight_files, staging, dtype, progress)
-            )
-        adapters = _init_adapters(model, options.seed)
-        save_file(adapters, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(adapters, ADAPTER_WEIGHTS))
+            _check_base_complete(model, weight_files)
+        weight_map: dict[str, str] = {}
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            # Adapters are initialised and saved while the kernel copies the base shards.
+            adapter_names = pool.submit(_write_adapters, model, options.seed, staging)
+            if not options.adapter_only:
+                weight_map.update(_write_base_shards(model, weight_files, staging, dtype,
+                                                     progress))
+            weight_map.update(dict.fromkeys(adapter_names.result(), ADAPTER_WEIGHTS))
         write_index(staging, weight_map)
         _write_config(config, text_config, dtype, staging)
         copy_code(staging)
@@ -252,12 +255,11 @@ def _dense_config(dense_dir: Path) -> Any:
     return config.get_text_config()
 
 
-def _write_base_shards(
-    model: MoELoraForCausalLM, weight_files: list[Path], staging: Path,
-    dtype: torch.dtype | None, progress: bool,
-) -> dict[str, str]:
+def _check_base_complete(model: MoELoraForCausalLM, weight_files: list[Path]) -> None:
+    """Read every shard's header (raising on a corrupt one) and check that together they hold
+    every dense weight the model needs, before anything is written."""
     mapping = model.checkpoint_names_by_dense_name()
-    headers = [read_header(path)[0] for path in weight_files]  # validate every shard up front
+    headers = [read_header(path)[0] for path in weight_files]
     found = {mapping.get(n) for h in headers for n in tensor_names(h)} - {None}
     missing = sorted(set(mapping.values()) - found - set(model.tied_parameter_names()))
     if missing:
@@ -265,6 +267,13 @@ def _write_base_shards(
             f"BASE lacks {len(missing)} weight(s) the model needs (e.g. {missing[0]}): the "
             f"checkpoint is incomplete or is not a {model.config.text_config.model_type} model"
         )
+
+
+def _write_base_shards(
+    model: MoELoraForCausalLM, weight_files: list[Path], staging: Path,
+    dtype: torch.dtype | None, progress: bool,
+) -> dict[str, str]:
+    mapping = model.checkpoint_names_by_dense_name()
     weight_map: dict[str, str] = {}
     total = sum(path.stat().st_size for path in weight_files)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
@@ -282,8 +291,9 @@ def _write_base_shards(
     return weight_map
 
 
-def _init_adapters(model: MoELoraForCausalLM, seed: int) -> dict[str, torch.Tensor]:
-    """Materialise the expert and router tensors of a meta model on the CPU, deterministically.
+def _write_adapters(model: MoELoraForCausalLM, seed: int, staging: Path) -> list[str]:
+    """Materialise the expert and router tensors of a meta model on the CPU, initialise them
+    deterministically, save them; return their names.
 
     The generator is seeded once and parameters are initialised in module order, so the same seed
     gives byte-identical adapters.
@@ -297,7 +307,9 @@ def _init_adapters(model: MoELoraForCausalLM, seed: int) -> dict[str, torch.Tens
     torch.manual_seed(seed)
     model.reset_adapter_parameters()
     params = dict(model.named_parameters())
-    return {name: params[name].detach().contiguous() for name in names}
+    adapters = {name: params[name].detach().contiguous() for name in names}
+    save_file(adapters, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    return names
 
 
 def _write_config(config: MoELoraConfig, text_config: Any, dtype: torch.dtype | None,

@@ -6,19 +6,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .checkpoint import ADAPTER_WEIGHTS, require_checkpoint
 
 
 def checkpoint_info(path: str | Path) -> dict[str, Any]:
     """Base, routing setup, parameter counts (total / trainable / added) and file sizes."""
-    from .modeling import MoELoraConfig, MoELoraForCausalLM
+    from .modeling import MoELoraConfig
+    from .skeleton import model_skeleton
 
     path = require_checkpoint(path)
     config = MoELoraConfig.from_pretrained(path)
-    with torch.device("meta"):
-        model = MoELoraForCausalLM(config)
+    model = model_skeleton(config)
     adapter_names = set(model.adapter_parameter_names())
     total = sum(p.numel() for p in model.parameters())  # tied parameters are counted once
     added = sum(p.numel() for n, p in model.named_parameters() if n in adapter_names)

@@ -9,9 +9,11 @@ shard size. The safetensors library has no streaming writer, hence this module; 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 CODES = {dtype: code for code, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
-_CHUNK = 8 * 1024 * 1024
+_CHUNK = 64 * 1024 * 1024
 _FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
 
 
@@ -116,25 +118,91 @@ def rewrite_shard(
         offset += nbytes
     encoded = json.dumps(out_header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # keep the data region 8-byte aligned
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        fout.write(struct.pack("<Q", len(encoded)))
-        fout.write(encoded)
-        for _, entry, code in plan:
-            start, stop = entry["data_offsets"]
-            fin.seek(data_start + start)
-            if code == entry["dtype"]:
-                remaining = stop - start
-                while remaining:
-                    chunk = fin.read(min(_CHUNK, remaining))
-                    fout.write(chunk)
-                    remaining -= len(chunk)
-                    if on_bytes:
-                        on_bytes(len(chunk))
-            else:
-                raw = bytearray(fin.read(stop - start))
-                tensor = torch.frombuffer(raw, dtype=DTYPES[entry["dtype"]]) if raw else \
-                    torch.empty(0, dtype=DTYPES[entry["dtype"]])
-                fout.write(tensor.to(DTYPES[code]).view(torch.uint8).numpy().tobytes())
-                if on_bytes:
-                    on_bytes(stop - start)
+    report = on_bytes or (lambda n: None)
+    with open(src, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
+        _write_all(fout.fileno(), struct.pack("<Q", len(encoded)) + encoded)
+        for start, stop, converted in _runs(plan):
+            if converted is None:
+                copy_bytes(fin.fileno(), fout.fileno(), data_start + start, stop - start, report)
+                continue
+            raw = bytearray(os.pread(fin.fileno(), stop - start, data_start + start))
+            source_dtype, target_dtype = converted
+            tensor = torch.frombuffer(raw, dtype=source_dtype) if raw else torch.empty(
+                0, dtype=source_dtype)
+            _write_all(fout.fileno(), tensor.to(target_dtype).view(torch.uint8).numpy())
+            report(stop - start)
     return sizes
+
+
+def _runs(plan: list[tuple[str, dict[str, Any], str]]
+          ) -> Iterator[tuple[int, int, tuple[torch.dtype, torch.dtype] | None]]:
+    """(start, stop, dtype conversion or None) of the source data to emit, in output order.
+
+    Tensors copied as they are and adjacent in the source merge into one run, so an unchanged
+    shard body is a single kernel-side copy."""
+    pending: list[int] | None = None
+    for _, entry, code in plan:
+        start, stop = entry["data_offsets"]
+        if code != entry["dtype"]:
+            if pending:
+                yield pending[0], pending[1], None
+                pending = None
+            yield start, stop, (DTYPES[entry["dtype"]], DTYPES[code])
+        elif pending and pending[1] == start:
+            pending[1] = stop
+        else:
+            if pending:
+                yield pending[0], pending[1], None
+            pending = [start, stop]
+    if pending:
+        yield pending[0], pending[1], None
+
+
+def _write_all(fd: int, data: Any) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def copy_bytes(src_fd: int, dst_fd: int, offset: int, length: int,
+               on_bytes: Callable[[int], None]) -> None:
+    """Append ``length`` bytes of ``src_fd`` from ``offset`` to ``dst_fd``, chunk by chunk.
+
+    The kernel copies (copy_file_range, then sendfile) when it can, as ``cp`` does: the bytes
+    never pass through Python, and the page cache is the only memory they occupy."""
+    while length:
+        count = min(length, _CHUNK)
+        copied = _kernel_copy(src_fd, dst_fd, offset, count)
+        if copied is None:
+            chunk = os.pread(src_fd, count, offset)
+            _write_all(dst_fd, chunk)
+            copied = len(chunk)
+        if copied == 0:
+            raise MoEHubError("a shard ended while it was being copied: was it modified meanwhile?")
+        offset += copied
+        length -= copied
+        on_bytes(copied)
+
+
+_KERNEL_COPIES = [
+    lambda src, dst, offset, count: os.copy_file_range(src, dst, count, offset),
+    lambda src, dst, offset, count: os.sendfile(dst, src, offset, count),
+]
+_UNSUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTSOCK}
+
+
+def _kernel_copy(src_fd: int, dst_fd: int, offset: int, count: int) -> int | None:
+    """Bytes copied by the first kernel-side copy that works here, or None if none does.
+
+    A method that fails as unsupported (other filesystem, old kernel, not Linux) is dropped for
+    the rest of the process."""
+    while _KERNEL_COPIES:
+        try:
+            return _KERNEL_COPIES[0](src_fd, dst_fd, offset, count)
+        except AttributeError:
+            pass
+        except OSError as err:
+            if err.errno not in _UNSUPPORTED:
+                raise
+        _KERNEL_COPIES.pop(0)
+    return None
