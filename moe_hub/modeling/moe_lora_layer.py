@@ -90,10 +90,11 @@ class MoELoraLinear(nn.Module):
         flat = x.reshape(-1, self.site.in_features)
         route = self.router(flat, ctx, self)
         ctx.record(self.site, route)
-        expert_input = self.lora_dropout(flat).to(self.lora_A.dtype)
+        if self.training:
+            flat = self.lora_dropout(flat)
         delta = moe_lora_delta(
-            expert_input, self.lora_A, self.lora_B, route.indices, route.weights, self.scale,
-            kernel=self.kernel,
+            flat.to(self.lora_A.dtype), self.lora_A, self.lora_B, route.indices, route.weights,
+            self.scale, kernel=self.kernel,
         )
         if route.residual is not None:
             delta = delta + route.residual.to(delta.dtype)

@@ -31,6 +31,10 @@ except ImportError:
 
 #: Above this many rank-space columns (E * r) the grouped form beats masked-dense.
 MASKED_DENSE_MAX_COLUMNS = 512
+#: Up to this many tokens (decoding) masked-dense multiplies by A in its stored [E, d_in, r]
+#: layout; above, one copy to [d_in, E * r] per call is cheaper than E narrow matmuls (CPU,
+#: d_in 576, E 8, r 16: 47 vs 64 us at T=1, 1.9 vs 1.8 ms at T=512).
+BROADCAST_MAX_TOKENS = 64
 
 
 def moe_lora_delta(
@@ -75,12 +79,15 @@ def torch_moe_lora_delta(
 def masked_dense_delta(x, lora_A, lora_B, indices, weights, scale):
     num_tokens = x.shape[0]
     num_experts, d_in, rank = lora_A.shape
-    a_cat = lora_A.permute(1, 0, 2).reshape(d_in, num_experts * rank)
-    shrunk = (x @ a_cat).view(num_tokens, num_experts, rank)
-    gate = weights.new_zeros(num_tokens, num_experts).scatter(1, indices, weights)
-    gated = shrunk * gate.to(shrunk.dtype).unsqueeze(-1)
-    b_cat = lora_B.reshape(num_experts * rank, -1)
-    return (gated.view(num_tokens, -1) @ b_cat) * scale
+    gate = weights.new_zeros(num_tokens, num_experts).scatter_(1, indices, weights * scale)
+    gate = gate.to(x.dtype).unsqueeze(-1)
+    if num_tokens <= BROADCAST_MAX_TOKENS:
+        # x [T, d_in] @ A [E, d_in, r] as one batched matmul, reading A in place.
+        gated = torch.matmul(x, lora_A).transpose(0, 1) * gate
+    else:
+        a_cat = lora_A.permute(1, 0, 2).reshape(d_in, num_experts * rank)
+        gated = (x @ a_cat).view(num_tokens, num_experts, rank) * gate
+    return gated.reshape(num_tokens, -1) @ lora_B.reshape(num_experts * rank, -1)
 
 
 def grouped_delta(x, lora_A, lora_B, indices, weights, scale):
