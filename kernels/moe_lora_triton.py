@@ -10,10 +10,10 @@ Two regimes, chosen by E * r (static shapes, so torch.compile sees one graph per
 - masked-dense (E * r <= 512): the experts are addressed as one concatenated rank space
   [d_in, E * r]; every token computes every expert's r values and the routing gate zeroes the
   unselected ones. No sort, no atomics, deterministic.
-- grouped (E * r > 512): the (token, slot) pairs are sorted by expert once per forward (the
-  order is returned and reused by the backward); each program owns a block of rows of one
-  expert and gathers its token rows by index. Outputs shared by the k slots of a token are
-  accumulated with fp32 atomics.
+- grouped (E * r > 512): the (token, slot) pairs are sorted by expert once per routing
+  decision (``group_by_expert``; the order is returned and reused by the backward); each
+  program owns a block of rows of one expert and gathers its token rows by index. Outputs
+  shared by the k slots of a token are accumulated with fp32 atomics.
 
 This file is copied verbatim into checkpoints next to the modeling files: it imports only torch
 and, optionally, triton.
@@ -373,12 +373,19 @@ def _upcast(dtype: torch.dtype) -> bool:
     return INTERPRETED or dtype == torch.float32
 
 
-def _routing_plan(indices: torch.Tensor, num_experts: int, block_m: int) -> torch.Tensor:
-    """[order | starts | ends | block_ends] (int64) of the slots sorted by expert: computed once per
-    forward on the device, no host sync."""
+def group_by_expert(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[order | counts] (int64, T*k + E): the (token, slot) pairs sorted by expert (stable) and
+    each expert's number of pairs. One sort per routing decision, on the device, no host sync;
+    sites that share a decision (the linears of a routed MLP block) pass it to every call."""
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)[:num_experts]
+    return torch.cat([order, torch.bincount(flat, minlength=num_experts)[:num_experts]])
+
+
+def _routing_plan(grouping: torch.Tensor, num_experts: int, block_m: int) -> torch.Tensor:
+    """[order | starts | ends | block_ends] (int64), what the grouped kernels read, from a
+    ``group_by_expert`` result."""
+    order, counts = grouping[:-num_experts], grouping[-num_experts:]
     ends = counts.cumsum(0)
     block_ends = ((counts + block_m - 1) // block_m).cumsum(0)
     return torch.cat([order, ends - counts, ends, block_ends])
@@ -389,7 +396,7 @@ def _grouped_grid_rows(num_slots: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_slots, block_m) + num_experts
 
 
-def _forward_impl(x, lora_A, lora_B, indices, weights, scale):
+def _forward_impl(x, lora_A, lora_B, indices, weights, scale, grouping):
     num_tokens, d_in = x.shape
     num_experts, _, rank = lora_A.shape
     d_out = lora_B.shape[2]
@@ -422,7 +429,9 @@ def _forward_impl(x, lora_A, lora_B, indices, weights, scale):
 
     num_slots = num_tokens * top_k
     block_r = _pow2_at_least(rank)
-    plan = _routing_plan(idx, num_experts, cfg["M"])
+    if grouping is None:
+        grouping = group_by_expert(idx, num_experts)
+    plan = _routing_plan(grouping, num_experts, cfg["M"])
     rows = _grouped_grid_rows(num_slots, num_experts, cfg["M"])
     shrunk = _empty((num_slots, rank), torch.float32, dev)
     _grouped_shrink_kernel[(rows,)](
@@ -550,13 +559,13 @@ _NAMESPACE = "moe_lora_" + hashlib.sha1(__name__.encode()).hexdigest()[:12]
 @torch.library.custom_op(f"{_NAMESPACE}::forward", mutates_args=())
 def _forward_op(
     x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, indices: torch.Tensor,
-    weights: torch.Tensor, scale: float,
+    weights: torch.Tensor, scale: float, grouping: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward_impl(x, lora_A, lora_B, indices, weights, scale)
+    return _forward_impl(x, lora_A, lora_B, indices, weights, scale, grouping)
 
 
 @_forward_op.register_fake
-def _forward_fake(x, lora_A, lora_B, indices, weights, scale):
+def _forward_fake(x, lora_A, lora_B, indices, weights, scale, grouping):
     num_tokens = x.shape[0]
     num_experts, _, rank = lora_A.shape
     top_k = indices.shape[1]
@@ -585,7 +594,7 @@ def _backward_fake(grad_y, x, lora_A, lora_B, indices, weights, shrunk, plan, sc
 
 
 def _setup_context(ctx, inputs, output):
-    x, lora_A, lora_B, indices, weights, scale = inputs
+    x, lora_A, lora_B, indices, weights, scale, _ = inputs
     _, shrunk, plan = output
     ctx.save_for_backward(x, lora_A, lora_B, indices, weights, shrunk, plan)
     ctx.scale = scale
@@ -596,7 +605,7 @@ def _autograd_backward(ctx, grad_y, _grad_shrunk, _grad_plan):
     grad_x, grad_A, grad_B, grad_w = _backward_op(
         grad_y, x, lora_A, lora_B, indices, weights, shrunk, plan, ctx.scale
     )
-    return grad_x, grad_A, grad_B, None, grad_w, None
+    return grad_x, grad_A, grad_B, None, grad_w, None, None
 
 
 torch.library.register_autograd(
@@ -645,15 +654,20 @@ def triton_moe_lora_delta(
     indices: torch.Tensor,
     weights: torch.Tensor,
     scale: float,
+    grouping: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Expert output [T, d_out] = scale * sum_j weights[:, j] * (x A_e) B_e, e = indices[:, j].
 
     Differentiable in x, lora_A, lora_B and weights (not indices). Accumulates in fp32 for
-    fp32/fp16/bf16 inputs; any strides.
+    fp32/fp16/bf16 inputs; any strides. ``grouping`` (``group_by_expert(indices, E)``) saves the
+    grouped regime its sort when several calls share ``indices``; masked-dense ignores it.
     """
     _check_inputs(x, lora_A, lora_B, indices, weights)
+    if grouping is not None and grouping.shape != (indices.numel() + lora_A.shape[0],):
+        raise ValueError(f"grouping must be group_by_expert(indices, E): [T*k + E] (got "
+                         f"{tuple(grouping.shape)})")
     if x.shape[0] == 0:  # no launch with an empty grid; keep every input in the graph
         empty = x.new_zeros((0, lora_B.shape[2]))
         return empty + 0 * (x.sum() + lora_A.sum() + lora_B.sum() + weights.sum()).to(x.dtype)
-    y, _, _ = _forward_op(x, lora_A, lora_B, indices, weights, float(scale))
+    y, _, _ = _forward_op(x, lora_A, lora_B, indices, weights, float(scale), grouping)
     return y

@@ -207,33 +207,35 @@ def test_supported_only_where_it_can_run(monkeypatch: pytest.MonkeyPatch):
                                       *random_routing(2, 2, 1), 1.0)
 
 
-def tiny_moe_model(kernel: str, num_experts: int, rank: int) -> MoELoraForCausalLM:
+def tiny_moe_model(kernel: str, num_experts: int, rank: int,
+                   granularity: str = "linear") -> MoELoraForCausalLM:
     torch.manual_seed(0)
     config = MoELoraConfig(
         text_config=tiny_config("llama"), num_experts=num_experts, num_experts_per_tok=2,
         lora_rank=rank, lora_alpha=2.0 * rank, lora_dropout=0.0, expert_kernel=kernel,
-        output_router_logits=True, router_aux_loss_coef=0.01,
+        output_router_logits=True, router_aux_loss_coef=0.01, routing_granularity=granularity,
         target_modules=["q_proj", "down_proj"],  # an attention and an MLP linear keep it quick
     )
     model = MoELoraForCausalLM(config)
     with torch.no_grad():  # B starts at zero; non-zero B makes every gradient path non-trivial
         for name, param in model.named_parameters():
-            if name.endswith("lora_B"):
+            if ".lora_B" in name:  # also the block's lora_B.<linear>
                 param.normal_(0.0, 0.05)
     return model
 
 
 @pytest.mark.parametrize(
-    "num_experts,rank,checkpointed",
-    [(4, 8, True), (4, 160, False)],  # the interpreter is slow: checkpoint one of the two
-    ids=["masked-dense-checkpointed", "grouped"],
+    "num_experts,rank,checkpointed,granularity",
+    # the interpreter is slow: checkpoint one of them
+    [(4, 8, True, "linear"), (4, 160, False, "linear"), (4, 160, False, "block")],
+    ids=["masked-dense-checkpointed", "grouped", "grouped-block-shared-grouping"],
 )
-def test_model_triton_path_matches_torch_path(num_experts, rank, checkpointed):
+def test_model_triton_path_matches_torch_path(num_experts, rank, checkpointed, granularity):
     """Same loss and parameter gradients from the Triton path as from the torch path."""
     input_ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
     results = {}
     for kernel in ("torch", "triton"):
-        model = tiny_moe_model(kernel, num_experts, rank)
+        model = tiny_moe_model(kernel, num_experts, rank, granularity)
         model.train()
         if kernel == "triton" and checkpointed:
             model.gradient_checkpointing_enable()
@@ -248,6 +250,34 @@ def test_model_triton_path_matches_torch_path(num_experts, rank, checkpointed):
     for name, want in grads_t.items():
         assert want.abs().max() > 0, name
         assert relative_error(grads_k[name], want.double()) < 1e-4, name
+
+
+def test_precomputed_grouping_gives_the_same_result():
+    torch.manual_seed(5)
+    x, lora_A, lora_B = torch.randn(23, 20), torch.randn(6, 20, 96), torch.randn(6, 96, 14)
+    indices, weights = random_routing(23, 6, 2, seed=5)
+    runs = []
+    for grouping in (None, kernels.group_by_expert(indices, 6)):
+        inputs = [t.clone().requires_grad_() for t in (x, lora_A, lora_B, weights)]
+        y = kernels.triton_moe_lora_delta(*inputs[:3], indices, inputs[3], 0.5, grouping)
+        y.backward(torch.ones_like(y))
+        runs.append([y.detach(), *(t.grad for t in inputs)])
+    for computed, given in zip(*runs):
+        assert torch.equal(computed, given)
+    with pytest.raises(ValueError, match="group_by_expert"):
+        kernels.triton_moe_lora_delta(x, lora_A, lora_B, indices, weights, 0.5,
+                                      kernels.group_by_expert(indices[:5], 6))
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_a_routed_block_sorts_its_tokens_once(kernel):
+    """gate_proj, up_proj and down_proj share one routing decision, so one sort per block."""
+    model = tiny_moe_model(kernel, 4, 160, granularity="block")
+    input_ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        model(input_ids=input_ids)
+    sorts = sum(e.count for e in prof.key_averages() if e.key == "aten::sort")  # argsort's too
+    assert sorts == len(model.routing_sites) > 0
 
 
 COMPILE_FOR_SM90 = """

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .moe_lora_layer import RoutingHolder, is_linear, linear_features, target_matches
-from .moe_lora_ops import moe_lora_delta
+from .moe_lora_ops import group_by_expert, moe_lora_delta, needs_grouping
 from .routing import ROUTERS, RoutingSite
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -130,9 +130,9 @@ class MoELoraBlock(nn.Module):
         return self.lora_A[self.layout.first[-1]]
 
     def _slot_delta(self, name: str, slot_x: torch.Tensor, slot_experts: torch.Tensor,
-                    slot_weights: torch.Tensor) -> torch.Tensor:
+                    slot_weights: torch.Tensor, grouping: torch.Tensor | None) -> torch.Tensor:
         return moe_lora_delta(slot_x, self.lora_A[name], self.lora_B[name], slot_experts,
-                              slot_weights, self.scale, kernel=self.kernel)
+                              slot_weights, self.scale, kernel=self.kernel, grouping=grouping)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base, layout = self.base_layer, self.layout
@@ -145,10 +145,15 @@ class MoELoraBlock(nn.Module):
         slot_experts = route.indices.reshape(-1, 1)
         ones = torch.ones_like(slot_experts, dtype=torch.float32)
         slot_x = self.lora_dropout(flat).to(self.input_lora_A().dtype).repeat_interleave(top_k, 0)
+        experts, _, rank = self.input_lora_A().shape
+        # Every linear of the block applies this one decision: sort the slots by expert once.
+        grouping = group_by_expert(slot_experts, experts) if needs_grouping(experts, rank) \
+            else None
 
         def first(name: str) -> torch.Tensor:
             frozen = base.get_submodule(name)(flat).repeat_interleave(top_k, 0)
-            return frozen + self._slot_delta(name, slot_x, slot_experts, ones).to(frozen.dtype)
+            delta = self._slot_delta(name, slot_x, slot_experts, ones, grouping)
+            return frozen + delta.to(frozen.dtype)
 
         act = getattr(base, layout.act)
         if layout.style == "gated":
@@ -168,7 +173,7 @@ class MoELoraBlock(nn.Module):
             # exactly 1 even when renormalised, in float32).
             out = out + (route.weights.to(out.dtype).sum(-1, keepdim=True) - 1) * bias
         down_in = self.lora_dropout(hidden).to(self.lora_A[layout.down].dtype)
-        down_delta = self._slot_delta(layout.down, down_in, slot_experts, weights)
+        down_delta = self._slot_delta(layout.down, down_in, slot_experts, weights, grouping)
         out = out + down_delta.view(tokens, top_k, -1).sum(dim=1).to(out.dtype)
         if route.residual is not None:
             out = out + route.residual.to(out.dtype)

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import torch
 
+# The kernel file always ships (and imports triton only if it can), so one of these succeeds.
 try:  # inside a checkpoint the kernel file sits beside this one
-    from .moe_lora_triton import triton_moe_lora_delta, triton_supported
-except ImportError:
-    try:  # inside the moe_hub library it lives in moe_hub.kernels
-        from moe_hub.kernels.moe_lora_triton import triton_moe_lora_delta, triton_supported
-    except ImportError:
-        triton_moe_lora_delta = None
-
-        def triton_supported(x: torch.Tensor) -> bool:
-            return False
+    from .moe_lora_triton import group_by_expert, triton_moe_lora_delta, triton_supported
+except ImportError:  # inside the moe_hub library it is moe_hub.kernels
+    from moe_hub.kernels.moe_lora_triton import (
+        group_by_expert,
+        triton_moe_lora_delta,
+        triton_supported,
+    )
 
 
 #: Above this many rank-space columns (E * r) the grouped form beats masked-dense.
@@ -45,20 +44,22 @@ def moe_lora_delta(
     weights: torch.Tensor,
     scale: float,
     kernel: str = "auto",
+    grouping: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Expert output [T, d_out] for tokens ``x`` [T, d_in] routed by ``indices``/``weights`` [T, k].
 
     ``kernel``: ``auto`` uses Triton on CUDA tensors when it is installed, ``triton`` insists on
-    it, ``torch`` forces the reference path.
+    it, ``torch`` forces the reference path. ``grouping``: ``group_by_expert(indices, E)``, for
+    callers that apply one routing decision to several sites (computed here when needed).
     """
     if kernel == "triton" or (kernel == "auto" and triton_supported(x)):
-        if triton_moe_lora_delta is None:
-            raise RuntimeError(
-                "expert_kernel='triton' needs the triton package; install it or set "
-                "config.expert_kernel='torch'"
-            )
-        return triton_moe_lora_delta(x, lora_A, lora_B, indices, weights, scale)
-    return torch_moe_lora_delta(x, lora_A, lora_B, indices, weights, scale)
+        return triton_moe_lora_delta(x, lora_A, lora_B, indices, weights, scale, grouping)
+    return torch_moe_lora_delta(x, lora_A, lora_B, indices, weights, scale, grouping)
+
+
+def needs_grouping(num_experts: int, rank: int) -> bool:
+    """Whether the expert op sorts tokens by expert at this size (else it is masked-dense)."""
+    return num_experts * rank > MASKED_DENSE_MAX_COLUMNS
 
 
 def torch_moe_lora_delta(
@@ -68,12 +69,15 @@ def torch_moe_lora_delta(
     indices: torch.Tensor,
     weights: torch.Tensor,
     scale: float,
+    grouping: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The reference implementation (any device, any dtype, autograd for every input)."""
     num_experts, _, rank = lora_A.shape
-    if num_experts * rank <= MASKED_DENSE_MAX_COLUMNS:
+    if not needs_grouping(num_experts, rank):
         return masked_dense_delta(x, lora_A, lora_B, indices, weights, scale)
-    return grouped_delta(x, lora_A, lora_B, indices, weights, scale)
+    if grouping is None:
+        grouping = group_by_expert(indices, num_experts)
+    return grouped_delta(x, lora_A, lora_B, indices, weights, scale, grouping)
 
 
 def masked_dense_delta(x, lora_A, lora_B, indices, weights, scale):
@@ -90,11 +94,10 @@ def masked_dense_delta(x, lora_A, lora_B, indices, weights, scale):
     return gated.reshape(num_tokens, -1) @ lora_B.reshape(num_experts * rank, -1)
 
 
-def grouped_delta(x, lora_A, lora_B, indices, weights, scale):
+def grouped_delta(x, lora_A, lora_B, indices, weights, scale, grouping):
     num_tokens, top_k = indices.shape
-    flat_expert = indices.reshape(-1)
-    order = torch.argsort(flat_expert, stable=True)
-    counts = torch.bincount(flat_expert, minlength=lora_A.shape[0]).tolist()
+    num_experts = lora_A.shape[0]
+    order, counts = grouping[:-num_experts], grouping[-num_experts:].tolist()
     token_of_slot = order // top_k
     slot_weight = weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
     out = x.new_zeros(num_tokens, lora_B.shape[-1])
