@@ -176,6 +176,11 @@ def test_adapter_only_convert_loads_base_from_local_path(tmp_path: Path, arch: s
     loaded.save_pretrained(tmp_path / "resaved")
     names = {n for f in (tmp_path / "resaved").glob("*.safetensors") for n in load_file(f)}
     assert any(".base_layer." in name for name in names)
+    # ... and a complete checkpoint: it holds the base, so it must not claim to be adapter-only.
+    resaved = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", trust_remote_code=True)
+    assert resaved.config.adapter_only is False
+    with torch.no_grad():
+        _assert_same_logits(resaved(torch.tensor(INPUT_IDS)).logits.tolist(), got)
 
 
 def test_branch_and_pull_request_pushes(hub: HubServer, tmp_path: Path) -> None:

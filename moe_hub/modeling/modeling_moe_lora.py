@@ -31,7 +31,7 @@ from .router_graphmoe import GraphMoERouter  # noqa: F401
 from .router_hypermoe import HyperMoERouter  # noqa: F401
 from .router_rmoe import RecurrentRouter  # noqa: F401
 from .router_topk import TopKRouter  # noqa: F401
-from .routing import ROUTERS, RoutingContext, load_balancing_loss, z_loss
+from .routing import ROUTERS, Router, RoutingContext, load_balancing_loss, z_loss
 
 __all__ = ["MoELoraForCausalLM", "MoELoraModel", "MoELoraPreTrainedModel"]
 
@@ -74,6 +74,9 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         block = config.routing_granularity == "block"
         inject = inject_moe_lora_blocks if block else inject_moe_lora
         self.routing_sites = inject(self.model, config, self._routing)
+        for module in self.model.modules():
+            if isinstance(module, Router):
+                module.connect(self.routing_sites)
         shared = ROUTERS[config.router].shared_modules(config, self.routing_sites)
         if shared is not None:
             self.moe_shared[config.router] = shared
@@ -388,4 +391,6 @@ def _load_adapter_only(cls: type, path: Any, config: MoELoraConfig, model_args: 
         with torch.no_grad():
             for name in stored & params.keys():
                 params[name].copy_(f.get_tensor(name))
+    # The model in memory holds its base: save_pretrained writes a complete checkpoint.
+    model.config.adapter_only = False
     return loaded

@@ -58,6 +58,8 @@ class RecurrentRouter(Router):
         super().__init__(site, config)
         hidden = int(self.options["hidden_size"])
         self.recurrent = bool(self.options["recurrent"])
+        #: The site before this one in its chain (same kind, one layer up); set by connect().
+        self.previous_site: int | None = None
         self.input_proj = nn.Parameter(torch.empty(hidden, site.in_features))
         self.output_proj = nn.Parameter(torch.empty(self.num_experts, hidden))
         self.hyper = (HyperSupplement(site, self.num_experts, self.options)
@@ -80,17 +82,20 @@ class RecurrentRouter(Router):
         if self.hyper is not None:
             self.hyper.reset_parameters()
 
+    def connect(self, sites: list[RoutingSite]) -> None:
+        earlier = [s.index for s in sites if s.kind == self.site.kind and s.index < self.site.index]
+        self.previous_site = max(earlier, default=None)
+
     def state_key(self, index: int) -> tuple:
         return (self.name, self.site.kind, index)
 
     def previous_state(self, ctx: RoutingContext, like: torch.Tensor) -> torch.Tensor:
-        """h of the nearest earlier site of this chain in this forward, or h_0 = 0."""
-        chain = (self.name, self.site.kind)
-        earlier = [key[2] for key in ctx.state if isinstance(key, tuple) and len(key) == 3
-                   and key[:2] == chain and key[2] < self.site.index]
-        if not self.recurrent or not earlier:
+        """h of the previous site of this chain in this forward, or h_0 = 0 (the first site, the
+        recurrence switched off, or a layer called on its own)."""
+        previous = self.previous_site
+        state = None if previous is None else ctx.state.get(self.state_key(previous))
+        if not self.recurrent or state is None:
             return torch.zeros_like(like)
-        state = ctx.state[self.state_key(max(earlier))]
         if state.shape != like.shape:
             raise RuntimeError(
                 f"rmoe: site {self.site.name} sees {like.shape[0]} tokens but the previous site "

@@ -120,6 +120,10 @@ class Router(nn.Module):
     def shared_modules(cls, config: Any, sites: list[RoutingSite]) -> nn.Module | None:
         return None
 
+    def connect(self, sites: list[RoutingSite]) -> None:
+        """Called once the model has placed every site (routers that read other sites' state
+        find their neighbours here, once, instead of per forward)."""
+
     def reset_parameters(self) -> None:
         raise NotImplementedError
 
