@@ -379,7 +379,9 @@ def group_by_expert(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     sites that share a decision (the linears of a routed MLP block) pass it to every call."""
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    return torch.cat([order, torch.bincount(flat, minlength=num_experts)[:num_experts]])
+    # scatter_add, not bincount: a static [E] shape keeps torch.compile from breaking the graph.
+    counts = flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
+    return torch.cat([order, counts])
 
 
 def _routing_plan(grouping: torch.Tensor, num_experts: int, block_m: int) -> torch.Tensor:

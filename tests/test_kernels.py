@@ -264,6 +264,9 @@ def test_precomputed_grouping_gives_the_same_result():
         runs.append([y.detach(), *(t.grad for t in inputs)])
     for computed, given in zip(*runs):
         assert torch.equal(computed, given)
+    # A routed block computes the grouping in its own (compiled) code: no graph break there.
+    compiled = torch.compile(kernels.group_by_expert, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(indices, 6), kernels.group_by_expert(indices, 6))
     with pytest.raises(ValueError, match="group_by_expert"):
         kernels.triton_moe_lora_delta(x, lora_A, lora_B, indices, weights, 0.5,
                                       kernels.group_by_expert(indices[:5], 6))
