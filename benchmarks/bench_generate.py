@@ -4,12 +4,14 @@
     python benchmarks/bench_generate.py                 # SmolLM2-135M-Instruct, CPU or CUDA
     python benchmarks/bench_generate.py --base DIR --device cuda --dtype bfloat16
 
-Both models run in this one process on the same prompts; the table is printed last.
+Both models run in this one process on the same prompts, timed alternately (medians of
+--repeats); the table is printed last.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -17,21 +19,29 @@ from pathlib import Path
 import torch
 
 
-def tokens_per_second(model, input_ids, attention_mask, new_tokens: int, repeats: int) -> float:
+def generate_seconds(model, input_ids, attention_mask, new_tokens: int) -> float:
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   use_cache=True, attention_mask=attention_mask)
-    model.generate(input_ids, **kwargs)  # warm-up
-    timings = []
+    if input_ids.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(input_ids, **kwargs)
+    if input_ids.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def paired_tokens_per_second(models, input_ids, attention_mask, new_tokens: int,
+                             repeats: int) -> list[float]:
+    """Median tokens/s of each model, timed alternately so drifting machine load (other
+    processes, clock changes) hits every model alike."""
+    for model in models:  # warm-up
+        generate_seconds(model, input_ids, attention_mask, new_tokens)
+    timings = [[] for _ in models]
     for _ in range(repeats):
-        if input_ids.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(input_ids, **kwargs)
-        if input_ids.is_cuda:
-            torch.cuda.synchronize()
-        timings.append(time.perf_counter() - start)
-    timings.sort()
-    return input_ids.shape[0] * new_tokens / timings[len(timings) // 2]
+        for model, times in zip(models, timings):
+            times.append(generate_seconds(model, input_ids, attention_mask, new_tokens))
+    return [input_ids.shape[0] * new_tokens / statistics.median(times) for times in timings]
 
 
 def main() -> None:
@@ -42,7 +52,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--router", default="topk")
     args = parser.parse_args()
 
@@ -70,8 +80,8 @@ def main() -> None:
                                 generator=generator).to(args.device)
             mask = torch.ones_like(ids)
             with torch.no_grad():
-                dense_tps = tokens_per_second(dense, ids, mask, args.new_tokens, args.repeats)
-                moe_tps = tokens_per_second(moe, ids, mask, args.new_tokens, args.repeats)
+                dense_tps, moe_tps = paired_tokens_per_second(
+                    [dense, moe], ids, mask, args.new_tokens, args.repeats)
             rows.append((batch, dense_tps, moe_tps))
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"\n{base.name} on {name}, {args.dtype}, router {args.router}, prompt "
