@@ -175,6 +175,39 @@ def test_checkpointing_and_compile_give_the_same_gradients(num_experts, rank):
             torch.testing.assert_close(other, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("router", ["topk", "rmoe", "graphmoe"])
+@pytest.mark.parametrize("num_experts,rank", [(4, 8), (8, 80)], ids=["masked-dense", "grouped"])
+def test_a_whole_layer_compiles_without_graph_breaks(router, num_experts, rank):
+    """Router, routing and the expert op of one site trace as a single graph (fullgraph=True
+    raises on any break) and train to the same gradients as eager."""
+    from torch import nn
+
+    from moe_hub.modeling.moe_lora_layer import MoELoraLinear, RoutingHolder
+    from moe_hub.modeling.routing import ROUTERS, RoutingSite
+
+    torch.manual_seed(4)
+    config = MoELoraConfig(text_config=tiny_config("llama"), router=router,
+                           num_experts=num_experts, num_experts_per_tok=2, lora_rank=rank,
+                           lora_dropout=0.0, expert_kernel="triton")
+    site = RoutingSite(0, 0, "q_proj", "q_proj", 32, 24)
+    holder = RoutingHolder(nn.ModuleDict())
+    shared = ROUTERS[router].shared_modules(config, [site])
+    if shared is not None:
+        holder.shared[router] = shared
+    layer = MoELoraLinear(nn.Linear(32, 24), site, config, holder)
+    layer.router.connect([site])
+    with torch.no_grad():
+        layer.lora_B.normal_(0.0, 0.1)
+    x = torch.randn(2, 5, 32)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    results = []
+    for run in (layer, torch.compile(layer, backend="aot_eager", fullgraph=True)):
+        loss = run(x).square().sum()
+        results.append([loss.detach(), *torch.autograd.grad(loss, params)])
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_no_tokens():
     lora_A = torch.randn(2, 8, 16, requires_grad=True)
     lora_B = torch.randn(2, 16, 6, requires_grad=True)
