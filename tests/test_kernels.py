@@ -322,27 +322,36 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import moe_hub.kernels.moe_lora_triton as K
 assert not K.INTERPRETED
-bf16 = {"a_ptr": "*bf16", "m_ptr": "*bf16", "p_ptr": "*bf16", "r_ptr": "*fp32", "idx_ptr": "*i64",
-        "w_ptr": "*fp32", "plan_ptr": "*i64", "s_ptr": "*fp32", "dw_ptr": "*fp32", "alpha": "fp32"}
-blocks = dict(TOP_K=2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=64, BLOCK_T=64, BLOCK_E=16,
-              UPCAST=False)
-for fn, out, flags in [
+gpu = K._blocks(on_gpu=True)
+blocks = dict(TOP_K=2, BLOCK_M=gpu["M"], BLOCK_N=gpu["N"], BLOCK_K=gpu["K"], BLOCK_R=64,
+              BLOCK_T=gpu["T"], BLOCK_E=16, BLOCK_RANK=16)
+kernels = [  # (kernel, output pointer type, flags); activations/adapters take the input dtype
+    (K._dense_shrink_kernel, "*fp32", {}),
+    (K._dense_expand_kernel, "*{dt}", {}),
+    (K._dense_weight_grad_kernel, "*fp32", {}),
+    (K._dense_gate_grad_kernel, "*fp32", {}),
     (K._grouped_shrink_kernel, "*fp32", {"GATE_GRAD": True}),
     (K._grouped_expand_kernel, "*fp32", {"APPLY_WEIGHT": True}),
-    (K._grouped_weight_grad_kernel, "*bf16", {"APPLY_WEIGHT": True}),
-]:
-    consts = {k: v for k, v in {**blocks, **flags}.items() if k in fn.arg_names}
-    sig = {n: "constexpr" if n in consts else {**bf16, "out_ptr": out}.get(n, "i32")
-           for n in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    (K._grouped_weight_grad_kernel, "*{dt}", {"APPLY_WEIGHT": True}),
+]
+for dt, upcast in (("bf16", False), ("fp16", False), ("fp32", True)):
+    types = {"a_ptr": f"*{dt}", "m_ptr": f"*{dt}", "p_ptr": f"*{dt}", "r_ptr": "*fp32",
+             "u_ptr": "*fp32", "idx_ptr": "*i64", "w_ptr": "*fp32", "plan_ptr": "*i64",
+             "s_ptr": "*fp32", "dw_ptr": "*fp32", "alpha": "fp32"}
+    for fn, out, flags in kernels:
+        consts = {k: v for k, v in {**blocks, **flags, "UPCAST": upcast}.items()
+                  if k in fn.arg_names}
+        sig = {n: "constexpr" if n in consts else
+               {**types, "out_ptr": out.format(dt=dt)}.get(n, "i32") for n in fn.arg_names}
+        triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
 print("compiled")
 """
 
 
 def test_kernels_compile_for_an_h100_without_one(tmp_path: Path):
-    """The interpreter accepts code the compiler rejects: build the bf16 GPU variants of the
-    kernels with the most GPU-only paths (16-bit tensor-core dot, scalar plan lookups, loops with
-    loaded bounds, atomics) down to an sm_90 cubin with triton's bundled ptxas."""
+    """The interpreter accepts code the compiler rejects: build every kernel, bf16/fp16/fp32, with
+    the GPU block sizes (16-bit tensor-core dots, scalar plan lookups, loops with loaded bounds,
+    atomics) down to an sm_90 cubin with triton's bundled ptxas."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # a cold compile every time, not a cache hit
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env,
