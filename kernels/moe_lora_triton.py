@@ -338,12 +338,14 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
     return max(floor, 1 << (max(n, 1) - 1).bit_length())
 
 
+_INTERPRETER_BLOCKS = {"T": 16, "T_SHRINK": 16, "K": 32, "N": 32, "M": 16, "R_MAX": 64, "warps": 1}
+_GPU_BLOCKS = {"T": 64, "T_SHRINK": 32, "K": 64, "N": 64, "M": 64, "R_MAX": 128, "warps": 4}
+
+
 def _blocks(on_gpu: bool) -> dict[str, int]:
     """One fixed configuration per machine kind: tiny blocks keep the interpreter fast; on a GPU
     64-row tiles keep the tensor cores busy while the op stays memory-bound."""
-    if not on_gpu:
-        return {"T": 16, "T_SHRINK": 16, "K": 32, "N": 32, "M": 16, "R_MAX": 64, "warps": 1}
-    return {"T": 64, "T_SHRINK": 32, "K": 64, "N": 64, "M": 64, "R_MAX": 128, "warps": 4}
+    return _GPU_BLOCKS if on_gpu else _INTERPRETER_BLOCKS
 
 
 _SM_COUNT: dict[int, int] = {}

@@ -123,6 +123,19 @@ def test_grouped_matches_reference(num_tokens, d_in, d_out, num_experts, top_k, 
     check_against_reference(num_tokens, d_in, d_out, num_experts, top_k, rank, experts=experts)
 
 
+@pytest.mark.parametrize("num_tokens,d_in,d_out,num_experts,top_k,rank", [
+    pytest.param(70, 130, 75, 8, 2, 16, id="masked-dense-E8-r16"),
+    pytest.param(33, 70, 66, 4, 4, 40, id="masked-dense-160-columns"),
+    pytest.param(90, 72, 130, 6, 2, 96, id="grouped-E6-r96"),
+])
+def test_gpu_block_sizes_match_reference(monkeypatch, num_tokens, d_in, d_out, num_experts,
+                                         top_k, rank):
+    """The other tests run the interpreter's small tiles; the GPU's 64-row tiles and 128-wide
+    rank blocks take other masking paths (partial tiles, several K steps, one rank block)."""
+    monkeypatch.setattr(kernels, "_blocks", lambda on_gpu: kernels._GPU_BLOCKS)
+    check_against_reference(num_tokens, d_in, d_out, num_experts, top_k, rank)
+
+
 def test_masked_dense_with_empty_and_full_experts():
     # every token on expert 3 (k=1), the other seven experts get nothing
     inputs = check_against_reference(30, 40, 36, 8, 1, 16, experts=[3])
