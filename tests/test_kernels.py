@@ -1,26 +1,31 @@
-"""The Triton expert kernels against a float64 torch reference, run by the Triton interpreter.
+"""The Triton expert kernels against a float64 torch reference.
 
-The jit decorators read TRITON_INTERPRET when the kernel module is imported, so it is set before
-that import. If another test module of this pytest process imported the kernels first (compiled
-mode, useless on CPU), this file re-runs itself in a fresh interpreter instead.
+On a machine with CUDA the compiled kernels run on the GPU; elsewhere the Triton interpreter runs
+them on the CPU. The jit decorators read TRITON_INTERPRET when the kernel module is imported, so
+it is set before that import. If another test module of this pytest process imported the kernels
+first in compiled mode on a CPU-only machine, this file re-runs itself in a fresh interpreter.
 """
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+import torch
+
+os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import tiny_config
 from moe_hub.kernels import moe_lora_triton as kernels
 from torch.utils.checkpoint import checkpoint
 
 from moe_hub.modeling import MoELoraConfig, MoELoraForCausalLM
 from moe_hub.modeling.moe_lora_ops import torch_moe_lora_delta
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
 #: Relative error bounds (Frobenius norm of the difference over that of the float64 reference)
 #: per input dtype: fp32 accumulates exactly like the reference up to rounding; fp16/bf16 inputs
@@ -30,19 +35,33 @@ REL_BOUND = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(autouse=True)
-def _triton_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def _triton_device(monkeypatch: pytest.MonkeyPatch):
     # Per test, not at import: other test modules must keep the torch path on CPU.
     monkeypatch.setenv("MOE_HUB_TRITON_ON_CPU", "1")
     monkeypatch.setenv("MOE_HUB_TRITON_POISON", "1")  # unwritten kernel outputs become NaN
+    if not ON_GPU:
+        yield
+        return
+    torch.set_default_device(DEVICE)  # every tensor and model the tests build lands on the GPU
+    try:
+        yield
+    finally:
+        torch.set_default_device("cpu")
 
 
 def random_routing(num_tokens: int, num_experts: int, top_k: int, experts=None, seed: int = 0):
     """Distinct experts per token (drawn from ``experts`` when given) and positive weights."""
-    gen = torch.Generator().manual_seed(seed)
-    pool = torch.tensor(experts if experts is not None else range(num_experts))
-    rows = [pool[torch.randperm(len(pool), generator=gen)[:top_k]] for _ in range(num_tokens)]
-    weights = torch.rand(num_tokens, top_k, generator=gen) + 0.05
-    return torch.stack(rows), weights
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    pool = torch.tensor(experts if experts is not None else range(num_experts), device="cpu")
+    rows = [pool[torch.randperm(len(pool), generator=gen, device="cpu")[:top_k]]
+            for _ in range(num_tokens)]
+    weights = torch.rand(num_tokens, top_k, generator=gen, device="cpu") + 0.05
+    return torch.stack(rows).to(DEVICE), weights.to(DEVICE)
+
+
+def random_input_ids() -> torch.Tensor:
+    generator = torch.Generator(device="cpu").manual_seed(3)
+    return torch.randint(0, 256, (2, 7), generator=generator, device="cpu").to(DEVICE)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -244,13 +263,18 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_supported_only_where_it_can_run(monkeypatch: pytest.MonkeyPatch):
-    x = torch.randn(2, 4)
-    assert kernels.triton_supported(x)
+    x = torch.randn(2, 4, device="cpu")
+    # CPU tensors: only through the interpreter, and only when asked for.
+    assert kernels.triton_supported(x) == (not ON_GPU)
+    if ON_GPU:
+        assert kernels.triton_supported(x.to(DEVICE))
     monkeypatch.delenv("MOE_HUB_TRITON_ON_CPU")
     assert not kernels.triton_supported(x)
+    indices, weights = random_routing(2, 2, 1)
     with pytest.raises(RuntimeError, match="expert_kernel='torch'"):
-        kernels.triton_moe_lora_delta(x, torch.randn(2, 4, 8), torch.randn(2, 8, 4),
-                                      *random_routing(2, 2, 1), 1.0)
+        kernels.triton_moe_lora_delta(x, torch.randn(2, 4, 8, device="cpu"),
+                                      torch.randn(2, 8, 4, device="cpu"), indices.cpu(),
+                                      weights.cpu(), 1.0)
 
 
 def tiny_moe_model(kernel: str, num_experts: int, rank: int,
@@ -278,7 +302,7 @@ def tiny_moe_model(kernel: str, num_experts: int, rank: int,
 )
 def test_model_triton_path_matches_torch_path(num_experts, rank, checkpointed, granularity):
     """Same loss and parameter gradients from the Triton path as from the torch path."""
-    input_ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    input_ids = random_input_ids()
     results = {}
     for kernel in ("torch", "triton"):
         model = tiny_moe_model(kernel, num_experts, rank, granularity)
@@ -322,7 +346,7 @@ def test_precomputed_grouping_gives_the_same_result():
 def test_a_routed_block_sorts_its_tokens_once(kernel):
     """gate_proj, up_proj and down_proj share one routing decision, so one sort per block."""
     model = tiny_moe_model(kernel, 4, 160, granularity="block")
-    input_ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    input_ids = random_input_ids()
     with torch.no_grad(), torch.profiler.profile() as prof:
         model(input_ids=input_ids)
     sorts = sum(e.count for e in prof.key_averages() if e.key == "aten::sort")  # argsort's too
@@ -372,7 +396,7 @@ def test_kernels_compile_for_an_h100_without_one(tmp_path: Path):
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
-if not kernels.INTERPRETED:
+if not kernels.INTERPRETED and not ON_GPU:
     # The kernel module was imported in compiled mode before this file set TRITON_INTERPRET:
     # replace every test above by one that runs this file in a fresh interpreter.
     for _name in [n for n in globals() if n.startswith("test_")]:
