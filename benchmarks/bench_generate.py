@@ -3,6 +3,7 @@
 
     python benchmarks/bench_generate.py                 # SmolLM2-135M-Instruct, CPU or CUDA
     python benchmarks/bench_generate.py --base DIR --device cuda --dtype bfloat16
+    python benchmarks/bench_generate.py --random tinyllama-1.1b --device cuda --dtype bfloat16
 
 Both models run in this one process on the same prompts, timed alternately (medians of
 --repeats); the table is printed last.
@@ -17,6 +18,15 @@ import time
 from pathlib import Path
 
 import torch
+
+#: Llama-shaped configurations for --random (SmolLM2-135M; TinyLlama-1.1B, PERFORMANCE.md's).
+RANDOM_SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         tie_word_embeddings=True),
+    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+}
 
 
 def generate_seconds(model, input_ids, attention_mask, new_tokens: int) -> float:
@@ -46,7 +56,11 @@ def paired_tokens_per_second(models, input_ids, attention_mask, new_tokens: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", help="dense model dir or .gguf [SmolLM2-135M-Instruct]")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--base", help="dense model dir or .gguf [SmolLM2-135M-Instruct]")
+    source.add_argument("--random", choices=sorted(RANDOM_SHAPES),
+                        help="random weights in a known model's shape, nothing downloaded "
+                             "(throughput does not depend on the weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batches", default="1,16")
@@ -56,14 +70,19 @@ def main() -> None:
     parser.add_argument("--router", default="topk")
     args = parser.parse_args()
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from moe_hub.convert import convert
     from moe_hub.default_model import default_model_path
 
-    base = Path(args.base) if args.base else default_model_path()
     dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.random:
+            base = Path(tmp) / args.random
+            config = LlamaConfig(**RANDOM_SHAPES[args.random])
+            AutoModelForCausalLM.from_config(config).save_pretrained(base)
+        else:
+            base = Path(args.base) if args.base else default_model_path()
         converted = convert(base, Path(tmp) / "moe", router=args.router, progress=False)
         load = dict(dtype=dtype)
         if base.suffix == ".gguf":
