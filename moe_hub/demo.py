@@ -41,7 +41,8 @@ def run_demo(workdir: Path, router: str = "topk", steps: int = 30, quantize: str
 
     console.rule("3/3 load with AutoModelForCausalLM(trust_remote_code=True) and chat")
     model = AutoModelForCausalLM.from_pretrained(tuned, trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(tuned)
+    # The tokenizer needs no custom code, but AutoTokenizer resolves the config first.
+    tokenizer = AutoTokenizer.from_pretrained(tuned, trust_remote_code=True)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True)

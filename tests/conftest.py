@@ -101,8 +101,10 @@ def run_without_moe_hub(code: str, cwd: Path, env: dict | None = None) -> str:
     full_env = {**os.environ, **(env or {}), "PYTHONPATH": str(blocker)}
     prelude = "try:\n    import moe_hub\n    raise SystemExit('moe_hub importable')\n" \
               "except ImportError:\n    pass\n"
+    # stdin closed: a trust_remote_code prompt reads EOF and shows up in stdout, never hangs.
     done = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=cwd,
-                          env=full_env, capture_output=True, text=True, timeout=600)
+                          env=full_env, capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL)
     if done.returncode != 0:
         raise AssertionError(f"subprocess failed:\n{done.stdout}\n{done.stderr}")
     return done.stdout

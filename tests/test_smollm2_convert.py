@@ -39,3 +39,21 @@ def test_smollm2_pipeline(converted: Path) -> None:
     result = generator(PROMPT, max_new_tokens=12, do_sample=False)
     reply = result[0]["generated_text"][-1]
     assert reply["role"] == "assistant" and "Paris" in reply["content"]
+
+
+def test_model_card_snippet_runs_as_written(converted: Path, tmp_path: Path) -> None:
+    """The card's first Python example, pointed at this checkpoint, runs without moe_hub and
+    without a trust_remote_code prompt (AutoTokenizer resolves the config, and so the custom
+    code, before it reads the tokenizer)."""
+    import re
+
+    from conftest import run_without_moe_hub
+
+    from moe_hub.model_card import render_model_card
+
+    card = str(render_model_card(converted, repo_id=str(converted)))
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "trust_remote_code=True" in snippet
+    out = run_without_moe_hub(snippet, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert "Do you wish to run the custom code" not in out
+    assert out.strip().startswith("The capital of France is")
