@@ -145,14 +145,16 @@ def convert(
         except ValueError as err:
             raise MoEHubError(str(err)) from None
         dtype = None if options.dtype == "auto" else DTYPE_NAMES[options.dtype]
+        # Read from the skeleton before the adapter thread starts materialising its parameters.
+        names = model.checkpoint_names_by_dense_name()
         if not options.adapter_only:
-            _check_base_complete(model, weight_files)
+            _check_base_complete(model, names, weight_files)
         weight_map: dict[str, str] = {}
         with ThreadPoolExecutor(max_workers=1) as pool:
             # Adapters are initialised and saved while the kernel copies the base shards.
             adapter_names = pool.submit(_write_adapters, model, options.seed, staging)
             if not options.adapter_only:
-                weight_map.update(_write_base_shards(model, weight_files, staging, dtype,
+                weight_map.update(_write_base_shards(names, weight_files, staging, dtype,
                                                      progress))
             weight_map.update(dict.fromkeys(adapter_names.result(), ADAPTER_WEIGHTS))
         write_index(staging, weight_map)
@@ -255,10 +257,11 @@ def _dense_config(dense_dir: Path) -> Any:
     return config.get_text_config()
 
 
-def _check_base_complete(model: MoELoraForCausalLM, weight_files: list[Path]) -> None:
+def _check_base_complete(model: MoELoraForCausalLM, mapping: dict[str, str],
+                         weight_files: list[Path]) -> None:
     """Read every shard's header (raising on a corrupt one) and check that together they hold
-    every dense weight the model needs, before anything is written."""
-    mapping = model.checkpoint_names_by_dense_name()
+    every dense weight the model needs (``mapping``: dense name -> checkpoint name), before
+    anything is written."""
     headers = [read_header(path)[0] for path in weight_files]
     found = {mapping.get(n) for h in headers for n in tensor_names(h)} - {None}
     missing = sorted(set(mapping.values()) - found - set(model.tied_parameter_names()))
@@ -270,10 +273,9 @@ def _check_base_complete(model: MoELoraForCausalLM, weight_files: list[Path]) ->
 
 
 def _write_base_shards(
-    model: MoELoraForCausalLM, weight_files: list[Path], staging: Path,
+    mapping: dict[str, str], weight_files: list[Path], staging: Path,
     dtype: torch.dtype | None, progress: bool,
 ) -> dict[str, str]:
-    mapping = model.checkpoint_names_by_dense_name()
     weight_map: dict[str, str] = {}
     total = sum(path.stat().st_size for path in weight_files)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),

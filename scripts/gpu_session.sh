@@ -22,6 +22,7 @@ if [[ $step == prepare ]]; then
     set -e
     rm -rf .whl && mkdir .whl
     python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl .
+    rm -rf build  # setuptools' scratch tree: a stale copy of the package beside the real one
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
         --platform manylinux2014_x86_64 -d .whl bitsandbytes==0.50.2
