@@ -52,9 +52,9 @@ class ConvertOptions:
 
     router: str = "topk"
     router_config: dict[str, Any] = field(default_factory=dict)
-    experts: int = 8
+    experts: int | None = None  # None: 8, or one per adapter with from_adapters
     top_k: int = 2
-    rank: int = 16
+    rank: int | None = None  # None: 16, or the largest adapter rank with from_adapters
     alpha: float | None = None  # None: 2 * rank, the usual LoRA choice
     dropout: float = 0.05
     targets: list[str] | None = None  # None: every linear inside the decoder layers
@@ -69,6 +69,8 @@ class ConvertOptions:
     allow_pickle: bool = False
     adapter_only: bool = False
     overwrite: bool = False
+    from_adapters: list[str] | None = None  # PEFT LoRA adapters: adapter i -> expert i
+    check_adapter_base: bool = True
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> ConvertOptions:
@@ -89,15 +91,16 @@ class ConvertOptions:
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise MoEHubError(f"unknown dtype {self.dtype!r}: pass --dtype auto, "
                               f"{', '.join(DTYPE_NAMES)}")
+        rank = self.rank if self.rank is not None else 16
         try:
             return MoELoraConfig(
                 text_config=text_config,
                 router=self.router,
                 router_config=self.router_config,
-                num_experts=self.experts,
+                num_experts=self.experts if self.experts is not None else 8,
                 num_experts_per_tok=self.top_k,
-                lora_rank=self.rank,
-                lora_alpha=self.alpha if self.alpha is not None else 2.0 * self.rank,
+                lora_rank=rank,
+                lora_alpha=self.alpha if self.alpha is not None else 2.0 * rank,
                 lora_dropout=self.dropout,
                 target_modules=self.targets,
                 routing_granularity=self.granularity,
@@ -135,6 +138,11 @@ def convert(
     out = Path(out)
     if out.exists() and not options.overwrite:
         raise MoEHubError(f"{out} already exists: pass --overwrite to replace it")
+    adapters = None
+    if options.from_adapters:
+        from . import from_adapters
+
+        options, adapters = from_adapters.prepare(options)
     with staging_dir(out) as staging, _resolve_base(base, options, staging) as resolved:
         dense_dir, origin, revision = resolved
         text_config = _dense_config(dense_dir)
@@ -144,6 +152,10 @@ def convert(
             model = model_skeleton(config)
         except ValueError as err:
             raise MoEHubError(str(err)) from None
+        plan = adapters and from_adapters.AdapterPlan(adapters, model, origin,
+                                                      options.check_adapter_base)
+        if plan:
+            config.source_adapters = plan.records()
         dtype = None if options.dtype == "auto" else DTYPE_NAMES[options.dtype]
         # Read from the skeleton before the adapter thread starts materialising its parameters.
         names = model.checkpoint_names_by_dense_name()
@@ -152,7 +164,7 @@ def convert(
         weight_map: dict[str, str] = {}
         with ThreadPoolExecutor(max_workers=1) as pool:
             # Adapters are initialised and saved while the kernel copies the base shards.
-            adapter_names = pool.submit(_write_adapters, model, options.seed, staging)
+            adapter_names = pool.submit(_write_adapters, model, options.seed, staging, plan)
             if not options.adapter_only:
                 weight_map.update(_write_base_shards(names, weight_files, staging, dtype,
                                                      progress))
@@ -293,7 +305,8 @@ def _write_base_shards(
     return weight_map
 
 
-def _write_adapters(model: MoELoraForCausalLM, seed: int, staging: Path) -> list[str]:
+def _write_adapters(model: MoELoraForCausalLM, seed: int, staging: Path,
+                    plan: Any = None) -> list[str]:
     """Materialise the expert and router tensors of a meta model on the CPU, initialise them
     deterministically, save them; return their names.
 
@@ -308,6 +321,8 @@ def _write_adapters(model: MoELoraForCausalLM, seed: int, staging: Path) -> list
         setattr(module, attr, torch.nn.Parameter(torch.empty(meta.shape, dtype=torch.float32)))
     torch.manual_seed(seed)
     model.reset_adapter_parameters()
+    if plan:
+        plan.apply(model)  # experts from PEFT adapters overwrite their initialised slots
     params = dict(model.named_parameters())
     adapters = {name: params[name].detach().contiguous() for name in names}
     save_file(adapters, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})

@@ -40,6 +40,7 @@ from .options_file import read_options_file
 from .routing_stats import HEATMAP_FILE, STATS_FILE, RoutingStats
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
+TRAIN_CHOICES = ("all", "experts", "routers")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRAINING_FILE = "moe_hub_training.json"
 # Files of the input checkpoint that fine-tuning regenerates instead of copying.
@@ -56,6 +57,7 @@ class FinetuneOptions:
     """
 
     quantize: str = "nf4"
+    train: str = "all"  # all, experts (LoRA pairs) or routers (with their shared modules)
     double_quant: bool = True
     compute_dtype: str = "auto"  # auto: bfloat16 with bf16, else float32
     eval_data: str | None = None
@@ -121,6 +123,9 @@ class FinetuneOptions:
         if self.quantize not in QUANTIZATIONS:
             raise MoEHubError(f"unknown quantization {self.quantize!r}: pass --quantize one of "
                               f"{', '.join(QUANTIZATIONS)}")
+        if self.train not in TRAIN_CHOICES:
+            raise MoEHubError(f"unknown --train {self.train!r}: pass one of "
+                              f"{', '.join(TRAIN_CHOICES)}")
         if self.compute_dtype != "auto" and self.compute_dtype not in COMPUTE_DTYPES:
             raise MoEHubError(f"unknown compute dtype {self.compute_dtype!r}: pass auto, "
                               f"{', '.join(COMPUTE_DTYPES)}")
@@ -210,14 +215,20 @@ def load_for_training(checkpoint: str | os.PathLike, options: FinetuneOptions) -
         model.config.router_aux_loss_coef = float(options.aux_loss_coef)
     if options.z_loss_coef is not None:
         model.config.router_z_loss_coef = float(options.z_loss_coef)
-    prepare_for_training(model)
+    prepare_for_training(model, options.train)
     return model
 
 
-def prepare_for_training(model: Any) -> list[str]:
-    """Freeze the base, make adapters fp32 and trainable, disable the bnb CPU repacking; return
-    the trainable parameter names."""
+def is_expert_parameter(name: str) -> bool:
+    """Expert (LoRA pair) tensors, as opposed to routers and their shared modules."""
+    return ".lora_" in name
+
+
+def prepare_for_training(model: Any, train: str = "all") -> list[str]:
+    """Freeze the base, make adapters fp32 and the ``train`` group of them (``all``, ``experts``
+    or ``routers``) trainable, disable the bnb CPU repacking; return the trainable names."""
     adapters = set(model.adapter_parameter_names())
+    trainable = set()
     for name, param in model.named_parameters():
         if name in adapters:
             if type(param) is not torch.nn.Parameter:
@@ -225,7 +236,10 @@ def prepare_for_training(model: Any) -> list[str]:
                                   f"the checkpoint's code is not a moe-hub model")
             if param.dtype != torch.float32:
                 param.data = param.data.float()
-            param.requires_grad_(True)
+            wanted = train == "all" or (train == "experts") == is_expert_parameter(name)
+            param.requires_grad_(wanted)
+            if wanted:
+                trainable.add(name)
         else:
             param.requires_grad_(False)
     try:
@@ -240,7 +254,7 @@ def prepare_for_training(model: Any) -> list[str]:
     model.config.output_router_logits = True
     model.config.use_cache = False
     model.train()
-    return sorted(adapters)
+    return sorted(trainable)
 
 
 def adapter_state(model: Any) -> dict[str, torch.Tensor]:
@@ -580,5 +594,5 @@ def _print_summary(metrics: dict[str, Any], output: Path, progress: bool) -> Non
         f"[green]fine-tuned[/green] {', '.join(parts)}; wrote {output}")
 
 
-__all__ = ["QUANTIZATIONS", "FinetuneOptions", "finetune", "load_for_training",
+__all__ = ["QUANTIZATIONS", "TRAIN_CHOICES", "FinetuneOptions", "finetune", "load_for_training",
            "prepare_for_training"]

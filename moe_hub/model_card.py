@@ -200,7 +200,19 @@ def render_model_card(
         metrics=training.get("metrics") or training.get("final_metrics") or {},
         expert_load=training.get("expert_load") or training.get("expert_load_stats") or {},
         heatmap=HEATMAP_FILE if (path / HEATMAP_FILE).is_file() else None,
+        source_adapters=_source_adapters(config),
     )
+
+
+def _source_adapters(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The PEFT adapters the experts were built from: Hub ids become links, local directories
+    appear by name only."""
+    rows = []
+    for entry in config.get("source_adapters") or []:
+        hub_id = entry.get("hub_id")
+        rows.append({**entry, "link": f"https://huggingface.co/{hub_id}" if hub_id else None,
+                     "targets": ", ".join(f"`{t}`" for t in entry.get("target_modules") or [])})
+    return rows
 
 
 def write_model_card(
