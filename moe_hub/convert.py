@@ -151,6 +151,9 @@ def convert(
         try:
             model = model_skeleton(config)
         except ValueError as err:
+            if adapters and options.targets == from_adapters.adapter_targets(adapters):
+                raise MoEHubError(f"the adapters target {options.targets}, but BASE has no such "
+                                  f"routable linear: were they trained on another model?") from None
             raise MoEHubError(str(err)) from None
         plan = adapters and from_adapters.AdapterPlan(adapters, model, origin,
                                                       options.check_adapter_base)

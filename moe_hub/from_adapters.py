@@ -191,12 +191,15 @@ def read_adapter(spec: str, *, revision: str | None = None,
     r, alpha, rslora = int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora"))
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _KEY.match(key)
-        if match is None:
+        if (match := _KEY.match(key)) is not None:
+            found.setdefault(match["module"], {})[match["part"]] = tensor
+    for key in tensors:
+        # PEFT saves a copy of the base weight of an embedding / LM head it put LoRA on.
+        copy = re.match(r"^base_model\.model\.(.+)\.base_layer\.weight$", key)
+        if _KEY.match(key) is None and not (copy and copy[1] in found):
             raise MoEHubError(f"adapter {spec} holds {key}, which is not a LoRA A/B weight of a "
                               f"linear (embedding LoRA, DoRA magnitudes and biases can't be "
                               f"represented as experts)")
-        found.setdefault(match["module"], {})[match["part"]] = tensor
     pairs: dict[str, LoraPair] = {}
     for module, parts in sorted(found.items()):
         if set(parts) != {"A", "B"}:
@@ -239,7 +242,8 @@ def read_adapters(specs: list[str], *, allow_pickle: bool = False) -> list[PeftL
 
 
 def resolve_options(options: Any, adapters: list[PeftLoraAdapter]) -> Any:
-    """Fill ``experts`` / ``rank`` / ``targets`` from the adapters and check given values."""
+    """Fill ``experts`` / ``rank`` / ``targets`` (and ``top_k`` when the experts default to one
+    per adapter) from the adapters, and check given values."""
     count = len(adapters)
     experts = options.experts if options.experts is not None else count
     if experts < count:
@@ -251,10 +255,16 @@ def resolve_options(options: Any, adapters: list[PeftLoraAdapter]) -> Any:
     if rank < need:
         raise MoEHubError(f"--rank {rank} is below the rank {need} of adapter {name} at {module}: "
                           f"pass --rank {need} or more (or leave it out)")
-    targets = options.targets
-    if targets is None:
-        targets = sorted({m.rsplit(".", 1)[-1] for a in adapters for m in a.pairs})
-    return replace(options, experts=experts, rank=rank, targets=targets)
+    targets = options.targets if options.targets is not None else adapter_targets(adapters)
+    top_k = options.top_k
+    if options.experts is None:
+        top_k = min(top_k, experts)  # one adapter, default top-2: one expert per token
+    return replace(options, experts=experts, rank=rank, targets=targets, top_k=top_k)
+
+
+def adapter_targets(adapters: list[PeftLoraAdapter]) -> list[str]:
+    """The default ``--targets`` with adapters: the short names of every module they target."""
+    return sorted({m.rsplit(".", 1)[-1] for a in adapters for m in a.pairs})
 
 
 def _same_base(adapter_base: str, base: str) -> bool:

@@ -186,3 +186,34 @@ def test_topk_checkpoint_loads_without_moe_hub_and_trains_routers_only(
                          if (".lora_" in n) == (train == "experts")]
         # Every router learns; experts only where B != 0 gives A a gradient.
         assert all(trained_group) if train == "routers" else any(trained_group)
+
+
+def test_hub_adapter_is_downloaded_and_linked_in_the_card(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, llama: dict[str, Path]) -> None:
+    import huggingface_hub.constants as constants
+    from hub_server import serve_hub
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    token = "hf_test_alice_0123456789"
+    with serve_hub({token: "alice"}) as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        api = HfApi(endpoint=server.endpoint, token=token)
+        api.create_repo("alice/mlp-lora")
+        api.create_commit("alice/mlp-lora", commit_message="adapter", operations=[
+            CommitOperationAdd(p.name, str(p)) for p in sorted(llama["mlp"].iterdir())
+            if p.is_file()])
+        out = convert(llama["dense"], tmp_path / "moe",
+                      from_adapters=["alice/mlp-lora", str(llama["attn"])], progress=False)
+    reference = peft_logits(llama["dense"], llama["mlp"])
+    assert (moe_logits(out, 0) - reference).abs().max() <= 1e-5
+    card = (out / "README.md").read_text()
+    assert "[alice/mlp-lora](https://huggingface.co/alice/mlp-lora)" in card
+    assert "`attn` (local)" in card
+    records = json.loads((out / "config.json").read_text())["source_adapters"]
+    assert [(r["expert"], r["name"], r["hub_id"]) for r in records] == \
+        [(0, "alice/mlp-lora", "alice/mlp-lora"), (1, "attn", None)]
+    assert records[0]["use_rslora"] and records[0]["r"] == 8
