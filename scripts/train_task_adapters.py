@@ -227,14 +227,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/task-adapters")
-    parser.add_argument("--tasks", default="arithmetic,reverse",
+    parser.add_argument("--tasks", default="arithmetic,uppercase",
                         help="two tasks of the shipped dataset, comma-separated")
-    parser.add_argument("--heldout", type=int, default=15, help="evaluation rows per task")
-    parser.add_argument("--adapter-steps", type=int, default=60)
-    parser.add_argument("--adapter-lr", type=float, default=1e-3)
-    parser.add_argument("--router-steps", type=int, default=30)
+    parser.add_argument("--heldout", type=int, default=12, help="evaluation rows per task")
+    parser.add_argument("--adapter-steps", type=int, default=20)
+    parser.add_argument("--adapter-lr", type=float, default=2e-3)
+    parser.add_argument("--router-steps", type=int, default=8)
     parser.add_argument("--router-lr", type=float, default=1e-2)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=6)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     run(parser.parse_args())

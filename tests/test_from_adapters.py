@@ -217,3 +217,22 @@ def test_hub_adapter_is_downloaded_and_linked_in_the_card(
     assert [(r["expert"], r["name"], r["hub_id"]) for r in records] == \
         [(0, "alice/mlp-lora", "alice/mlp-lora"), (1, "attn", None)]
     assert records[0]["use_rslora"] and records[0]["r"] == 8
+
+
+def test_train_choice_selects_parameter_groups(tmp_path: Path, llama: dict[str, Path]) -> None:
+    from moe_hub.finetune import prepare_for_training
+    from moe_hub.modeling import MoELoraForCausalLM
+
+    out = convert(llama["dense"], tmp_path / "moe", router="rmoe", progress=False,
+                  from_adapters=[str(llama["attn"]), str(llama["mlp"])])
+    model = MoELoraForCausalLM.from_pretrained(out)
+    adapters = set(model.adapter_parameter_names())
+    shared = {n for n in adapters if ".lora_" not in n and ".router." not in n}
+    assert shared  # rmoe's GRU, shared by every site
+    for train in ("routers", "experts", "all"):
+        names = set(prepare_for_training(model, train))
+        grad = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert names == grad
+        experts = {n for n in adapters if ".lora_" in n}
+        want = {"routers": adapters - experts, "experts": experts, "all": adapters}[train]
+        assert grad == want and (train == "experts" or shared <= grad)
