@@ -171,28 +171,35 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         return self._routing.begin(attention_mask.bool() if padding else None)
 
     def _router_summary(
-        self, ctx: RoutingContext
+        self, ctx: RoutingContext, device: torch.device
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple]:
-        """Auxiliary losses over every site's decisions, padding excluded, each site once."""
+        """Auxiliary losses over every site's decisions, padding excluded, each site once.
+
+        Sites may sit on different devices (``device_map`` across GPUs): every per-site tensor
+        is moved to ``device`` (where the LM loss is) before they are combined. The moves are
+        differentiable, so each router still gets its gradient on its own device.
+        """
         outputs = [ctx.outputs[i] for i in sorted(ctx.outputs)]
-        if not outputs:
-            zero = torch.zeros((), device=self.device)
-            return {"load_balance": zero}, torch.zeros(0, self.config.num_experts), ()
         num_experts = self.config.num_experts
+        if not outputs:
+            zero = torch.zeros((), device=device)
+            return {"load_balance": zero}, torch.zeros(0, num_experts, device=device), ()
         logits, indices, masks, counts = [], [], [], []
         router_losses: dict[str, list[torch.Tensor]] = {}
         for out in outputs:
             tokens = out.indices.shape[0]
             mask = ctx.flat_mask(tokens)
+            mask = None if mask is None else mask.to(device)
             steps = out.logits.shape[0] // tokens
-            logits.append(out.logits)
-            indices.append(out.balance_indices)
+            logits.append(out.logits.to(device))
+            indices.append(out.balance_indices.to(device))
             if mask is not None:
                 masks.append(mask.repeat(steps))
-            chosen = out.indices if mask is None else out.indices[mask]
+            chosen = out.indices.to(device)
+            chosen = chosen if mask is None else chosen[mask]
             counts.append(torch.bincount(chosen.reshape(-1), minlength=num_experts))
             for name, value in out.losses.items():
-                router_losses.setdefault(name, []).append(value)
+                router_losses.setdefault(name, []).append(value.to(device))
         all_logits = torch.cat(logits)
         mask = torch.cat(masks) if len(masks) == len(outputs) else None
         losses = {
@@ -266,7 +273,21 @@ class MoELoraModel(MoELoraPreTrainedModel):
 
 class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
     """Causal LM with MoE-LoRA experts; loss = LM loss + weighted router losses when
-    ``output_router_logits`` and ``labels`` are given (as in Mixtral)."""
+    ``output_router_logits`` and ``labels`` are given (as in Mixtral).
+
+    The router losses are defined per optimizer step. A plain call (no ``num_items_in_batch``)
+    adds ``aux = coef * load_balance (+ z-loss and router losses)`` of this batch. When
+    ``num_items_in_batch`` N is given (transformers' Trainer passes it because ``forward``
+    accepts ``**kwargs``; the LM loss is then summed over this micro-batch's label tokens and
+    divided by N, the label tokens of the whole optimizer step), the aux term is weighted by this
+    micro-batch's share of those tokens, ``n / N`` (n: labels != -100 after the causal shift, or
+    of ``shift_labels``). Trainer then skips its division by the gradient-accumulation steps and,
+    with ``average_tokens_across_devices`` (N counted over all processes), multiplies the loss by
+    the world size W while DDP averages gradients over W. Summed over the micro-batches and
+    averaged over the processes, the aux term is therefore ``sum_m (n_m / N) aux_m``: the
+    token-weighted mean of the micro-batch aux losses, whatever grad_accum and W are. Without
+    that weight it would grow as grad_accum x W.
+    """
 
     def get_output_embeddings(self) -> nn.Module:
         return self.model.get_output_embeddings()
@@ -303,10 +324,15 @@ class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
         )
         loss, aux_loss, aux_losses, counts, router_logits = out.loss, None, None, None, None
         if output_router_logits:
-            aux_losses, counts, router_logits = self._router_summary(ctx)
+            aux_losses, counts, router_logits = self._router_summary(ctx, out.logits.device)
             aux_loss = aux_losses["load_balance"]
             if loss is not None:
-                loss = loss + self._weighted_aux_loss(aux_losses).to(loss.device)
+                weighted = self._weighted_aux_loss(aux_losses).to(loss.device)
+                num_items = kwargs.get("num_items_in_batch")
+                if num_items is not None:
+                    weighted = weighted * loss_token_share(labels, kwargs.get("shift_labels"),
+                                                           num_items, loss.device)
+                loss = loss + weighted
         # Drop the recorded decisions; routing state stays for checkpointed recomputation.
         ctx.outputs.clear()
         return MoELoraCausalLMOutput(
@@ -320,6 +346,22 @@ class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
             aux_losses=aux_losses,
             expert_counts=counts,
         )
+
+
+def loss_token_share(
+    labels: torch.Tensor | None, shift_labels: torch.Tensor | None, num_items: Any,
+    device: torch.device,
+) -> torch.Tensor:
+    """This micro-batch's loss tokens over ``num_items`` (the optimizer step's, as Trainer counts
+    them: ``labels[..., 1:] != -100``, or ``shift_labels`` when the collator provides them)."""
+    targets = shift_labels if shift_labels is not None else (
+        None if labels is None else labels[..., 1:])
+    if targets is None:
+        raise ValueError("num_items_in_batch was passed without labels or shift_labels: the "
+                         "router losses can't be weighted by this batch's share of the tokens")
+    tokens = targets.ne(-100).sum().to(device, torch.float32)
+    total = torch.as_tensor(num_items, device=device, dtype=torch.float32)
+    return tokens / total.clamp_min(1.0)
 
 
 ADAPTER_WEIGHTS = "moe_adapters.safetensors"
