@@ -35,6 +35,9 @@ from .routing import ROUTERS, Router, RoutingContext, load_balancing_loss, z_los
 
 __all__ = ["MoELoraForCausalLM", "MoELoraModel", "MoELoraPreTrainedModel"]
 
+#: Class names device_map must not split (see MoELoraPreTrainedModel.__init__).
+_NO_SPLIT_ROUTING_MODULES = ("MoELoraLinear", "MoELoraBlock", "HyperNetwork")
+
 
 @dataclass
 class MoELoraCausalLMOutput(MoeCausalLMOutputWithPast):
@@ -68,7 +71,10 @@ class MoELoraPreTrainedModel(PreTrainedModel):
                 f"unknown router {config.router!r}; available routers: {sorted(ROUTERS)}"
             )
         self.model = AutoModelForCausalLM.from_config(config.text_config)
-        self._no_split_modules = list(getattr(self.model, "_no_split_modules", None) or [])
+        # device_map keeps each of these whole on one device: a routed site reads its experts'
+        # banks and router together, the hypernetwork its trunk and heads.
+        self._no_split_modules = [*(getattr(self.model, "_no_split_modules", None) or []),
+                                  *_NO_SPLIT_ROUTING_MODULES]
         self.moe_shared = nn.ModuleDict()
         self._routing = RoutingHolder(self.moe_shared)
         block = config.routing_granularity == "block"

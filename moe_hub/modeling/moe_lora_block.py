@@ -28,7 +28,7 @@ from torch import nn
 
 from .moe_lora_layer import RoutingHolder, is_linear, linear_features, target_matches
 from .moe_lora_ops import group_by_expert, moe_lora_delta, needs_grouping
-from .routing import ROUTERS, RoutingSite
+from .routing import ROUTERS, ParameterBank, RoutingSite
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -108,8 +108,9 @@ class MoELoraBlock(nn.Module):
         self.kernel = config.expert_kernel
         self._routing = routing
         experts, rank = config.num_experts, config.lora_rank
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
+        # Read through calls (``self.lora_A(name)``): offloaded banks load only when called.
+        self.lora_A = ParameterBank()
+        self.lora_B = ParameterBank()
         for name in (*layout.first, layout.down):
             d_in, d_out = linear_features(getattr(base_layer, name))
             self.lora_A[name] = nn.Parameter(torch.empty(experts, d_in, rank))
@@ -127,11 +128,11 @@ class MoELoraBlock(nn.Module):
 
     def input_lora_A(self) -> torch.Tensor:
         """[E, d_in, r] of the linear that reads the block input (routers reuse x A_e)."""
-        return self.lora_A[self.layout.first[-1]]
+        return self.lora_A(self.layout.first[-1])
 
     def _slot_delta(self, name: str, slot_x: torch.Tensor, slot_experts: torch.Tensor,
                     slot_weights: torch.Tensor, grouping: torch.Tensor | None) -> torch.Tensor:
-        return moe_lora_delta(slot_x, self.lora_A[name], self.lora_B[name], slot_experts,
+        return moe_lora_delta(slot_x, self.lora_A(name), self.lora_B(name), slot_experts,
                               slot_weights, self.scale, kernel=self.kernel, grouping=grouping)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,7 +173,7 @@ class MoELoraBlock(nn.Module):
             # down(sum g h) carries the bias once; the expert sum carries it sum(g) times (not
             # exactly 1 even when renormalised, in float32).
             out = out + (route.weights.to(out.dtype).sum(-1, keepdim=True) - 1) * bias
-        down_in = self.lora_dropout(hidden).to(self.lora_A[layout.down].dtype)
+        down_in = self.lora_dropout(hidden).to(self.lora_A(layout.down).dtype)
         down_delta = self._slot_delta(layout.down, down_in, slot_experts, weights, grouping)
         out = out + down_delta.view(tokens, top_k, -1).sum(dim=1).to(out.dtype)
         if route.residual is not None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .router_rmoe import gru_step
+from .router_rmoe import Float32GRUCell, gru_step
 from .routing import Router, RouterOutput, RoutingContext, RoutingSite, register_router
 
 
@@ -51,7 +51,7 @@ class GraphMoERouter(Router):
         options = {**cls.defaults, **config.router_config}
         if int(options["steps"]) <= 1:
             return None
-        return nn.GRUCell(config.lora_rank, int(options["message_size"]))
+        return Float32GRUCell(config.lora_rank, int(options["message_size"]))
 
     def reset_parameters(self) -> None:
         std = float(self.options["init_std"])

@@ -92,6 +92,49 @@ class RoutingContext:
         self.outputs[site.index] = output
 
 
+class ModuleRef:
+    """A module passed as a call argument to another module (a site's experts to its router, the
+    shared hypernetwork to a site's part of it).
+
+    accelerate's hooks (``device_map``) move every call argument that has a ``to`` method to the
+    called module's execution device: a module argument would be moved whole, in place, and an
+    offloaded one (meta tensors) can't be moved at all. The reference forwards attribute access
+    and calls to the module and has no ``to``.
+    """
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "to":
+            raise AttributeError("a ModuleRef is never moved: move the module itself")
+        return getattr(self.module, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+def module_ref(value: Any) -> Any:
+    return ModuleRef(value) if isinstance(value, nn.Module) else value
+
+
+class ParameterBank(nn.ParameterDict):
+    """A ParameterDict read through a call (``bank(key)``), never by indexing.
+
+    With CPU or disk offload, accelerate keeps a module's weights on the meta device and loads
+    them only while that module is being called; a ParameterDict is never called, so ``bank[key]``
+    would read a meta tensor. Calling the bank fires its hook; the tensor returned stays valid
+    after the hook offloads the bank again. State-dict names are those of a ParameterDict.
+    """
+
+    __call__ = nn.Module.__call__  # ParameterDict refuses calls
+
+    def forward(self, key: str) -> torch.Tensor:
+        return self[key]
+
+
 class Router(nn.Module):
     """Base class of the routers. A subclass sets ``name`` and implements :meth:`forward`.
 
@@ -127,9 +170,15 @@ class Router(nn.Module):
     def reset_parameters(self) -> None:
         raise NotImplementedError
 
+    def __call__(self, x: torch.Tensor, ctx: RoutingContext, experts: Any = None,
+                 *args: Any, **kwargs: Any) -> RouterOutput:
+        # The experts module reaches forward as a ModuleRef, untouched by accelerate's hooks.
+        return super().__call__(x, ctx, module_ref(experts), *args, **kwargs)
+
     def forward(self, x: torch.Tensor, ctx: RoutingContext, experts: Any) -> RouterOutput:
         """Route ``x`` [T, d_in]. ``experts`` is the site's expert module (its ``lora_A``,
-        ``lora_B`` and ``scale``), for routers that look at what the experts compute."""
+        ``lora_B`` and ``scale``), for routers that look at what the experts compute, behind a
+        :class:`ModuleRef`."""
         raise NotImplementedError
 
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,132 @@
+"""Every router and granularity under accelerate's ``device_map`` with CPU and disk offload.
+
+On a CPU-only machine accelerate executes everything on the CPU; a module mapped to "disk" keeps
+its weights on the meta device and an AlignDevicesHook loads them from the offload folder only
+while that module is being called. Reading a parameter of such a module outside its own call
+(the shared GRU or hypernetwork read through raw parameters, a ParameterDict indexed directly), or
+handing a module to another module's call (the hook moves every argument that has ``.to``),
+crashes. The offloaded model must give the in-memory model's logits and greedy generations
+exactly: the same float32 operations run on the same values, only loaded at another time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.utils import compute_module_sizes
+from conftest import save_tiny_dense
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from moe_hub.convert import convert
+from moe_hub.modeling.routing import ROUTERS
+
+ROUTER_OPTIONS = {"rmoe": {"hidden_size": 16, "hyper": True, "embed_dim": 16},
+                  "hypermoe": {"embed_dim": 16}, "graphmoe": {"steps": 2, "message_size": 8}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory) -> Path:
+    return save_tiny_dense(tmp_path_factory.mktemp("dense") / "llama")
+
+
+def trained_checkpoint(dense: Path, out: Path, router: str, granularity: str) -> Path:
+    """A converted checkpoint whose experts and generated modules are non-zero (B = 0 at
+    conversion would make the experts invisible in the output)."""
+    ckpt = convert(dense, out, router=router, granularity=granularity, experts=4, rank=4,
+                   dropout=0.0, router_config=ROUTER_OPTIONS.get(router, {}), progress=False)
+    generator = torch.Generator().manual_seed(5)
+    for path in ckpt.glob("*.safetensors"):
+        tensors = load_file(path)
+        for name, value in tensors.items():
+            if name.endswith("lora_B") or ".lora_B." in name or "head_b_" in name:
+                tensors[name] = 0.3 * torch.randn(value.shape, generator=generator)
+        save_file(tensors, path, metadata={"format": "pt"})
+    return ckpt
+
+
+def decoder_layers(model) -> list[str]:
+    """Names of the decoder layers (the dense model's no-split blocks), in depth order."""
+    kinds = set(model.model._no_split_modules if hasattr(model.model, "_no_split_modules")
+                else model._no_split_modules)
+    return [name for name, module in model.named_modules() if type(module).__name__ in kinds]
+
+
+def offload_map(model) -> dict[str, str]:
+    """The last decoder layer and the shared routing modules on disk, the rest on the CPU."""
+    on_disk = [decoder_layers(model)[-1], *(["moe_shared"] if len(model.moe_shared) else [])]
+    device_map = dict.fromkeys(on_disk, "disk")
+    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+        if not any(name.startswith(prefix + ".") for prefix in on_disk):
+            device_map[name.rpartition(".")[0]] = "cpu"
+    return device_map
+
+
+def assert_offloaded(model, name: str) -> None:
+    module = model.get_submodule(name)
+    params = list(module.parameters())
+    assert params and all(p.device.type == "meta" for p in params), name
+    hooks = [m._hf_hook for m in module.modules() if hasattr(m, "_hf_hook")]
+    assert any(getattr(hook, "offload", False) for hook in hooks), name
+
+
+def assert_same_outputs(reference, placed) -> None:
+    ids = torch.randint(4, 250, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding: the padding mask travels too
+    with torch.no_grad():
+        want = reference(ids, attention_mask=mask, output_router_logits=True)
+        got = placed(ids, attention_mask=mask, output_router_logits=True)
+    assert torch.equal(got.logits, want.logits)
+    assert torch.equal(got.aux_loss, want.aux_loss)
+    assert torch.equal(got.expert_counts, want.expert_counts)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(placed.generate(ids, attention_mask=mask, **kwargs),
+                       reference.generate(ids, attention_mask=mask, **kwargs))
+
+
+@pytest.mark.parametrize("granularity", ["linear", "block"])
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_disk_offloaded_layers_and_shared_modules_give_the_in_memory_outputs(
+        tmp_path, dense, router, granularity):
+    ckpt = trained_checkpoint(dense, tmp_path / "ckpt", router, granularity)
+    reference = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True)
+    device_map = offload_map(reference)
+    placed = AutoModelForCausalLM.from_pretrained(
+        ckpt, trust_remote_code=True, device_map=device_map, offload_folder=str(tmp_path / "off"))
+    assert_offloaded(placed, decoder_layers(placed)[-1])
+    if len(placed.moe_shared):
+        assert_offloaded(placed, "moe_shared")
+    assert_same_outputs(reference, placed)
+
+
+def test_device_map_auto_with_small_cpu_memory_offloads_and_matches(tmp_path, dense):
+    ckpt = trained_checkpoint(dense, tmp_path / "ckpt", "rmoe", "linear")
+    reference = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True)
+    # Room for the embeddings, the first decoder layer and the one-layer buffer accelerate keeps
+    # for loading offloaded layers, not for a second layer: the rest goes to disk.
+    sizes = compute_module_sizes(reference)
+    layer = sizes[decoder_layers(reference)[0]]
+    budget = sizes[next(n for n, m in reference.named_modules()
+                        if m is reference.get_input_embeddings())] + int(2.5 * layer)
+    placed = AutoModelForCausalLM.from_pretrained(
+        ckpt, trust_remote_code=True, device_map="auto", max_memory={"cpu": budget},
+        offload_folder=str(tmp_path / "off"))
+    layers = decoder_layers(placed)
+    on_disk = [name for name in layers
+               if any(name == k or name.startswith(k + ".") for k, v in
+                      placed.hf_device_map.items() if v == "disk")]
+    assert on_disk and len(on_disk) < len(layers), placed.hf_device_map
+    for name in on_disk:
+        assert_offloaded(placed, name)
+    assert_same_outputs(reference, placed)
