@@ -11,6 +11,7 @@ exactly: the same float32 operations run on the same values, only loaded at anot
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from moe_hub.convert import convert
-from moe_hub.modeling.routing import ROUTERS
+from moe_hub.modeling import MoELoraForCausalLM
+from moe_hub.modeling.moe_lora_layer import MoELoraLinear
+from moe_hub.modeling.routing import ROUTERS, RouterOutput, RoutingContext
 
 ROUTER_OPTIONS = {"rmoe": {"hidden_size": 16, "hyper": True, "embed_dim": 16},
                   "hypermoe": {"embed_dim": 16}, "graphmoe": {"steps": 2, "message_size": 8}}
@@ -130,3 +133,41 @@ def test_device_map_auto_with_small_cpu_memory_offloads_and_matches(tmp_path, de
     for name in on_disk:
         assert_offloaded(placed, name)
     assert_same_outputs(reference, placed)
+
+
+@pytest.mark.parametrize("router", ["topk", "graphmoe", "hypermoe"])
+def test_router_summary_brings_every_site_to_the_loss_device(tmp_path, dense, router):
+    """Under a device_map across GPUs each site's decisions live on its layer's device. Without a
+    second device here, the meta device stands in for one (torch.cat and masking refuse mixed
+    devices alike): every other site's outputs are moved there, and the summary asked for on
+    that device must bring every per-site tensor (logits of every GraphMoE step, indices, the
+    padding mask, HyperMoE's own losses) to it, without a host synchronisation (meta tensors
+    have no values to synchronise on)."""
+    ckpt = trained_checkpoint(dense, tmp_path / "ckpt", router, "linear")
+    model = MoELoraForCausalLM.from_pretrained(ckpt).train()  # HyperMoE's noisy gate, its loss
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, :2] = False
+    ctx = RoutingContext(mask, model.moe_shared)
+    sites = [m for m in model.modules() if isinstance(m, MoELoraLinear)]
+    generator = torch.Generator().manual_seed(2)
+    for i, module in enumerate(sites):
+        out = module.router(torch.randn(10, module.site.in_features, generator=generator), ctx,
+                            module)
+        if i % 2:
+            out = RouterOutput(**{f.name: move_to(getattr(out, f.name), "meta")
+                                  for f in dataclasses.fields(out)})
+        ctx.record(module.site, out)
+    losses, counts, logits = model._router_summary(ctx, torch.device("meta"))
+    assert {t.device.type for t in [*losses.values(), counts]} == {"meta"}
+    assert counts.shape == (len(sites), model.config.num_experts)
+    assert len(logits) == len(sites)
+    if router == "hypermoe":
+        assert "hypermoe_cv" in losses
+
+
+def move_to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: move_to(v, device) for k, v in value.items()}
+    return value

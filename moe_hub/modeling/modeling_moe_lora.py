@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
@@ -201,9 +202,11 @@ class MoELoraPreTrainedModel(PreTrainedModel):
             indices.append(out.balance_indices.to(device))
             if mask is not None:
                 masks.append(mask.repeat(steps))
-            chosen = out.indices.to(device)
-            chosen = chosen if mask is None else chosen[mask]
-            counts.append(torch.bincount(chosen.reshape(-1), minlength=num_experts))
+            # One-hot sums, not bincount over masked rows: no host synchronisation on a GPU.
+            chosen = F.one_hot(out.indices.to(device), num_experts)
+            if mask is not None:
+                chosen = chosen * mask.view(-1, 1, 1)
+            counts.append(chosen.sum(dim=(0, 1)))
             for name, value in out.losses.items():
                 router_losses.setdefault(name, []).append(value.to(device))
         all_logits = torch.cat(logits)
