@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 from moe_hub.convert import convert
 from moe_hub.modeling import MoELoraForCausalLM
 from moe_hub.modeling.moe_lora_layer import MoELoraLinear
+from moe_hub.modeling.router_rmoe import Float32GRUCell
 from moe_hub.modeling.routing import ROUTERS, RouterOutput, RoutingContext
 
 ROUTER_OPTIONS = {"rmoe": {"hidden_size": 16, "hyper": True, "embed_dim": 16},
@@ -113,15 +114,41 @@ def test_disk_offloaded_layers_and_shared_modules_give_the_in_memory_outputs(
     assert_same_outputs(reference, placed)
 
 
+@pytest.mark.parametrize("router, granularity", [("rmoe", "linear"), ("hypermoe", "block")])
+def test_bf16_model_with_disk_offload_keeps_float32_routers_and_matches(
+        tmp_path, dense, router, granularity):
+    ckpt = trained_checkpoint(dense, tmp_path / "ckpt", router, granularity)
+    reference = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True,
+                                                     dtype=torch.bfloat16)
+    placed = AutoModelForCausalLM.from_pretrained(
+        ckpt, trust_remote_code=True, dtype=torch.bfloat16, device_map=offload_map(reference),
+        offload_folder=str(tmp_path / "off"))
+    assert_offloaded(placed, decoder_layers(placed)[-1])
+    assert_offloaded(placed, "moe_shared")
+    # Offloaded weights come back from disk in the dtype they were stored in: the routers and
+    # the shared GRU / hypernetwork stay float32 in a bf16 model.
+    placed_dtypes = {}
+    hooks = [m._hf_hook for m in placed.modules() if getattr(m, "_hf_hook", None) is not None
+             and getattr(m._hf_hook, "weights_map", None) is not None]
+    for hook in hooks:
+        for name in hook.weights_map:  # full names; the dataset is the whole offloaded map
+            placed_dtypes[name] = hook.weights_map.dataset[name].dtype
+    routing = {n: d for n, d in placed_dtypes.items() if ".router." in n or "moe_shared" in n}
+    assert routing and set(routing.values()) == {torch.float32}
+    assert_same_outputs(reference, placed)
+
+
 def test_device_map_auto_with_small_cpu_memory_offloads_and_matches(tmp_path, dense):
     ckpt = trained_checkpoint(dense, tmp_path / "ckpt", "rmoe", "linear")
     reference = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True)
-    # Room for the embeddings, the first decoder layer and the one-layer buffer accelerate keeps
-    # for loading offloaded layers, not for a second layer: the rest goes to disk.
+    # Room for the embeddings, the first decoder layer and the one-layer buffer accelerate
+    # reserves for loading offloaded layers, plus half a layer: not for a second layer, which
+    # goes to disk with the rest.
     sizes = compute_module_sizes(reference)
     layer = sizes[decoder_layers(reference)[0]]
-    budget = sizes[next(n for n, m in reference.named_modules()
-                        if m is reference.get_input_embeddings())] + int(2.5 * layer)
+    embeddings = sizes[next(n for n, m in reference.named_modules()
+                            if m is reference.get_input_embeddings())]
+    budget = embeddings + 2 * layer + layer // 2
     placed = AutoModelForCausalLM.from_pretrained(
         ckpt, trust_remote_code=True, device_map="auto", max_memory={"cpu": budget},
         offload_folder=str(tmp_path / "off"))
@@ -171,3 +198,20 @@ def move_to(value, device):
     if isinstance(value, dict):
         return {k: move_to(v, device) for k, v in value.items()}
     return value
+
+
+def test_shared_gru_cell_is_torchs_cell_in_float32_even_under_autocast():
+    """The module call path keeps nn.GRUCell's parameters (old checkpoints load strictly) and its
+    equations; under bf16 autocast it still computes in float32 (bound: float32 rounding of
+    a 16-wide cell, ~1e-6 relative, against float64)."""
+    torch.manual_seed(0)
+    plain = torch.nn.GRUCell(16, 8)
+    cell = Float32GRUCell(16, 8)
+    cell.load_state_dict(plain.state_dict(), strict=True)
+    assert list(cell.state_dict()) == ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+    inputs, state = torch.randn(5, 16), torch.randn(5, 8)
+    want = plain.double()(inputs.double(), state.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cell(inputs, state)
+    assert got.dtype == torch.float32
+    assert float((got.double() - want).norm() / want.norm()) < 1e-5
