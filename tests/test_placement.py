@@ -141,14 +141,20 @@ def test_bf16_model_with_disk_offload_keeps_float32_routers_and_matches(
 def test_device_map_auto_with_small_cpu_memory_offloads_and_matches(tmp_path, dense):
     ckpt = trained_checkpoint(dense, tmp_path / "ckpt", "rmoe", "linear")
     reference = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True)
-    # Room for the embeddings, the first decoder layer and the one-layer buffer accelerate
-    # reserves for loading offloaded layers, plus half a layer: not for a second layer, which
-    # goes to disk with the rest.
+    # accelerate fills the CPU in module order and, once something must be offloaded, reserves
+    # room for loading the largest offloaded layer. A budget above everything before the last
+    # decoder layer plus that reserve, but below the whole model, offloads the last layer (and
+    # what follows it) and nothing before it.
+    last = decoder_layers(reference)[-1]
     sizes = compute_module_sizes(reference)
-    layer = sizes[decoder_layers(reference)[0]]
-    embeddings = sizes[next(n for n, m in reference.named_modules()
-                            if m is reference.get_input_embeddings())]
-    budget = embeddings + 2 * layer + layer // 2
+    layer = sizes[last]
+    before = 0
+    for name, tensor in [*reference.named_parameters(), *reference.named_buffers()]:
+        if name.startswith(last + "."):
+            break
+        before += tensor.numel() * tensor.element_size()
+    budget = (before + layer + sizes[""]) // 2
+    assert before + layer < budget < sizes[""]
     placed = AutoModelForCausalLM.from_pretrained(
         ckpt, trust_remote_code=True, device_map="auto", max_memory={"cpu": budget},
         offload_folder=str(tmp_path / "off"))
