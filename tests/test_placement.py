@@ -70,7 +70,7 @@ def offload_map(model) -> dict[str, str]:
     """The last decoder layer and the shared routing modules on disk, the rest on the CPU."""
     on_disk = [decoder_layers(model)[-1], *(["moe_shared"] if len(model.moe_shared) else [])]
     device_map = dict.fromkeys(on_disk, "disk")
-    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+    for name, _ in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
         if not any(name.startswith(prefix + ".") for prefix in on_disk):
             device_map[name.rpartition(".")[0]] = "cpu"
     return device_map
@@ -111,6 +111,19 @@ def test_disk_offloaded_layers_and_shared_modules_give_the_in_memory_outputs(
     assert_offloaded(placed, decoder_layers(placed)[-1])
     if len(placed.moe_shared):
         assert_offloaded(placed, "moe_shared")
+    assert_same_outputs(reference, placed)
+
+
+def test_gpt2_block_with_biased_conv1d_mlp_offloaded_gives_the_in_memory_outputs(tmp_path):
+    """GPT-2's MLP is Conv1D with biases: the block's bias correction must not read the down
+    projection's bias outside that module's call (offloaded, it is a meta tensor there)."""
+    dense = save_tiny_dense(tmp_path / "gpt2", arch="gpt2")
+    ckpt = trained_checkpoint(dense, tmp_path / "ckpt", "topk", "block")
+    reference = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True)
+    placed = AutoModelForCausalLM.from_pretrained(
+        ckpt, trust_remote_code=True, device_map=offload_map(reference),
+        offload_folder=str(tmp_path / "off"))
+    assert_offloaded(placed, decoder_layers(placed)[-1])
     assert_same_outputs(reference, placed)
 
 

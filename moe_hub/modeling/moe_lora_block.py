@@ -168,12 +168,16 @@ class MoELoraBlock(nn.Module):
         weights = route.weights.reshape(-1, 1)
         mixed = (hidden * weights.to(hidden.dtype)).view(tokens, top_k, -1).sum(dim=1)
         down = base.get_submodule(layout.down)
-        out = down(mixed)
-        bias = getattr(down, "bias", None)
-        if bias is not None:
+        if getattr(down, "bias", None) is None:
+            out = down(mixed)
+        else:
             # down(sum g h) carries the bias once; the expert sum carries it sum(g) times (not
-            # exactly 1 even when renormalised, in float32).
-            out = out + (route.weights.to(out.dtype).sum(-1, keepdim=True) - 1) * bias
+            # exactly 1 even when renormalised, in float32): down((sum g h) / sum g) * sum g does.
+            # The bias is never read outside down's own call, where an offloaded (device_map)
+            # weight exists only.
+            total = route.weights.to(mixed.dtype).sum(-1, keepdim=True)
+            out = down(mixed / total)
+            out = out * total.to(out.dtype)
         down_in = self.lora_dropout(hidden).to(self.lora_A(layout.down).dtype)
         down_delta = self._slot_delta(layout.down, down_in, slot_experts, weights, grouping)
         out = out + down_delta.view(tokens, top_k, -1).sum(dim=1).to(out.dtype)
