@@ -108,7 +108,7 @@ class MoELoraBlock(nn.Module):
         self.kernel = config.expert_kernel
         self._routing = routing
         experts, rank = config.num_experts, config.lora_rank
-        # Read through calls (``self.lora_A(name)``): offloaded banks load only when called.
+        # Read with ``fetch`` (``self.lora_A.fetch(name)``): offloaded banks load only when called.
         self.lora_A = ParameterBank()
         self.lora_B = ParameterBank()
         for name in (*layout.first, layout.down):
@@ -129,12 +129,13 @@ class MoELoraBlock(nn.Module):
 
     def input_lora_A(self) -> torch.Tensor:
         """[E, d_in, r] of the linear that reads the block input (routers reuse x A_e)."""
-        return self.lora_A(self.layout.first[-1])
+        return self.lora_A.fetch(self.layout.first[-1])
 
     def _slot_delta(self, name: str, slot_x: torch.Tensor, slot_experts: torch.Tensor,
                     slot_weights: torch.Tensor, grouping: torch.Tensor | None) -> torch.Tensor:
-        return moe_lora_delta(slot_x, self.lora_A(name), self.lora_B(name), slot_experts,
-                              slot_weights, self.scale, kernel=self.kernel, grouping=grouping)
+        return moe_lora_delta(slot_x, self.lora_A.fetch(name), self.lora_B.fetch(name),
+                              slot_experts, slot_weights, self.scale, kernel=self.kernel,
+                              grouping=grouping)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base, layout = self.base_layer, self.layout
@@ -178,7 +179,7 @@ class MoELoraBlock(nn.Module):
             total = route.weights.to(mixed.dtype).sum(-1, keepdim=True)
             out = down(mixed / total)
             out = out * total.to(out.dtype)
-        down_in = self.lora_dropout(hidden).to(self.lora_A(layout.down).dtype)
+        down_in = self.lora_dropout(hidden).to(self.lora_A.fetch(layout.down).dtype)
         down_delta = self._slot_delta(layout.down, down_in, slot_experts, weights, grouping)
         out = out + down_delta.view(tokens, top_k, -1).sum(dim=1).to(out.dtype)
         if route.residual is not None:

@@ -69,7 +69,7 @@ class HyperNetwork(nn.Module):
         self.kind_embedding = nn.Parameter(torch.empty(len(self.kinds), site_dim))
         self.trunk_weight = nn.Parameter(torch.empty(width, width + site_dim))
         self.trunk_bias = nn.Parameter(torch.empty(width))
-        # Banks (ParameterDicts read through calls) so that offloaded heads are loaded when read.
+        # Banks (ParameterDicts read with fetch) so that offloaded heads are loaded when read.
         self.head_a_weight, self.head_a_bias = ParameterBank(), ParameterBank()
         self.head_b_weight, self.head_b_bias = ParameterBank(), ParameterBank()
         self.shapes: dict[str, tuple[int, int]] = {}
@@ -112,8 +112,10 @@ class HyperNetwork(nn.Module):
         inputs = torch.cat([summary, site_vec.expand(summary.shape[0], -1)], dim=-1)
         hidden = F.relu(F.linear(inputs, self.trunk_weight.float(), self.trunk_bias.float()))
         key = _shape_key(site)
-        a = F.linear(hidden, self.head_a_weight(key).float(), self.head_a_bias(key).float())
-        b = F.linear(hidden, self.head_b_weight(key).float(), self.head_b_bias(key).float())
+        heads = (self.head_a_weight, self.head_a_bias, self.head_b_weight, self.head_b_bias)
+        a_weight, a_bias, b_weight, b_bias = (head.fetch(key).float() for head in heads)
+        a = F.linear(hidden, a_weight, a_bias)
+        b = F.linear(hidden, b_weight, b_bias)
         return (a.view(-1, site.in_features, self.rank), b.view(-1, self.rank, site.out_features))
 
 
