@@ -177,8 +177,9 @@ class ModuleRef:
         self.module = module
 
     def __getattr__(self, name: str) -> Any:
-        if name == "to":
-            raise AttributeError("a ModuleRef is never moved: move the module itself")
+        # "module" unset (copy, pickle) must not recurse into itself.
+        if name in ("to", "module"):
+            raise AttributeError(f"ModuleRef has no {name!r}: it is never moved")
         return getattr(self.module, name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
