@@ -475,7 +475,10 @@ class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
     the world size W while DDP averages gradients over W. Summed over the micro-batches and
     averaged over the processes, the aux term is therefore ``sum_m (n_m / N) aux_m``: the
     token-weighted mean of the micro-batch aux losses, whatever grad_accum and W are. Without
-    that weight it would grow as grad_accum x W.
+    that weight it would grow as grad_accum x W. With ``average_tokens_across_devices=False``
+    N is each process's own count and nothing is multiplied: the aux term is then the mean over
+    processes of each one's token-weighted mean, exactly as the LM loss is (read from Trainer's
+    source; the tests cover the default).
     """
 
     def get_output_embeddings(self) -> nn.Module:
