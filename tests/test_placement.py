@@ -60,9 +60,8 @@ def trained_checkpoint(dense: Path, out: Path, router: str, granularity: str) ->
 
 
 def decoder_layers(model) -> list[str]:
-    """Names of the decoder layers (the dense model's no-split blocks), in depth order."""
-    kinds = set(model.model._no_split_modules if hasattr(model.model, "_no_split_modules")
-                else model._no_split_modules)
+    """Names of the decoder layers (the dense backbone's no-split blocks), in depth order."""
+    kinds = set(model.get_decoder()._no_split_modules)
     return [name for name, module in model.named_modules() if type(module).__name__ in kinds]
 
 
