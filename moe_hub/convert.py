@@ -82,11 +82,19 @@ class ConvertOptions:
             raise MoEHubError(f"unknown option(s) {unknown} in {path}; valid: {sorted(known)}")
         return cls(**{**data, **overrides})
 
-    def model_config(self, text_config: Any, base: str, revision: str | None) -> MoELoraConfig:
+    def check_router(self) -> None:
+        """The router exists and takes ``router_config`` (checked before any download)."""
         if self.router not in ROUTERS:
             raise MoEHubError(
                 f"unknown router {self.router!r}: pass --router one of {sorted(ROUTERS)}"
             )
+        try:
+            ROUTERS[self.router].validate_options(self.router_config)
+        except ValueError as err:
+            raise MoEHubError(str(err)) from None
+
+    def model_config(self, text_config: Any, base: str, revision: str | None) -> MoELoraConfig:
+        self.check_router()
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise MoEHubError(f"unknown dtype {self.dtype!r}: pass --dtype auto, "
                               f"{', '.join(DTYPE_NAMES)}")
@@ -133,6 +141,7 @@ def convert(
     options = options or ConvertOptions()
     if option_overrides:
         options = ConvertOptions(**{**asdict(options), **option_overrides})
+    options.check_router()
     out = Path(out)
     if out.exists() and not options.overwrite:
         raise MoEHubError(f"{out} already exists: pass --overwrite to replace it")

@@ -31,7 +31,14 @@ from .router_graphmoe import GraphMoERouter  # noqa: F401
 from .router_hypermoe import HyperMoERouter  # noqa: F401
 from .router_rmoe import RecurrentRouter  # noqa: F401
 from .router_topk import TopKRouter  # noqa: F401
-from .routing import ROUTERS, Router, RoutingContext, load_balancing_loss, z_loss
+from .routing import (
+    ROUTERS,
+    Router,
+    RoutingContext,
+    call_token_mask,
+    load_balancing_loss,
+    z_loss,
+)
 
 __all__ = ["MoELoraForCausalLM", "MoELoraModel", "MoELoraPreTrainedModel"]
 
@@ -165,10 +172,9 @@ class MoELoraPreTrainedModel(PreTrainedModel):
             adapters = set(self.adapter_parameter_names())
             loading_info.missing_keys = {k for k in loading_info.missing_keys if k not in adapters}
 
-    def _begin_routing(self, attention_mask: torch.Tensor | None) -> RoutingContext:
-        # Only a 2-D padding mask says which tokens are real; 4-D custom masks route every token.
-        padding = attention_mask is not None and attention_mask.dim() == 2
-        return self._routing.begin(attention_mask.bool() if padding else None)
+    def _begin_routing(self, attention_mask: torch.Tensor | None, input_ids: Any = None,
+                       inputs_embeds: Any = None) -> RoutingContext:
+        return self._routing.begin(call_token_mask(attention_mask, input_ids, inputs_embeds))
 
     def _router_summary(
         self, ctx: RoutingContext
@@ -183,7 +189,7 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         router_losses: dict[str, list[torch.Tensor]] = {}
         for out in outputs:
             tokens = out.indices.shape[0]
-            mask = ctx.flat_mask(tokens)
+            mask = ctx.site_mask(tokens)
             steps = out.logits.shape[0] // tokens
             logits.append(out.logits)
             indices.append(out.balance_indices)
@@ -201,11 +207,15 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         if self.config.router_z_loss_coef:
             losses["z_loss"] = z_loss(all_logits, mask)
         for name, values in router_losses.items():
-            losses[name] = torch.stack(values).mean()
+            # Summed over sites, as HyperMoE's reference sums its per-layer loss over layers.
+            losses[name] = torch.stack(values).sum()
         return losses, torch.stack(counts).detach(), tuple(o.logits for o in outputs)
 
     def _weighted_aux_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        total = self.config.router_aux_loss_coef * losses["load_balance"]
+        # load_balance is always reported; routers with their own balancing (HyperMoE's cv^2,
+        # as in its reference) do not train with it.
+        switch = ROUTERS[self.config.router].load_balance
+        total = self.config.router_aux_loss_coef * losses["load_balance"] * switch
         if "z_loss" in losses:
             total = total + self.config.router_z_loss_coef * losses["z_loss"]
         for name, value in losses.items():
@@ -260,7 +270,7 @@ class MoELoraModel(MoELoraPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
-        self._begin_routing(attention_mask)
+        self._begin_routing(attention_mask, input_ids, kwargs.get("inputs_embeds"))
         return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
@@ -289,7 +299,7 @@ class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
     ) -> MoELoraCausalLMOutput:
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        ctx = self._begin_routing(attention_mask)
+        ctx = self._begin_routing(attention_mask, input_ids, inputs_embeds)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

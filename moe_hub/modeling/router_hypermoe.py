@@ -203,7 +203,7 @@ class HyperMoERouter(Router):
         else:
             logits = clean
         indices, weights = self.select(logits)
-        mask = ctx.flat_mask(x.shape[0])
+        mask = ctx.site_mask(x.shape[0])
         gates = torch.zeros_like(logits).scatter(1, indices, weights)
         keep = torch.ones(x.shape[0], 1, device=x.device) if mask is None else \
             mask.to(x.device, torch.float32).unsqueeze(-1)

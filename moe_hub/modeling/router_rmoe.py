@@ -54,6 +54,16 @@ class RecurrentRouter(Router):
         "hidden_size": 128, "recurrent": True, "init_std": 0.02, "hyper": False, **HYPER_DEFAULTS
     }
 
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        super().validate_options(options)
+        idle = sorted(set(options) & set(HYPER_DEFAULTS)) if not options.get("hyper") else []
+        if idle:
+            raise ValueError(
+                f"router option {', '.join(map(repr, idle))} of 'rmoe' applies only with "
+                f"hyper=true: add --hyper (or --router-opt hyper=true), or drop the option"
+            )
+
     def __init__(self, site: RoutingSite, config: Any) -> None:
         super().__init__(site, config)
         hidden = int(self.options["hidden_size"])
