@@ -44,6 +44,7 @@ class NamePlan:
     converted: dict[str, ConvertedTensor]
     files: dict[str, Path]
     dense_model: Any = None
+    shapes: dict[str, tuple[int, ...]] | None = None
 
     def covered(self, ours_by_dense: dict[str, str]) -> set[str]:
         """Model names this plan will write."""
@@ -156,7 +157,9 @@ def convert_tensors(item: ConvertedTensor, plan: NamePlan, text_config: Any,
                                           config=text_config)
     except Exception as err:  # an operation transformers could not apply to these tensors
         raise MoEHubError(f"{what} failed ({type(err).__name__}: {err}): {fix}") from None
-    shapes = {name: tuple(t.shape) for name, t in plan.dense_model.state_dict().items()}
+    if plan.shapes is None:
+        plan.shapes = {name: tuple(t.shape) for name, t in plan.dense_model.state_dict().items()}
+    shapes = plan.shapes
     out: dict[str, torch.Tensor] = {}
     for name, value in produced.items():
         tensor = value[0] if isinstance(value, list) else value
