@@ -19,7 +19,7 @@ from moe_hub.errors import MoEHubError
 from moe_hub.modeling import MoELoraConfig, MoELoraForCausalLM
 from moe_hub.modeling.moe_lora_block import MoELoraBlock
 from moe_hub.modeling.moe_lora_layer import MoELoraLinear
-from moe_hub.modeling.routing import RoutingContext, load_balancing_loss
+from moe_hub.modeling.routing import RouterOutput, RoutingContext, load_balancing_loss
 
 # 1. Auxiliary losses
 
@@ -272,6 +272,27 @@ def test_sites_that_see_other_tokens_keep_the_others_masked(encoder_tokens: int)
         sees_encoder = site.kind in ("crossattention.self.key", "crossattention.self.value")
         assert count == (2 * encoder_tokens * 2 if sees_encoder else 11 * 2), site.kind
     assert sum(".crossattention.self.key" in s.name for s in model.routing_sites) == 2
+
+
+def test_one_undescribed_site_does_not_unmask_the_others() -> None:
+    # 7 rows with a [2, 5] mask: not a multiple of the batch. Such a site's rows all count; the
+    # other sites keep their padding excluded (the mask used to be dropped for every site).
+    model = build("topk")
+    mask = torch.tensor([[False, False, True, True, True], [True] * 5])
+    ctx = RoutingContext(mask, model.moe_shared)
+    generator = torch.Generator().manual_seed(3)
+    rows = {0: 10, 1: 7, 2: 10}
+    for site in model.routing_sites[:3]:
+        logits = torch.randn(rows[site.index], 4, generator=generator)
+        top, chosen = logits.topk(2, dim=-1)
+        ctx.record(site, RouterOutput(chosen, top.softmax(-1), logits))
+    losses, counts, _ = model._router_summary(ctx)
+    assert counts.sum(1).tolist() == [8 * 2, 7 * 2, 8 * 2]
+    keep = torch.cat([mask.reshape(-1), torch.ones(7, dtype=torch.bool), mask.reshape(-1)])
+    logits = torch.cat([ctx.outputs[i].logits for i in range(3)])
+    chosen = torch.cat([ctx.outputs[i].indices for i in range(3)])
+    expected = load_balancing_loss(logits[keep], chosen[keep], 4, None)
+    assert losses["load_balance"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_mask_with_a_kv_cache_covers_the_new_tokens() -> None:
