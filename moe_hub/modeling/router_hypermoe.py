@@ -25,7 +25,9 @@ module) plus ``hypermoe_cv`` = sum over sites of ``cv_loss_coef`` (0.01) * (cv^2
 cv^2(load)). Summed, not averaged: the reference adds each layer's loss to the total
 (``moe_loss += loss`` over GPT-2's blocks). The Switch load-balancing loss is computed and reported
 (``aux_losses["load_balance"]``) but not added (``load_balance = False``): the reference balances
-with the cv^2 loss alone, and ``router_aux_loss_coef`` does not apply to this router.
+with the cv^2 loss alone, and ``router_aux_loss_coef`` does not apply to this router. The
+reference has one routed MLP per layer (``--granularity block`` here); per-linear routing has
+several sites per layer, each adding its term: lower ``cv_loss_coef`` to keep a layer's weight.
 
 The supplementary module (``HyperSupplement`` per site + ``HyperNetwork`` shared) is reused by
 the RMoE router's ``hyper: true`` composition (which keeps RMoE's Switch loss and has no cv loss).
