@@ -297,6 +297,10 @@ def test_one_undescribed_site_does_not_unmask_the_others() -> None:
 
 def test_mask_with_a_kv_cache_covers_the_new_tokens() -> None:
     model = perturb(build("hypermoe")).eval()
+    seen = []
+    site = next(m for m in model.modules() if isinstance(m, MoELoraLinear))
+    site.register_forward_pre_hook(lambda mod, args: seen.append(
+        mod._routing.current().flat_mask(args[0].shape[0] * args[0].shape[1])))
     first = ids(2, 6)
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[0, :2] = 0
@@ -307,7 +311,8 @@ def test_mask_with_a_kv_cache_covers_the_new_tokens() -> None:
         mask2 = torch.cat([mask, torch.tensor([[1, 1, 1], [1, 1, 0]])], dim=1)
         out = model(new, attention_mask=mask2, past_key_values=past, use_cache=True)
     assert out.expert_counts.sum(1).tolist() == [5 * 2] * len(model.routing_sites)
-    assert model._routing.current.token_mask.tolist() == [[True] * 3, [True, True, False]]
+    assert seen[0].tolist() == mask.bool().reshape(-1).tolist()
+    assert seen[1].tolist() == [True] * 3 + [True, True, False]
 
 
 # 6. Router options: one clear error, Python API and CLI.

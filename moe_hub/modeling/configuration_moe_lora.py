@@ -12,6 +12,10 @@ from transformers import AutoConfig, PretrainedConfig
 
 GRANULARITIES = ("linear", "block")
 SITE_KEYS = ("path", "name")
+#: Layout of the tensor names a model writes: 1 = the whole dense causal LM under ``model.``
+#: (``model.model.layers...``, ``model.lm_head...``; moe-hub before 0.2), 2 = the decoder backbone
+#: under ``model.`` and the head as ``lm_head`` (transformers' convention).
+CHECKPOINT_LAYOUT = 2
 KERNEL_CHOICES = ("auto", "triton", "torch")
 
 
@@ -45,6 +49,9 @@ class MoELoraConfig(PretrainedConfig):
             embedding): ``path`` its module path inside the decoder layer (``attn.c_proj`` and
             ``mlp.c_proj`` are two kinds), ``name`` its last name only (``c_proj``: one kind, the
             behaviour of checkpoints saved before this field existed, kept for them).
+        checkpoint_layout: the tensor-name layout of the checkpoint this config belongs to
+            (``CHECKPOINT_LAYOUT``); absent from checkpoints of layout 1, which load through a key
+            mapping. A model built from the config sets it to the current layout.
     """
 
     model_type = "moe_lora"
@@ -71,6 +78,7 @@ class MoELoraConfig(PretrainedConfig):
         base_model_revision: str | None = None,
         adapter_only: bool = False,
         site_keys: str | None = None,
+        checkpoint_layout: int = 1,
         **kwargs: Any,
     ) -> None:
         if isinstance(text_config, dict):
@@ -104,6 +112,7 @@ class MoELoraConfig(PretrainedConfig):
             # ``site_keys`` was saved before sites were keyed by path and must keep its kinds.
             site_keys = "name" if "transformers_version" in kwargs else "path"
         self.site_keys = site_keys
+        self.checkpoint_layout = int(checkpoint_layout)
         if text_config is not None:
             # Generation and the pipelines read these from the top-level config.
             for name in ("vocab_size", "tie_word_embeddings"):
