@@ -52,6 +52,9 @@ def test_gpt_neox_head_stored_as_embed_out(tmp_path: Path) -> None:
     # A pure rename: every converted tensor is in the streamed shard, none recomputed.
     assert len(list(out.glob("model-*.safetensors"))) == 1
     _assert_equal_logits(dense, out)
+    # Adapter-only: the base loads from BASE at load time, through the same rules.
+    _assert_equal_logits(dense, convert(tmp_path / "neox", tmp_path / "ao", adapter_only=True,
+                                        **SMALL))
 
 
 def test_legacy_layernorm_gamma_beta(tmp_path: Path) -> None:
@@ -72,6 +75,8 @@ def test_legacy_layernorm_gamma_beta(tmp_path: Path) -> None:
 
     out = convert(tmp_path / "bert", tmp_path / "moe", **SMALL)
     _assert_equal_logits(dense, out)
+    _assert_equal_logits(dense, convert(tmp_path / "bert", tmp_path / "ao", adapter_only=True,
+                                        **SMALL))
 
 
 def _tiny_mixtral(path: Path) -> tf.PreTrainedModel:

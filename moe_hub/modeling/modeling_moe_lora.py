@@ -599,8 +599,30 @@ def _dense_key_mapping(cls: type, config: MoELoraConfig, hub: dict[str, Any]) ->
         with safe_open(single, "pt") as f:
             keys = list(f.keys())
     with torch.device("meta"):
-        ours = cls(config).checkpoint_names_by_dense_name()
-    return {f"^{re.escape(key)}$": ours[key] for key in keys if key in ours}
+        model = cls(config)
+    ours = model.checkpoint_names_by_dense_name()
+    renamed = _dense_names_of_keys(model.dense_model, keys)
+    mapping = {}
+    for key, dense in renamed.items():
+        dense = dense if dense in ours else key
+        if dense in ours:
+            mapping[f"^{re.escape(key)}$"] = ours[dense]
+    return mapping
+
+
+def _dense_names_of_keys(dense: PreTrainedModel, keys: list[str]) -> dict[str, str]:
+    """Checkpoint key -> the dense model's name for it under the installed transformers' renaming
+    rules (GPT-NeoX's ``embed_out`` is ``lm_head``, legacy LayerNorm ``gamma`` is ``weight``);
+    the dense model is not registered in this one, so transformers would not apply them."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without conversion rules stores module names
+        return {key: key for key in keys}
+    rules = [r for r in get_model_conversion_mapping(dense) if isinstance(r, WeightRenaming)]
+    meta = dict.fromkeys(dense.state_dict())
+    return {key: rename_source_key(key, rules, [], dense.base_model_prefix, meta)[0]
+            for key in keys}
 
 
 def _load_adapter_only(cls: type, path: Any, config: MoELoraConfig, model_args: tuple,
