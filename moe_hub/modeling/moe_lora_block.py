@@ -28,7 +28,7 @@ from torch import nn
 
 from .moe_lora_layer import RoutingHolder, is_linear, linear_features, target_matches
 from .moe_lora_ops import group_by_expert, moe_lora_delta, needs_grouping
-from .routing import ROUTERS, RoutingSite
+from .routing import ROUTERS, RoutingSite, without_autocast
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -138,7 +138,8 @@ class MoELoraBlock(nn.Module):
         base, layout = self.base_layer, self.layout
         flat = x.reshape(-1, self.site.in_features)
         ctx = self._routing.get()
-        route = self.router(flat, ctx, self)
+        with without_autocast(flat.device):
+            route = self.router(flat, ctx, self)
         ctx.record(self.site, route)
         tokens, top_k = route.indices.shape
         # One row per (token, chosen expert): the rows differ only in their LoRA deltas.

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .moe_lora_ops import moe_lora_delta
-from .routing import ROUTERS, RoutingContext, RoutingSite
+from .routing import ROUTERS, RoutingContext, RoutingSite, without_autocast
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -88,7 +88,8 @@ class MoELoraLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         ctx = self._routing.get()
         flat = x.reshape(-1, self.site.in_features)
-        route = self.router(flat, ctx, self)
+        with without_autocast(flat.device):
+            route = self.router(flat, ctx, self)
         ctx.record(self.site, route)
         if self.training:
             flat = self.lora_dropout(flat)
