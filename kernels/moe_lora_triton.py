@@ -407,6 +407,8 @@ def _forward_impl(x, lora_A, lora_B, indices, weights, scale, grouping):
     top_k = indices.shape[1]
     dev = x.device
     cfg = _blocks(x.is_cuda and not INTERPRETED)
+    # fp32 masters with 16-bit x: one cast per call, so the tensor cores get 16-bit tiles.
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     upcast = _upcast(x.dtype)
     idx = indices.contiguous()
     w = weights.float().contiguous()
@@ -464,7 +466,9 @@ def _backward_impl(grad_y, x, lora_A, lora_B, indices, weights, shrunk, plan, sc
     upcast = _upcast(x.dtype)
     idx = indices.contiguous()
     w = weights.float().contiguous()
-    A, B, dy = lora_A, lora_B, grad_y
+    # 16-bit operands as in the forward; the weight gradients accumulate in fp32 and are written
+    # in the masters' dtype.
+    A, B, dy = lora_A.to(x.dtype), lora_B.to(x.dtype), grad_y.to(x.dtype)
     if _is_masked_dense(num_experts, rank):
         columns = num_experts * rank
         block_r = min(_pow2_at_least(columns), cfg["R_MAX"])
@@ -508,9 +512,9 @@ def _backward_impl(grad_y, x, lora_A, lora_B, indices, weights, shrunk, plan, sc
             )
             return partial.sum(0).view(n, num_experts, rank)
 
-        grad_A = weight_grad(x, u, d_in, 1.0).permute(1, 0, 2).to(A.dtype).contiguous()
+        grad_A = weight_grad(x, u, d_in, 1.0).permute(1, 0, 2).to(lora_A.dtype).contiguous()
         grad_B = weight_grad(dy, shrunk, d_out, float(scale)).permute(1, 2, 0)
-        return grad_x, grad_A, grad_B.to(B.dtype).contiguous(), grad_w.to(weights.dtype)
+        return grad_x, grad_A, grad_B.to(lora_B.dtype).contiguous(), grad_w.to(weights.dtype)
 
     num_slots = num_tokens * top_k
     block_r = _pow2_at_least(rank)
@@ -532,7 +536,7 @@ def _backward_impl(grad_y, x, lora_A, lora_B, indices, weights, shrunk, plan, sc
         TOP_K=top_k, APPLY_WEIGHT=False, BLOCK_M=cfg["M"], BLOCK_N=cfg["N"], BLOCK_R=block_r,
         BLOCK_E=block_e, UPCAST=upcast, num_warps=cfg["warps"],
     )
-    grad_A = _empty(tuple(A.shape), A.dtype, dev)
+    grad_A = _empty(tuple(A.shape), lora_A.dtype, dev)
     _grouped_weight_grad_kernel[(num_experts, triton.cdiv(d_in, cfg["N"]))](
         x, weighted_u, plan, w, grad_A, num_slots, d_in, num_experts, rank,
         x.stride(0), x.stride(1), grad_A.stride(0), grad_A.stride(1), grad_A.stride(2), 1.0,
@@ -540,7 +544,7 @@ def _backward_impl(grad_y, x, lora_A, lora_B, indices, weights, shrunk, plan, sc
         UPCAST=upcast, num_warps=cfg["warps"],
     )
     # dB_e^T[o, c] = c * sum over the expert's slots of dy[t, o] * w * s[slot, c]
-    grad_B = _empty(tuple(B.shape), B.dtype, dev)
+    grad_B = _empty(tuple(B.shape), lora_B.dtype, dev)
     _grouped_weight_grad_kernel[(num_experts, triton.cdiv(d_out, cfg["N"]))](
         dy, shrunk, plan, w, grad_B, num_slots, d_out, num_experts, rank,
         dy.stride(0), dy.stride(1), grad_B.stride(0), grad_B.stride(2), grad_B.stride(1),
@@ -644,10 +648,12 @@ def _check_inputs(x, lora_A, lora_B, indices, weights) -> None:
         )
     if indices.dtype != torch.int64:
         raise ValueError(f"indices must be int64 (got {indices.dtype})")
-    if lora_A.dtype != x.dtype or lora_B.dtype != x.dtype:
+    masters_fp32 = lora_A.dtype == lora_B.dtype == torch.float32
+    if not (lora_A.dtype == lora_B.dtype == x.dtype
+            or (masters_fp32 and x.dtype in (torch.float16, torch.bfloat16))):
         raise ValueError(
-            f"x, lora_A and lora_B must share a dtype (got {x.dtype}, {lora_A.dtype}, "
-            f"{lora_B.dtype}): cast x to the adapters' dtype first"
+            f"x, lora_A and lora_B must share a dtype, or x be 16-bit with fp32 adapters (got "
+            f"{x.dtype}, {lora_A.dtype}, {lora_B.dtype}): cast x to the compute dtype first"
         )
 
 
@@ -663,7 +669,10 @@ def triton_moe_lora_delta(
     """Expert output [T, d_out] = scale * sum_j weights[:, j] * (x A_e) B_e, e = indices[:, j].
 
     Differentiable in x, lora_A, lora_B and weights (not indices). Accumulates in fp32 for
-    fp32/fp16/bf16 inputs; any strides. ``grouping`` (``group_by_expert(indices, E)``) saves the
+    fp32/fp16/bf16 inputs; any strides. The operands take x's dtype: with a 16-bit x and fp32
+    master adapters, A and B are cast once per call (tensor-core tiles on a GPU) and their
+    gradients come back in fp32. Autocast does not reach into the op: callers pick x's dtype
+    (``moe_lora_ops.moe_lora_delta`` does). ``grouping`` (``group_by_expert(indices, E)``) saves the
     grouped regime its sort when several calls share ``indices``; masked-dense ignores it.
     """
     _check_inputs(x, lora_A, lora_B, indices, weights)

@@ -27,10 +27,11 @@ def site_modules(model: nn.Module) -> list[nn.Module]:
 
 def random_model(router: str, granularity: str = "linear", **extra) -> MoELoraForCausalLM:
     torch.manual_seed(0)
+    extra.setdefault("target_modules", ["q_proj", "up_proj"])
     config = MoELoraConfig(
         text_config=tiny_config("llama"), router=router, num_experts=4, num_experts_per_tok=2,
         lora_rank=8, lora_dropout=0.0, routing_granularity=granularity, expert_kernel="torch",
-        target_modules=["q_proj", "up_proj"], output_router_logits=True, **extra,
+        output_router_logits=True, **extra,
     )
     model = MoELoraForCausalLM(config)
     with torch.no_grad():  # HyperMoE's gate and every B start at zero: make them matter
@@ -81,3 +82,105 @@ def test_router_logits_stay_fp32_under_autocast(router, granularity, options):
     # The chained routers really carried state: their logits depend on the earlier sites.
     if router == "rmoe":
         assert any(key[-1] > 0 for key in ctx.state)
+
+
+@pytest.mark.parametrize("num_experts", [4, 16])
+def test_block_expert_flops_scale_with_k_not_e(num_experts):
+    """A routed MLP block multiplies exactly: the frozen MLP once per token, and per (token,
+    chosen expert) one LoRA shrink and expand per MLP linear, whatever the number of experts."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    top_k, rank = 2, 8
+    config = MoELoraConfig(
+        text_config=tiny_config("llama"), num_experts=num_experts, num_experts_per_tok=top_k,
+        lora_rank=rank, lora_dropout=0.0, routing_granularity="block", expert_kernel="torch",
+    )
+    model = MoELoraForCausalLM(config).train()
+    block = site_modules(model)[0]
+    d, inner = 64, 128  # tiny_config's hidden and intermediate sizes
+    x = torch.randn(3, 7, d, requires_grad=True)
+    tokens = 21
+    with FlopCounterMode(display=False) as counter:
+        block(x)
+    with FlopCounterMode(display=False) as router_counter:
+        block.router(x.reshape(-1, d), RoutingContext(None, block._routing.shared), block)
+    base = 3 * 2 * tokens * d * inner
+    lora = 2 * tokens * top_k * rank * ((d + inner) * 2 + (inner + d))
+    assert counter.get_total_flops() - router_counter.get_total_flops() == base + lora
+
+
+def saved_storages(model: nn.Module, run) -> list[torch.Tensor]:
+    """One tensor per distinct non-parameter storage autograd saves while ``run`` executes."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, torch.Tensor] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen.setdefault(ptr, tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return list(seen.values())
+
+
+def hidden_sized(tensors: list[torch.Tensor], numel: int, dtype: torch.dtype) -> int:
+    return sum(1 for t in tensors if t.dtype == dtype and t.untyped_storage().nbytes()
+               == numel * t.element_size())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_sites_keep_no_extra_copy_of_x_on_a_bf16_base(autocast):
+    """bf16 base, fp32 adapters (finetune's layout): the expert ops and routers keep the bf16
+    hidden states themselves, at most one per distinct site input (attention input shared by
+    q/k/v, o_proj's input, the MLP input shared by gate/up; down_proj's is wider), never an fp32
+    copy per site."""
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    counts = {}
+    for variant in ("dense", "moe"):
+        torch.manual_seed(0)
+        if variant == "dense":
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+        else:
+            model = random_model("topk", target_modules=None)
+        model = model.to(torch.bfloat16)
+        model.requires_grad_(False)
+        for name, param in model.named_parameters():
+            if ".lora_" in name or ".router." in name:
+                param.data = param.data.float()
+                param.requires_grad_(True)
+        model.enable_input_require_grads()
+        amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+        with amp:
+            saved = saved_storages(model, lambda m=model: m(input_ids=ids))
+        counts[variant] = {dtype: hidden_sized(saved, 18 * 64, dtype)
+                           for dtype in (torch.bfloat16, torch.float32)}
+    assert counts["moe"][torch.float32] == counts["dense"][torch.float32], counts
+    layers = 2
+    assert counts["moe"][torch.bfloat16] <= counts["dense"][torch.bfloat16] + 3 * layers, counts
+
+
+def test_sites_reading_one_fp32_x_share_one_16bit_copy():
+    """fp32 base under autocast: q/k/v read one x and keep one bf16 copy of it between them for
+    the expert ops, not one each (the frozen linears' own autocast copies are the same with or
+    without experts)."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    counts = {}
+    for variant in ("dense", "moe"):
+        torch.manual_seed(0)
+        model = (AutoModelForCausalLM.from_config(tiny_config("llama")) if variant == "dense"
+                 else random_model("topk", target_modules=["q_proj", "k_proj", "v_proj"]))
+        model.train().requires_grad_(False)
+        model.enable_input_require_grads()
+        for name, param in model.named_parameters():
+            param.requires_grad_(".lora_" in name or ".router." in name)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            saved = saved_storages(model, lambda m=model: m(input_ids=ids))
+        counts[variant] = hidden_sized(saved, 18 * 64, torch.bfloat16)
+    assert counts["moe"] == counts["dense"] + 2  # one per layer
