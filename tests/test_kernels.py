@@ -168,6 +168,38 @@ def test_half_precision_inputs(dtype, num_experts, rank):
     check_against_reference(29, 40, 34, num_experts, 2, rank, dtype=dtype)
 
 
+@pytest.mark.parametrize("num_experts,rank", [(4, 12), (8, 80)], ids=["masked-dense", "grouped"])
+def test_fp16_autocast_with_fp32_masters(num_experts, rank):
+    """The training layout: fp32 master adapters, fp16 autocast. The op computes with fp16
+    operands (the interpreter casts tiles to fp32 itself: its bf16 is wrong, so fp16 here),
+    returns fp16, and gives A and B fp32 gradients, all within fp16 bounds of float64."""
+    from moe_hub.modeling.moe_lora_ops import moe_lora_delta
+
+    torch.manual_seed(6)
+    num_tokens, d_in, d_out = 29, 40, 34
+    x = torch.randn(num_tokens, d_in)
+    lora_A = torch.randn(num_experts, d_in, rank) / d_in**0.5
+    lora_B = torch.randn(num_experts, rank, d_out) / rank**0.5  # not 0: the delta must count
+    indices, weights = random_routing(num_tokens, num_experts, 2)
+    grad = torch.randn(num_tokens, d_out)
+    leaves = [t.clone().requires_grad_() for t in (x, lora_A, lora_B, weights)]
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        y = moe_lora_delta(*leaves[:3], indices, leaves[3], 1.7, kernel="triton")
+    y.backward(grad)
+    ref = [t.double().requires_grad_() for t in (x, lora_A, lora_B, weights)]
+    want = torch_moe_lora_delta(ref[0], ref[1], ref[2], indices, ref[3], 1.7)
+    want.backward(grad.double())
+    assert y.dtype == torch.float16
+    assert leaves[1].grad.dtype == leaves[2].grad.dtype == torch.float32
+    # x, A, B, dy and the outputs each rounded once to fp16 (unit roundoff eps/2), fp32
+    # accumulation over at most 40 terms.
+    bound = 3 * torch.finfo(torch.float16).eps + 40 * torch.finfo(torch.float32).eps
+    errors = {"y": relative_error(y, want.detach())}
+    for name, mine, theirs in zip(("dx", "dA", "dB", "dw"), leaves, ref):
+        errors[name] = relative_error(mine.grad, theirs.grad)
+    assert all(err < bound for err in errors.values()), (errors, bound)
+
+
 @pytest.mark.parametrize("num_experts,rank", [(4, 16), (8, 80)], ids=["masked-dense", "grouped"])
 def test_non_contiguous_x(num_experts, rank):
     check_against_reference(23, 36, 28, num_experts, 2, rank, transposed_x=True)
@@ -259,7 +291,9 @@ def test_bad_inputs_raise_clear_errors():
     x, lora_A, lora_B = torch.randn(3, 8), torch.randn(2, 8, 16), torch.randn(2, 16, 8)
     indices, weights = random_routing(3, 2, 1)
     with pytest.raises(ValueError, match="share a dtype"):
-        kernels.triton_moe_lora_delta(x.half(), lora_A, lora_B, indices, weights, 1.0)
+        kernels.triton_moe_lora_delta(x.double(), lora_A, lora_B, indices, weights, 1.0)
+    with pytest.raises(ValueError, match="share a dtype"):
+        kernels.triton_moe_lora_delta(x, lora_A.half(), lora_B, indices, weights, 1.0)
     with pytest.raises(ValueError, match="shape mismatch"):
         kernels.triton_moe_lora_delta(torch.randn(3, 9), lora_A, lora_B, indices, weights, 1.0)
     with pytest.raises(ValueError, match="int64"):
@@ -374,6 +408,7 @@ kernels = [  # (kernel, output pointer type, flags); activations/adapters take t
     (K._grouped_shrink_kernel, "*fp32", {"GATE_GRAD": True}),
     (K._grouped_expand_kernel, "*fp32", {"APPLY_WEIGHT": True}),
     (K._grouped_weight_grad_kernel, "*{dt}", {"APPLY_WEIGHT": True}),
+    (K._grouped_weight_grad_kernel, "*fp32", {"APPLY_WEIGHT": True}),  # fp32 master grads
 ]
 for dt, upcast in (("bf16", False), ("fp16", False), ("fp32", True)):
     types = {"a_ptr": f"*{dt}", "m_ptr": f"*{dt}", "p_ptr": f"*{dt}", "r_ptr": "*fp32",

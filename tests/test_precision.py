@@ -184,3 +184,71 @@ def test_sites_reading_one_fp32_x_share_one_16bit_copy():
             saved = saved_storages(model, lambda m=model: m(input_ids=ids))
         counts[variant] = hidden_sized(saved, 18 * 64, torch.bfloat16)
     assert counts["moe"] == counts["dense"] + 2  # one per layer
+
+
+def half_bound(dtype: torch.dtype, reduction: int) -> float:
+    """Normwise relative error of the expert op with 16-bit operands and fp32 accumulation:
+    each of x, A, B, the rank-space values and the output is rounded once to ``dtype`` (unit
+    roundoff eps/2, ~6 roundings, first order), plus fp32 accumulation over ``reduction`` terms."""
+    return 3 * torch.finfo(dtype).eps + reduction * FP32_EPS
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("num_experts,rank", [(4, 8), (8, 80)], ids=["masked-dense", "grouped"])
+def test_torch_expert_op_under_autocast_matches_float64(dtype, num_experts, rank):
+    from moe_hub.modeling.moe_lora_ops import moe_lora_delta
+
+    generator = torch.Generator().manual_seed(rank)
+    num_tokens, d_in, d_out, top_k = 40, 48, 36, 2
+    x = torch.randn(num_tokens, d_in, generator=generator)
+    lora_A = torch.randn(num_experts, d_in, rank, generator=generator) / d_in**0.5
+    lora_B = torch.randn(num_experts, rank, d_out, generator=generator) / rank**0.5  # not 0
+    indices = torch.rand(num_tokens, num_experts, generator=generator).topk(top_k).indices
+    weights = torch.rand(num_tokens, top_k, generator=generator) + 0.1
+    grad = torch.randn(num_tokens, d_out, generator=generator)
+    leaves = [t.clone().requires_grad_() for t in (x, lora_A, lora_B, weights)]
+    with torch.autocast("cpu", dtype=dtype):
+        y = moe_lora_delta(leaves[0], leaves[1], leaves[2], indices, leaves[3], 1.5,
+                           kernel="torch")
+    y.backward(grad)
+    ref = [t.double().requires_grad_() for t in (x, lora_A, lora_B, weights)]
+    want = moe_lora_delta(ref[0], ref[1], ref[2], indices, ref[3], 1.5, kernel="torch")
+    want.backward(grad.double())
+
+    assert y.dtype == dtype  # 16-bit operands and result
+    assert leaves[1].grad.dtype == leaves[2].grad.dtype == torch.float32  # the masters' dtype
+    bound = half_bound(dtype, max(d_in, d_out, num_tokens))
+    for name, got, expected in [("y", y, want), *[
+            (n, a.grad, b.grad) for n, a, b in zip(("dx", "dA", "dB", "dw"), leaves, ref)]]:
+        error = ((got.double() - expected).norm() / expected.norm()).item()
+        assert error < bound, (name, error, bound)
+
+
+def test_layer_under_autocast_matches_float64_and_keeps_the_expert_delta():
+    """A whole MoELoraLinear under bf16 autocast: base + experts within bf16 bounds of a
+    float64 run with the same routing; the experts' share is far above that bound, so a
+    dropped delta fails."""
+    model = random_model("topk").train()
+    layer = site_modules(model)[0]
+    with torch.no_grad():
+        layer.lora_B.normal_(0.0, 1.0)
+    routes = []
+    layer.router.register_forward_hook(lambda module, args, out: routes.append(out))
+    x = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+    assert got.dtype == torch.bfloat16
+    route = routes[0]
+    flat = x.reshape(-1, 64).double()
+    base = flat @ layer.base_layer.weight.double().t()
+    delta = torch.zeros_like(base)
+    for t in range(flat.shape[0]):
+        for j in range(route.indices.shape[1]):
+            e = int(route.indices[t, j])
+            delta[t] += float(route.weights[t, j]) * layer.scale * (
+                flat[t] @ layer.lora_A[e].double() @ layer.lora_B[e].double())
+    want = base + delta
+    error = ((got.reshape(-1, want.shape[-1]).double() - want).norm() / want.norm()).item()
+    share = (delta.norm() / want.norm()).item()
+    bound = half_bound(torch.bfloat16, 64)
+    assert error < bound < share, (error, bound, share)
