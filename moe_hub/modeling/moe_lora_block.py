@@ -34,7 +34,7 @@ from .moe_lora_ops import (
     grouped_slots_delta,
     shared_cast,
 )
-from .routing import ROUTERS, RoutingSite, without_autocast
+from .routing import ROUTERS, RoutingSite, float32_parameters, without_autocast
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -125,7 +125,8 @@ class MoELoraBlock(nn.Module):
             self.lora_A[name] = nn.Parameter(torch.empty(experts, d_in, rank))
             self.lora_B[name] = nn.Parameter(torch.empty(experts, rank, d_out))
         self.lora_dropout = make_dropout(config)
-        self.router = ROUTERS[config.router](site, config)
+        with float32_parameters():  # routers compute in float32 whatever the default dtype
+            self.router = ROUTERS[config.router](site, config)
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
@@ -142,7 +143,7 @@ class MoELoraBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base, layout = self.base_layer, self.layout
         flat = x.reshape(-1, self.site.in_features)
-        ctx = self._routing.get()
+        ctx = self._routing.current()
         with without_autocast(flat.device):
             route = self.router(flat, ctx, self)
         ctx.record(self.site, route)
