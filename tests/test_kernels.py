@@ -407,8 +407,8 @@ kernels = [  # (kernel, output pointer type, flags); activations/adapters take t
     (K._dense_gate_grad_kernel, "*fp32", {}),
     (K._grouped_shrink_kernel, "*fp32", {"GATE_GRAD": True}),
     (K._grouped_expand_kernel, "*fp32", {"APPLY_WEIGHT": True}),
-    (K._grouped_weight_grad_kernel, "*{dt}", {"APPLY_WEIGHT": True}),
-    (K._grouped_weight_grad_kernel, "*fp32", {"APPLY_WEIGHT": True}),  # fp32 master grads
+    # dA/dB are written in the masters' dtype: fp32 (16-bit adapters are the {dt} variant)
+    (K._grouped_weight_grad_kernel, "*fp32", {"APPLY_WEIGHT": True}),
 ]
 for dt, upcast in (("bf16", False), ("fp16", False), ("fp32", True)):
     types = {"a_ptr": f"*{dt}", "m_ptr": f"*{dt}", "p_ptr": f"*{dt}", "r_ptr": "*fp32",
