@@ -31,7 +31,7 @@ from .moe_lora_ops import (
     autocast_off,
     expert_compute_dtype,
     group_by_expert,
-    grouped_slots_delta,
+    moe_lora_slots_delta,
     shared_cast,
 )
 from .routing import ROUTERS, RoutingSite, float32_parameters, without_autocast
@@ -159,7 +159,7 @@ class MoELoraBlock(nn.Module):
             # The frozen projection once per token; the shrink x A_e once per (token, chosen
             # expert), straight from x's rows; one output row per slot.
             frozen = base.get_submodule(name)(flat)
-            delta = self._grouped(name, expert_x, grouping, None, top_k, rows="token",
+            delta = self._grouped(name, expert_x, route.indices, None, grouping, rows="token",
                                   per_slot=True)
             return (frozen.unsqueeze(1) + delta.view(tokens, top_k, -1).to(frozen.dtype)
                     ).view(tokens * top_k, -1)
@@ -182,7 +182,7 @@ class MoELoraBlock(nn.Module):
             # exactly 1 even when renormalised, in float32).
             out = out + (route.weights.to(out.dtype).sum(-1, keepdim=True) - 1) * bias
         down_in = self.lora_dropout(hidden.to(dtype))
-        down_delta = self._grouped(layout.down, down_in, grouping, route.weights, top_k,
+        down_delta = self._grouped(layout.down, down_in, route.indices, route.weights, grouping,
                                    rows="slot", per_slot=False)
         out = out + down_delta.to(out.dtype)
         if route.residual is not None:
@@ -191,12 +191,12 @@ class MoELoraBlock(nn.Module):
             out = base.dropout(out)
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    def _grouped(self, name: str, rows_x: torch.Tensor, grouping: torch.Tensor,
-                 weights: torch.Tensor | None, top_k: int, rows: str, per_slot: bool
+    def _grouped(self, name: str, rows_x: torch.Tensor, indices: torch.Tensor,
+                 weights: torch.Tensor | None, grouping: torch.Tensor, rows: str, per_slot: bool
                  ) -> torch.Tensor:
-        with autocast_off(rows_x.device):
-            return grouped_slots_delta(rows_x, self.lora_A[name], self.lora_B[name], grouping,
-                                       weights, top_k, self.scale, rows=rows, per_slot=per_slot)
+        return moe_lora_slots_delta(rows_x, self.lora_A[name], self.lora_B[name], indices,
+                                    weights, self.scale, grouping, rows=rows, per_slot=per_slot,
+                                    kernel=self.kernel)
 
     def extra_repr(self) -> str:
         return f"site={self.site.index}, style={self.layout.style}"

@@ -156,6 +156,30 @@ def grouped_delta(x, lora_A, lora_B, indices, weights, scale, grouping):
     return grouped_slots_delta(x, lora_A, lora_B, grouping, weights, indices.shape[1], scale)
 
 
+def moe_lora_slots_delta(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor | None,
+    scale: float,
+    grouping: torch.Tensor,
+    rows: str = "token",
+    per_slot: bool = False,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """``grouped_slots_delta`` (see there) on the Triton kernels where ``kernel`` picks them,
+    else in torch. ``x`` is already in the compute dtype; ``indices`` [T, k]."""
+    with autocast_off(x.device):
+        if kernel == "triton" or (kernel == "auto" and triton_supported(x)):
+            if weights is None:
+                weights = torch.ones(indices.shape, dtype=torch.float32, device=x.device)
+            return triton_moe_lora_delta(x, lora_A, lora_B, indices, weights, scale, grouping,
+                                         x_per_slot=rows == "slot", y_per_slot=per_slot)
+        return grouped_slots_delta(x, lora_A, lora_B, grouping, weights, indices.shape[1], scale,
+                                   rows=rows, per_slot=per_slot)
+
+
 def grouped_slots_delta(
     x: torch.Tensor,
     lora_A: torch.Tensor,
