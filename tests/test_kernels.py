@@ -200,6 +200,42 @@ def test_fp16_autocast_with_fp32_masters(num_experts, rank):
     assert all(err < bound for err in errors.values()), (errors, bound)
 
 
+@pytest.mark.parametrize("x_per_slot,y_per_slot", [(False, True), (True, False)],
+                         ids=["token-rows-slot-outputs", "slot-rows-token-outputs"])
+@pytest.mark.parametrize("num_experts,rank,dtype", [
+    (4, 8, torch.float32), (6, 96, torch.float32), (4, 8, torch.float16)],
+    ids=["small-E*r-fp32", "large-E*r-fp32", "small-E*r-fp16-fp32-masters"])
+def test_per_slot_rows_and_outputs(x_per_slot, y_per_slot, num_experts, rank, dtype):
+    """A routed block's forms (gate/up: x per token, one output per slot; down: x per slot,
+    summed per token) through the grouped kernels, against the float64 torch grouped form."""
+    from moe_hub.modeling.moe_lora_ops import grouped_slots_delta
+
+    torch.manual_seed(7)
+    num_tokens, top_k, d_in, d_out = 21, 2, 36, 28
+    indices, weights = random_routing(num_tokens, num_experts, top_k, seed=7)
+    x = torch.randn(num_tokens * top_k if x_per_slot else num_tokens, d_in)
+    lora_A = torch.randn(num_experts, d_in, rank) / d_in**0.5
+    lora_B = torch.randn(num_experts, rank, d_out) / rank**0.5
+    grad = torch.randn(num_tokens * top_k if y_per_slot else num_tokens, d_out)
+    grouping = kernels.group_by_expert(indices, num_experts)
+    ref = [t.double().requires_grad_() for t in (x, lora_A, lora_B, weights)]
+    want = grouped_slots_delta(ref[0], ref[1], ref[2], grouping, ref[3], top_k, 1.3,
+                               rows="slot" if x_per_slot else "token", per_slot=y_per_slot)
+    want.backward(grad.double())
+    leaves = [x.to(dtype), lora_A, lora_B, weights]  # fp32 masters, x in the compute dtype
+    leaves = [t.clone().requires_grad_() for t in leaves]
+    got = kernels.triton_moe_lora_delta(*leaves[:3], indices, leaves[3], 1.3, grouping,
+                                        x_per_slot=x_per_slot, y_per_slot=y_per_slot)
+    got.backward(grad.to(dtype))
+    assert got.dtype == dtype and leaves[1].grad.dtype == torch.float32
+    bound = REL_BOUND[torch.float32] if dtype == torch.float32 else \
+        3 * torch.finfo(dtype).eps + d_in * torch.finfo(torch.float32).eps
+    errors = {"y": relative_error(got, want.detach())}
+    for name, mine, theirs in zip(("dx", "dA", "dB", "dw"), leaves, ref):
+        errors[name] = relative_error(mine.grad, theirs.grad)
+    assert all(err < bound for err in errors.values()), (errors, bound)
+
+
 @pytest.mark.parametrize("num_experts,rank", [(4, 16), (8, 80)], ids=["masked-dense", "grouped"])
 def test_non_contiguous_x(num_experts, rank):
     check_against_reference(23, 36, 28, num_experts, 2, rank, transposed_x=True)
