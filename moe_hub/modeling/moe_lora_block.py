@@ -8,6 +8,9 @@ Cheap form (ROUTERS.md, "topk and the MixLoRA layout"): the frozen gate/up (or c
 run once per token; per selected expert only the LoRA deltas, the activation and the gate * up
 product are computed; the frozen down projection is linear, so
 sum_j g_j down(h_j) = down(sum_j g_j h_j) + (sum_j g_j - 1) * bias runs once on the mixture.
+The LoRA deltas use the grouped expert form: the (token, slot) pairs are sorted by expert once
+per block, each expert's LoRA runs on its own pairs only, and the gate/up shrink x A_e reads x's
+rows directly (once per token and chosen expert, no k copies of x); outputs stay per slot.
 
 Module layout, so that a dense checkpoint maps onto a block-mode one by inserting ``base_layer``:
 ``<prefix>.mlp.<linear>.weight`` -> ``<prefix>.mlp.base_layer.<linear>.weight`` and
