@@ -587,7 +587,7 @@ def _write_output(checkpoint: Path, output: Path, model: Any, options: FinetuneO
             "hyperparameters": {
                 k: v for k, v in asdict(options).items()
                 if k not in ("overwrite", "checkpoint_dir", "keep_checkpoints", "resume")
-            },
+            } | {"precision": options.resolved_precision()},
             "final_metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
             "expert_load_stats": {k: v for k, v in summary.items() if k != "sites"},
             "log_history": log_history,

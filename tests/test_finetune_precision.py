@@ -83,4 +83,4 @@ def test_bf16_on_the_cpu_trains_a_step_under_autocast(tmp_path: Path):
     assert all(out == torch.bfloat16 and master == torch.float32
                for _, _, out, master in probe.calls)
     record = json.loads((tmp_path / "out" / "moe_hub_training.json").read_text())
-    assert record["hyperparameters"]["bf16"] is True
+    assert record["hyperparameters"]["precision"] == "bf16"
