@@ -245,7 +245,7 @@ def test_layer_under_autocast_matches_float64_and_keeps_the_expert_delta():
     for t in range(flat.shape[0]):
         for j in range(route.indices.shape[1]):
             e = int(route.indices[t, j])
-            delta[t] += float(route.weights[t, j]) * layer.scale * (
+            delta[t] += float(route.weights[t, j].detach()) * layer.scale * (
                 flat[t] @ layer.lora_A[e].double() @ layer.lora_B[e].double())
     want = base + delta
     error = ((got.reshape(-1, want.shape[-1]).double() - want).norm() / want.norm()).item()
