@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
@@ -47,6 +48,7 @@ from .routing import (
     ROUTERS,
     Router,
     RoutingContext,
+    call_token_mask,
     checkpoint_context_fn,
     float32_parameters,
     load_balancing_loss,
@@ -61,6 +63,9 @@ except ImportError:  # pragma: no cover - older 5.x: initialize_weights guards o
     from contextlib import nullcontext as guard_torch_init_functions
 
 __all__ = ["MoELoraForCausalLM", "MoELoraModel", "MoELoraPreTrainedModel"]
+
+#: Class names device_map must not split (see MoELoraPreTrainedModel.__init__).
+_NO_SPLIT_ROUTING_MODULES = ("MoELoraLinear", "MoELoraBlock", "HyperNetwork")
 
 # transformers 5.24 renamed the outputs' ``past_key_values`` field to ``cache``.
 _OUTPUT_CACHE_FIELD = next(
@@ -158,7 +163,10 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         tied = getattr(dense, "all_tied_weights_keys", None) or {}
         mapped = {self._from_dense(k): self._from_dense(v) for k, v in tied.items()}
         self._tied_weights_keys = {k: v for k, v in mapped.items() if k and v}
-        self._no_split_modules = list(getattr(dense, "_no_split_modules", None) or [])
+        # device_map keeps each of these whole on one device: a routed site reads its experts'
+        # banks and router together, the hypernetwork its trunk and heads.
+        self._no_split_modules = [*(getattr(dense, "_no_split_modules", None) or []),
+                                  *_NO_SPLIT_ROUTING_MODULES]
         self._cache_argument = _cache_argument(dense)
 
     @property
@@ -303,33 +311,43 @@ class MoELoraPreTrainedModel(PreTrainedModel):
             loading_info.unexpected_keys = {k for k in loading_info.unexpected_keys
                                             if not k.startswith("lm_head.")}
 
-    def _routing_scope(self, attention_mask: torch.Tensor | None):
+    def _routing_scope(self, attention_mask: torch.Tensor | None, input_ids: Any = None,
+                       inputs_embeds: Any = None):
         """The routing context of one forward of this model (a context manager)."""
-        return self._routing.begin(_padding_mask(attention_mask))
+        return self._routing.begin(call_token_mask(attention_mask, input_ids, inputs_embeds))
 
     def _router_summary(
-        self, ctx: RoutingContext
+        self, ctx: RoutingContext, device: torch.device
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple]:
-        """Auxiliary losses over every site's decisions, padding excluded, each site once."""
+        """Auxiliary losses over every site's decisions, padding excluded, each site once.
+
+        Sites may sit on different devices (``device_map`` across GPUs): every per-site tensor
+        is moved to ``device`` (where the LM loss is) before they are combined. The moves are
+        differentiable, so each router still gets its gradient on its own device.
+        """
         outputs = [ctx.outputs[i] for i in sorted(ctx.outputs)]
-        if not outputs:
-            zero = torch.zeros((), device=self.device)
-            return {"load_balance": zero}, torch.zeros(0, self.config.num_experts), ()
         num_experts = self.config.num_experts
+        if not outputs:
+            zero = torch.zeros((), device=device)
+            return {"load_balance": zero}, torch.zeros(0, num_experts, device=device), ()
         logits, indices, masks, counts = [], [], [], []
         router_losses: dict[str, list[torch.Tensor]] = {}
         for out in outputs:
             tokens = out.indices.shape[0]
-            mask = ctx.flat_mask(tokens)
+            mask = ctx.site_mask(tokens)
+            mask = None if mask is None else mask.to(device)
             steps = out.logits.shape[0] // tokens
-            logits.append(out.logits)
-            indices.append(out.balance_indices)
+            logits.append(out.logits.to(device))
+            indices.append(out.balance_indices.to(device))
             if mask is not None:
                 masks.append(mask.repeat(steps))
-            chosen = out.indices if mask is None else out.indices[mask]
-            counts.append(torch.bincount(chosen.reshape(-1), minlength=num_experts))
+            # One-hot sums, not bincount over masked rows: no host synchronisation on a GPU.
+            chosen = F.one_hot(out.indices.to(device), num_experts)
+            if mask is not None:
+                chosen = chosen * mask.view(-1, 1, 1)
+            counts.append(chosen.sum(dim=(0, 1)))
             for name, value in out.losses.items():
-                router_losses.setdefault(name, []).append(value)
+                router_losses.setdefault(name, []).append(value.to(device))
         all_logits = torch.cat(logits)
         mask = torch.cat(masks) if len(masks) == len(outputs) else None
         losses = {
@@ -338,11 +356,15 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         if self.config.router_z_loss_coef:
             losses["z_loss"] = z_loss(all_logits, mask)
         for name, values in router_losses.items():
-            losses[name] = torch.stack(values).mean()
+            # Summed over sites, as HyperMoE's reference sums its per-layer loss over layers.
+            losses[name] = torch.stack(values).sum()
         return losses, torch.stack(counts).detach(), tuple(o.logits for o in outputs)
 
     def _weighted_aux_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        total = self.config.router_aux_loss_coef * losses["load_balance"]
+        # load_balance is always reported; routers with their own balancing (HyperMoE's cv^2,
+        # as in its reference) do not train with it.
+        switch = ROUTERS[self.config.router].load_balance
+        total = self.config.router_aux_loss_coef * losses["load_balance"] * switch
         if "z_loss" in losses:
             total = total + self.config.router_z_loss_coef * losses["z_loss"]
         for name, value in losses.items():
@@ -388,13 +410,6 @@ def _checkpoint_kwargs(kwargs: dict | None) -> dict:
     return {**kwargs, "use_reentrant": False}
 
 
-def _padding_mask(attention_mask: Any) -> torch.Tensor | None:
-    # Only a 2-D padding mask says which tokens are real; 4-D custom masks route every token.
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-        return attention_mask.bool()
-    return None
-
-
 def _route_backbone_calls(backbone: nn.Module, routing: RoutingHolder) -> None:
     """Make every call of the backbone route inside a context: the one of the causal LM's forward
     in progress, or its own when it is called directly (TRL's fused LM head calls
@@ -402,13 +417,16 @@ def _route_backbone_calls(backbone: nn.Module, routing: RoutingHolder) -> None:
     forward = type(backbone).forward
     parameters = list(inspect.signature(forward).parameters)
     mask_position = parameters.index("attention_mask") if "attention_mask" in parameters else None
+    ids_first = parameters[1:2] == ["input_ids"]
 
     @functools.wraps(forward)
     def routed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         mask = kwargs.get("attention_mask")
         if mask is None and mask_position is not None and len(args) >= mask_position:
             mask = args[mask_position - 1]  # args exclude self
-        with self._moe_routing.join(_padding_mask(mask)):
+        input_ids = kwargs.get("input_ids", args[0] if args and ids_first else None)
+        token_mask = call_token_mask(mask, input_ids, kwargs.get("inputs_embeds"))
+        with self._moe_routing.join(token_mask):
             return forward(self, *args, **kwargs)
 
     backbone._moe_routing = routing
@@ -440,13 +458,30 @@ class MoELoraModel(MoELoraPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if "past_key_values" in kwargs and self._cache_argument != "past_key_values":
             kwargs[self._cache_argument] = kwargs.pop("past_key_values")
-        with self._routing_scope(attention_mask):
+        with self._routing_scope(attention_mask, input_ids, kwargs.get("inputs_embeds")):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
 class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
     """Causal LM with MoE-LoRA experts; loss = LM loss + weighted router losses when
-    ``output_router_logits`` and ``labels`` are given (as in Mixtral)."""
+    ``output_router_logits`` and ``labels`` are given (as in Mixtral).
+
+    The router losses are defined per optimizer step. A plain call (no ``num_items_in_batch``)
+    adds ``aux = coef * load_balance (+ z-loss and router losses)`` of this batch. When
+    ``num_items_in_batch`` N is given (transformers' Trainer passes it because ``forward``
+    accepts ``**kwargs``; the LM loss is then summed over this micro-batch's label tokens and
+    divided by N, the label tokens of the whole optimizer step), the aux term is weighted by this
+    micro-batch's share of those tokens, ``n / N`` (n: labels != -100 after the causal shift, or
+    of ``shift_labels``). Trainer then skips its division by the gradient-accumulation steps and,
+    with ``average_tokens_across_devices`` (N counted over all processes), multiplies the loss by
+    the world size W while DDP averages gradients over W. Summed over the micro-batches and
+    averaged over the processes, the aux term is therefore ``sum_m (n_m / N) aux_m``: the
+    token-weighted mean of the micro-batch aux losses, whatever grad_accum and W are. Without
+    that weight it would grow as grad_accum x W. With ``average_tokens_across_devices=False``
+    N is each process's own count and nothing is multiplied: the aux term is then the mean over
+    processes of each one's token-weighted mean, exactly as the LM loss is (read from Trainer's
+    source; the tests cover the default).
+    """
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
@@ -477,7 +512,7 @@ class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
         # ``past_key_values`` before; the dense forward gets it under the name it declares.
         cache = kwargs.pop("cache", None)
         kwargs[self._cache_argument] = past_key_values if past_key_values is not None else cache
-        with self._routing_scope(attention_mask) as ctx:
+        with self._routing_scope(attention_mask, input_ids, inputs_embeds) as ctx:
             out = self.dense_model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -491,10 +526,15 @@ class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
             )
             loss, aux_loss, aux_losses, counts, router_logits = out.loss, None, None, None, None
             if output_router_logits:
-                aux_losses, counts, router_logits = self._router_summary(ctx)
+                aux_losses, counts, router_logits = self._router_summary(ctx, out.logits.device)
                 aux_loss = aux_losses["load_balance"]
                 if loss is not None:
-                    loss = loss + self._weighted_aux_loss(aux_losses).to(loss.device)
+                    weighted = self._weighted_aux_loss(aux_losses).to(loss.device)
+                    num_items = kwargs.get("num_items_in_batch")
+                    if num_items is not None:
+                        weighted = weighted * loss_token_share(
+                            labels, kwargs.get("shift_labels"), num_items, loss.device)
+                    loss = loss + weighted
             # Drop the recorded decisions; the routing state stays with the context, which lives
             # as long as a checkpointed recomputation may need it.
             ctx.outputs.clear()
@@ -510,6 +550,22 @@ class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
             **{_OUTPUT_CACHE_FIELD: getattr(out, _OUTPUT_CACHE_FIELD, None)},
         )
         return output if return_dict else output.to_tuple()
+
+
+def loss_token_share(
+    labels: torch.Tensor | None, shift_labels: torch.Tensor | None, num_items: Any,
+    device: torch.device,
+) -> torch.Tensor:
+    """This micro-batch's loss tokens over ``num_items`` (the optimizer step's, as Trainer counts
+    them: ``labels[..., 1:] != -100``, or ``shift_labels`` when the collator provides them)."""
+    targets = shift_labels if shift_labels is not None else (
+        None if labels is None else labels[..., 1:])
+    if targets is None:
+        raise ValueError("num_items_in_batch was passed without labels or shift_labels: the "
+                         "router losses can't be weighted by this batch's share of the tokens")
+    tokens = targets.ne(-100).sum().to(device, torch.float32)
+    total = torch.as_tensor(num_items, device=device, dtype=torch.float32)
+    return tokens / total.clamp_min(1.0)
 
 
 ADAPTER_WEIGHTS = "moe_adapters.safetensors"
@@ -597,8 +653,30 @@ def _dense_key_mapping(cls: type, config: MoELoraConfig, hub: dict[str, Any]) ->
         with safe_open(single, "pt") as f:
             keys = list(f.keys())
     with torch.device("meta"):
-        ours = cls(config).checkpoint_names_by_dense_name()
-    return {f"^{re.escape(key)}$": ours[key] for key in keys if key in ours}
+        model = cls(config)
+    ours = model.checkpoint_names_by_dense_name()
+    renamed = _dense_names_of_keys(model.dense_model, keys)
+    mapping = {}
+    for key, dense in renamed.items():
+        dense = dense if dense in ours else key
+        if dense in ours:
+            mapping[f"^{re.escape(key)}$"] = ours[dense]
+    return mapping
+
+
+def _dense_names_of_keys(dense: PreTrainedModel, keys: list[str]) -> dict[str, str]:
+    """Checkpoint key -> the dense model's name for it under the installed transformers' renaming
+    rules (GPT-NeoX's ``embed_out`` is ``lm_head``, legacy LayerNorm ``gamma`` is ``weight``);
+    the dense model is not registered in this one, so transformers would not apply them."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without conversion rules stores module names
+        return {key: key for key in keys}
+    rules = [r for r in get_model_conversion_mapping(dense) if isinstance(r, WeightRenaming)]
+    meta = dict.fromkeys(dense.state_dict())
+    return {key: rename_source_key(key, rules, [], dense.base_model_prefix, meta)[0]
+            for key in keys}
 
 
 def _load_adapter_only(cls: type, path: Any, config: MoELoraConfig, model_args: tuple,

@@ -20,8 +20,17 @@ unique sets as "experts" (no d x m matrix per token is ever built). The module i
 generated LoRA, no ReLU or biases between A and B) so that the same kernel serves it. The
 unselected set comes from hard indices: that path sends the gate no gradient (as in the paper).
 
+Losses it trains with: the task loss (through the renormalised top-k weights and the generated
+module) plus ``hypermoe_cv`` = sum over sites of ``cv_loss_coef`` (0.01) * (cv^2(importance) +
+cv^2(load)). Summed, not averaged: the reference adds each layer's loss to the total
+(``moe_loss += loss`` over GPT-2's blocks). The Switch load-balancing loss is computed and reported
+(``aux_losses["load_balance"]``) but not added (``load_balance = False``): the reference balances
+with the cv^2 loss alone, and ``router_aux_loss_coef`` does not apply to this router. The
+reference has one routed MLP per layer (``--granularity block`` here); per-linear routing has
+several sites per layer, each adding its term: lower ``cv_loss_coef`` to keep a layer's weight.
+
 The supplementary module (``HyperSupplement`` per site + ``HyperNetwork`` shared) is reused by
-the RMoE router's ``hyper: true`` composition.
+the RMoE router's ``hyper: true`` composition (which keeps RMoE's Switch loss and has no cv loss).
 """
 
 from __future__ import annotations
@@ -34,7 +43,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .moe_lora_ops import moe_lora_delta
-from .routing import Router, RouterOutput, RoutingContext, RoutingSite, register_router
+from .routing import (
+    ParameterBank,
+    Router,
+    RouterOutput,
+    RoutingContext,
+    RoutingSite,
+    float32_linear,
+    module_ref,
+    register_router,
+)
 
 HYPER_DEFAULTS = {
     "embed_dim": 128,  # expert embedding / hypernetwork width (reference 128)
@@ -55,14 +73,16 @@ class HyperNetwork(nn.Module):
         super().__init__()
         width, site_dim = int(options["embed_dim"]), int(options["site_embed_dim"])
         self.rank = int(options["hyper_rank"])
-        # Site identity = layer embedding + module-kind embedding (kinds in first-seen order).
+        # Site identity = layer embedding + module-kind embedding (kinds in first-seen order; a
+        # kind is the module's path inside its layer, so GPT-2's attn.c_proj and mlp.c_proj differ).
         self.kinds = list(dict.fromkeys(site.kind for site in sites))
         self.layer_embedding = nn.Parameter(torch.empty(max(s.layer for s in sites) + 1, site_dim))
         self.kind_embedding = nn.Parameter(torch.empty(len(self.kinds), site_dim))
         self.trunk_weight = nn.Parameter(torch.empty(width, width + site_dim))
         self.trunk_bias = nn.Parameter(torch.empty(width))
-        self.head_a_weight, self.head_a_bias = nn.ParameterDict(), nn.ParameterDict()
-        self.head_b_weight, self.head_b_bias = nn.ParameterDict(), nn.ParameterDict()
+        # Banks (ParameterDicts read with fetch) so that offloaded heads are loaded when read.
+        self.head_a_weight, self.head_a_bias = ParameterBank(), ParameterBank()
+        self.head_b_weight, self.head_b_bias = ParameterBank(), ParameterBank()
         self.shapes: dict[str, tuple[int, int]] = {}
         for site in sites:
             key = _shape_key(site)
@@ -93,17 +113,20 @@ class HyperNetwork(nn.Module):
             nn.init.zeros_(self.head_b_weight[key])
             nn.init.zeros_(self.head_b_bias[key])
 
-    def generate(
+    def forward(
         self, summary: torch.Tensor, site: RoutingSite
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-rank modules A [n, d_in, r_h], B [n, r_h, d_out] for ``summary`` [n, width]."""
+        """Low-rank modules A [n, d_in, r_h], B [n, r_h, d_out] for ``summary`` [n, width], on
+        this module's device (called as a module, so that ``device_map`` hooks fire)."""
         kind = self.kinds.index(site.kind)
         site_vec = (self.layer_embedding[site.layer] + self.kind_embedding[kind]).float()
         inputs = torch.cat([summary, site_vec.expand(summary.shape[0], -1)], dim=-1)
         hidden = F.relu(F.linear(inputs, self.trunk_weight.float(), self.trunk_bias.float()))
         key = _shape_key(site)
-        a = F.linear(hidden, self.head_a_weight[key].float(), self.head_a_bias[key].float())
-        b = F.linear(hidden, self.head_b_weight[key].float(), self.head_b_bias[key].float())
+        heads = (self.head_a_weight, self.head_a_bias, self.head_b_weight, self.head_b_bias)
+        a_weight, a_bias, b_weight, b_bias = (head.fetch(key).float() for head in heads)
+        a = F.linear(hidden, a_weight, a_bias)
+        b = F.linear(hidden, b_weight, b_bias)
         return (a.view(-1, site.in_features, self.rank), b.view(-1, self.rank, site.out_features))
 
 
@@ -130,6 +153,10 @@ class HyperSupplement(nn.Module):
         nn.init.zeros_(self.mlp_in_bias)
         nn.init.zeros_(self.mlp_out_bias)
 
+    def __call__(self, x: torch.Tensor, indices: torch.Tensor, hyper: HyperNetwork) -> torch.Tensor:
+        # The shared hypernetwork reaches forward as a ModuleRef, untouched by device_map hooks.
+        return super().__call__(x, indices, module_ref(hyper))
+
     def forward(self, x: torch.Tensor, indices: torch.Tensor, hyper: HyperNetwork) -> torch.Tensor:
         """The generated module's output [T, d_out] for tokens ``x`` [T, d_in] routed to
         ``indices`` [T, k]."""
@@ -143,7 +170,9 @@ class HyperSupplement(nn.Module):
         summary = unselected @ self.expert_embedding.float()
         hidden = F.relu(F.linear(summary, self.mlp_in_weight.float(), self.mlp_in_bias.float()))
         summary = F.linear(hidden, self.mlp_out_weight.float(), self.mlp_out_bias.float())
-        lora_a, lora_b = hyper.generate(summary, self.site)
+        # The hypernetwork may sit on another device (device_map): its hook moves the summary
+        # there, the generated module comes back to this site's device.
+        lora_a, lora_b = (t.to(x.device) for t in hyper(summary, self.site))
         ones = torch.ones(x.shape[0], 1, device=x.device)
         return moe_lora_delta(x.float(), lora_a, lora_b, set_of_token.view(-1, 1), ones,
                               self.scale, kernel="torch")
@@ -172,6 +201,7 @@ def smooth_load(clean: torch.Tensor, noisy: torch.Tensor, std: torch.Tensor, top
 @register_router
 class HyperMoERouter(Router):
     name = "hypermoe"
+    load_balance = False  # balanced by its own cv^2 loss, as in the reference
     defaults: ClassVar[dict[str, Any]] = {
         **HYPER_DEFAULTS, "noise_epsilon": 0.01, "cv_loss_coef": 0.01
     }
@@ -193,17 +223,16 @@ class HyperMoERouter(Router):
         self.hyper.reset_parameters()
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext, experts: Any) -> RouterOutput:
-        x32 = x.float()
-        clean = F.linear(x32, self.weight.float())
+        clean = float32_linear(x, self.weight)
         noisy_training = self.training and self.top_k < self.num_experts
         if noisy_training:
-            std = F.softplus(F.linear(x32, self.noise_weight.float())) + float(
+            std = F.softplus(float32_linear(x, self.noise_weight)) + float(
                 self.options["noise_epsilon"])
             logits = clean + torch.randn_like(clean) * std
         else:
             logits = clean
         indices, weights = self.select(logits)
-        mask = ctx.flat_mask(x.shape[0])
+        mask = ctx.site_mask(x.shape[0])
         gates = torch.zeros_like(logits).scatter(1, indices, weights)
         keep = torch.ones(x.shape[0], 1, device=x.device) if mask is None else \
             mask.to(x.device, torch.float32).unsqueeze(-1)
@@ -214,7 +243,7 @@ class HyperMoERouter(Router):
             load = ((gates > 0).float() * keep).sum(0)
         losses = {"hypermoe_cv": float(self.options["cv_loss_coef"])
                   * (cv_squared(importance) + cv_squared(load))}
-        residual = self.hyper(x32, indices, ctx.shared[self.name])
+        residual = self.hyper(x.float(), indices, ctx.shared[self.name])
         return RouterOutput(indices=indices, weights=weights, logits=logits, losses=losses,
                             residual=residual)
 
