@@ -36,15 +36,15 @@ def train_adapter(dense: Path, out: Path, seed: int, steps: int = 4, **lora: obj
     return out
 
 
-def peft_logits(dense: Path, adapter: Path | None) -> torch.Tensor:
+def peft_logits(dense: Path, adapter: Path | None, bf16: bool = False) -> torch.Tensor:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
-    with torch.no_grad():
-        return model.eval()(input_ids=INPUT).logits
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return model.eval()(input_ids=INPUT).logits.float()
 
 
 def force_expert(model: torch.nn.Module, expert: int) -> None:
@@ -60,13 +60,13 @@ def force_expert(model: torch.nn.Module, expert: int) -> None:
             module.forward = fixed
 
 
-def moe_logits(checkpoint: Path, expert: int) -> torch.Tensor:
+def moe_logits(checkpoint: Path, expert: int, bf16: bool = False) -> torch.Tensor:
     from moe_hub.modeling import MoELoraForCausalLM
 
     model = MoELoraForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     force_expert(model, expert)
-    with torch.no_grad():
-        return model(input_ids=INPUT).logits
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return model(input_ids=INPUT).logits.float()
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +142,12 @@ def test_gpt2_conv1d_adapters(tmp_path: Path) -> None:
     for expert, adapter in enumerate(adapters):
         reference = peft_logits(dense, adapter)
         assert (moe_logits(out, expert) - reference).abs().max() <= 1e-5
+        # Under bf16 autocast both compute every matmul in bf16 (unit roundoff 2^-8), in
+        # different orders: a few roundoffs of the logit scale apart, not more.
+        bf16 = moe_logits(out, expert, bf16=True)
+        bound = 8 * 2.0**-8 * reference.abs().max()
+        assert (bf16 - peft_logits(dense, adapter, bf16=True)).abs().max() <= bound
+        assert (bf16 - reference).abs().max() <= bound
 
 
 def test_topk_checkpoint_loads_without_moe_hub_and_trains_routers_only(
