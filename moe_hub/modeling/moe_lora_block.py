@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch import nn
 
 from .moe_lora_layer import RoutingHolder, is_linear, linear_features, target_matches
 from .moe_lora_ops import group_by_expert, moe_lora_delta, needs_grouping
-from .routing import ROUTERS, RoutingSite
+from .routing import ROUTERS, RouterOutput, RoutingSite
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -135,11 +136,19 @@ class MoELoraBlock(nn.Module):
                               slot_weights, self.scale, kernel=self.kernel, grouping=grouping)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base, layout = self.base_layer, self.layout
         flat = x.reshape(-1, self.site.in_features)
         ctx = self._routing.get()
-        route = self.router(flat, ctx, self)
+        route, out = self.router.run(flat, ctx, self, self.mixture)
         ctx.record(self.site, route)
+        if route.residual is not None:
+            out = out + route.residual.to(out.dtype)
+        if self.layout.style == "plain" and hasattr(self.base_layer, "dropout"):
+            out = self.base_layer.dropout(out)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def mixture(self, flat: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+        """sum_j g_j MLP_{e_j}(flat) for ``flat`` [T, d_in] under ``route``: [T, d_out]."""
+        base, layout = self.base_layer, self.layout
         tokens, top_k = route.indices.shape
         # One row per (token, chosen expert): the rows differ only in their LoRA deltas.
         slot_experts = route.indices.reshape(-1, 1)
@@ -155,14 +164,7 @@ class MoELoraBlock(nn.Module):
             delta = self._slot_delta(name, slot_x, slot_experts, ones, grouping)
             return frozen + delta.to(frozen.dtype)
 
-        act = getattr(base, layout.act)
-        if layout.style == "gated":
-            hidden = act(first("gate_proj")) * first("up_proj")
-        elif layout.style == "fused":
-            gate, up = first("gate_up_proj").chunk(2, dim=-1)
-            hidden = up * act(gate)
-        else:
-            hidden = act(first("c_fc"))
+        hidden = self._activate(first)
         weights = route.weights.reshape(-1, 1)
         mixed = (hidden * weights.to(hidden.dtype)).view(tokens, top_k, -1).sum(dim=1)
         down = base.get_submodule(layout.down)
@@ -174,12 +176,24 @@ class MoELoraBlock(nn.Module):
             out = out + (route.weights.to(out.dtype).sum(-1, keepdim=True) - 1) * bias
         down_in = self.lora_dropout(hidden).to(self.lora_A[layout.down].dtype)
         down_delta = self._slot_delta(layout.down, down_in, slot_experts, weights, grouping)
-        out = out + down_delta.view(tokens, top_k, -1).sum(dim=1).to(out.dtype)
-        if route.residual is not None:
-            out = out + route.residual.to(out.dtype)
-        if layout.style == "plain" and hasattr(base, "dropout"):
-            out = base.dropout(out)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out + down_delta.view(tokens, top_k, -1).sum(dim=1).to(out.dtype)
+
+    def _activate(self, first: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The MLP's hidden activation from ``first(name)``, the output of each first linear."""
+        act = getattr(self.base_layer, self.layout.act)
+        if self.layout.style == "gated":
+            return act(first("gate_proj")) * first("up_proj")
+        if self.layout.style == "fused":
+            gate, up = first("gate_up_proj").chunk(2, dim=-1)
+            return up * act(gate)
+        return act(first("c_fc"))
+
+    def frozen_output(self, flat: torch.Tensor) -> torch.Tensor:
+        """The frozen MLP alone on ``flat`` [T, d_in] (no experts, no output dropout): the part
+        of ``mixture`` that is not the experts' change (GraphMoE's refinement subtracts it)."""
+        base = self.base_layer
+        hidden = self._activate(lambda name: base.get_submodule(name)(flat))
+        return base.get_submodule(self.layout.down)(hidden)
 
     def extra_repr(self) -> str:
         return f"site={self.site.index}, style={self.layout.style}"

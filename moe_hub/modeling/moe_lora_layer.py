@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .moe_lora_ops import moe_lora_delta
-from .routing import ROUTERS, RoutingContext, RoutingSite
+from .routing import ROUTERS, RouterOutput, RoutingContext, RoutingSite
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -88,17 +88,20 @@ class MoELoraLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         ctx = self._routing.get()
         flat = x.reshape(-1, self.site.in_features)
-        route = self.router(flat, ctx, self)
+        route, delta = self.router.run(flat, ctx, self, self.expert_delta)
         ctx.record(self.site, route)
-        if self.training:
-            flat = self.lora_dropout(flat)
-        delta = moe_lora_delta(
-            flat.to(self.lora_A.dtype), self.lora_A, self.lora_B, route.indices, route.weights,
-            self.scale, kernel=self.kernel,
-        )
         if route.residual is not None:
             delta = delta + route.residual.to(delta.dtype)
         return result + delta.view(result.shape).to(result.dtype)
+
+    def expert_delta(self, flat: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+        """The experts' part of the output for ``flat`` [T, d_in] under ``route``: [T, d_out]."""
+        if self.training:
+            flat = self.lora_dropout(flat)
+        return moe_lora_delta(
+            flat.to(self.lora_A.dtype), self.lora_A, self.lora_B, route.indices, route.weights,
+            self.scale, kernel=self.kernel,
+        )
 
     def extra_repr(self) -> str:
         experts, d_in, rank = self.lora_A.shape

@@ -14,6 +14,7 @@ backward, reads exactly the state it read the first time, and counts each site's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -46,6 +47,8 @@ class RouterOutput:
     ``losses`` holds router-specific auxiliary losses (already-reduced scalars, unweighted).
     ``residual`` is an extra [T, d_out] term added to the site's output (HyperMoE's generated
     module), or ``None``.
+    ``output`` is the site's expert output when the router ran the experts itself (GraphMoE's
+    refinement steps), else ``None``.
     """
 
     indices: torch.Tensor
@@ -54,6 +57,7 @@ class RouterOutput:
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     residual: torch.Tensor | None = None
     logit_indices: torch.Tensor | None = None
+    output: torch.Tensor | None = None
 
     @property
     def balance_indices(self) -> torch.Tensor:
@@ -92,6 +96,11 @@ class RoutingContext:
         self.outputs[site.index] = output
 
 
+#: ``expert_step(inputs, decision)``: a site's expert part (its output minus the frozen base) on
+#: ``inputs`` [T, d_in] under one routing decision, [T, d_out].
+ExpertStep = Callable[[torch.Tensor, RouterOutput], torch.Tensor]
+
+
 class Router(nn.Module):
     """Base class of the routers. A subclass sets ``name`` and implements :meth:`forward`.
 
@@ -107,6 +116,9 @@ class Router(nn.Module):
     name: ClassVar[str]
     #: Router-specific options (``router_config`` keys) with their defaults.
     defaults: ClassVar[dict[str, Any]] = {}
+    #: Options written into every newly converted config, where they differ from what a config
+    #: without the key means (an old checkpoint keeps computing what it computed).
+    recorded_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, site: RoutingSite, config: Any) -> None:
         super().__init__()
@@ -131,6 +143,13 @@ class Router(nn.Module):
         """Route ``x`` [T, d_in]. ``experts`` is the site's expert module (its ``lora_A``,
         ``lora_B`` and ``scale``), for routers that look at what the experts compute."""
         raise NotImplementedError
+
+    def run(self, x: torch.Tensor, ctx: RoutingContext, experts: Any,
+            expert_step: ExpertStep) -> tuple[RouterOutput, torch.Tensor]:
+        """Route ``x`` and compute the site's expert part: one decision, experts run once on
+        ``x``. Routers that re-run the experts on a refined input (GraphMoE) override this."""
+        route = self(x, ctx, experts)
+        return route, expert_step(x, route)
 
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax over all experts, top-k, optional renormalisation over the chosen k."""
