@@ -384,7 +384,8 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("step")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
     axes[0].set_ylabel("training loss (mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
