@@ -217,7 +217,7 @@ def dequantize_once(gguf: Path, target: Path) -> Path:
 
 def train_lora(dense: Path, rank: int, seed: int, args: argparse.Namespace, callback: Any,
                workdir: Path) -> None:
-    """peft LoRA on every decoder linear of the NF4 base, trained as finetune trains."""
+    """peft LoRA on every decoder linear of the (NF4) base, trained as finetune trains."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
@@ -247,7 +247,7 @@ def train_lora(dense: Path, rank: int, seed: int, args: argparse.Namespace, call
 def training_options(args: argparse.Namespace, seed: int) -> Any:
     from moe_hub.finetune import FinetuneOptions
 
-    return FinetuneOptions(quantize="nf4", max_steps=args.steps, batch_size=args.batch_size,
+    return FinetuneOptions(quantize=args.quantize, max_steps=args.steps, batch_size=args.batch_size,
                            lr=args.lr, seed=seed, max_length=args.max_length,
                            logging_steps=args.log_every, save_steps=10 ** 9, overwrite=True)
 
@@ -417,6 +417,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-batch-size", type=int, default=30)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--quantize", default="nf4", choices=["nf4", "none"],
+                        help="the frozen base of every method (none: float32, faster on CPU)")
     parser.add_argument("--log-every", type=int, default=5, help="steps per curve point")
     parser.add_argument("--report", action="store_true",
                         help="only write the table and plot from the results already there")
