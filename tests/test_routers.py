@@ -490,7 +490,7 @@ def test_graphmoe_refine_matches_a_float64_reference_with_gradients(granularity:
     steps = 3
     model = perturb(build("graphmoe", granularity)).double().train()
     site = next(m for m in model.modules() if isinstance(m, MoELoraLinear | MoELoraBlock)
-                and m.site.kind in ("o_proj", "mlp") and m.site.layer == 1)
+                and m.site.kind in ("self_attn.o_proj", "mlp") and m.site.layer == 1)
     cell = model.moe_shared["graphmoe"]
     ref_cell = nn.GRUCell(cell.input_size, cell.hidden_size).double()
     ref_cell.load_state_dict(cell.state_dict())
@@ -522,7 +522,8 @@ def test_graphmoe_refine_records_every_step_and_refines_only_square_sites() -> N
         out = model(tokens, output_router_logits=True)
     routers = {m.site.kind: m.router for m in model.modules() if isinstance(m, MoELoraLinear)}
     refining = {kind for kind, r in routers.items() if r.refines}
-    assert refining == {"q_proj", "o_proj"}  # 64 -> 64; k/v (GQA), gate/up, down are not square
+    # 64 -> 64; k/v (GQA), gate/up, down are not square
+    assert refining == {"self_attn.q_proj", "self_attn.o_proj"}
     assert all((r.message_weight is None) == (kind not in refining) for kind, r in routers.items())
     steps = [logits.shape[0] // tokens.numel() for logits in out.router_logits]
     kinds = [site.kind for site in model.routing_sites]
@@ -539,8 +540,9 @@ def test_graphmoe_refine_cost_grows_linearly_with_steps_at_square_sites_only() -
         model = perturb(build("graphmoe", "linear",
                               router_config={"mode": "refine", "steps": steps}))
         for m in model.modules():
-            if isinstance(m, MoELoraLinear) and m.site.kind in ("o_proj", "k_proj"):
-                layers.setdefault(m.site.kind, m)
+            kind = m.site.kind.rsplit(".", 1)[-1] if isinstance(m, MoELoraLinear) else None
+            if kind in ("o_proj", "k_proj"):
+                layers.setdefault(kind, m)
         for kind, layer in layers.items():
             with torch.no_grad(), FlopCounterMode(display=False) as counter:
                 layer(x)
@@ -601,9 +603,9 @@ def test_graphmoe_info_names_the_sites_that_refine(tmp_path: Path) -> None:
                       router_config={"steps": 3, **options}, granularity=granularity,
                       experts=4, rank=4, progress=False)
         steps[name] = checkpoint_info(out)["router_steps"]
-    assert steps["linear"] == ("refine: 3 steps at o_proj, q_proj (4 sites); 1 step at "
-                               "down_proj, gate_proj, k_proj, up_proj, v_proj "
-                               "(input width != output width)")
+    assert steps["linear"] == ("refine: 3 steps at self_attn.o_proj, self_attn.q_proj (4 "
+                               "sites); 1 step at mlp.down_proj, mlp.gate_proj, mlp.up_proj, "
+                               "self_attn.k_proj, self_attn.v_proj (input width != output width)")
     assert steps["block"] == "refine: 3 steps at mlp (2 sites)"
     assert steps["message"] == "message: 3 routing steps at every site, experts run once"
     topk = convert(dense, tmp_path / "topk", experts=4, rank=4, progress=False)
@@ -613,7 +615,7 @@ def test_graphmoe_info_names_the_sites_that_refine(tmp_path: Path) -> None:
 def test_graphmoe_refine_router_alone_says_how_to_call_it() -> None:
     model = build("graphmoe", "linear")
     layer = next(m for m in model.modules() if isinstance(m, MoELoraLinear)
-                 and m.site.kind == "o_proj")
+                 and m.site.kind == "self_attn.o_proj")
     with pytest.raises(RuntimeError, match="call the site module"):
         layer.router(torch.randn(3, 64), RoutingContext(None, model.moe_shared), layer)
 

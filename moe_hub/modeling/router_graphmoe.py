@@ -54,7 +54,8 @@ Both modes: ``steps`` T = 1 is exactly the topk router (same parameter names and
 state dict loads strictly, and the output is topk's); every step's logits enter the load-balance
 loss (``logits`` [T * tokens, E] with ``logit_indices``); the recurrent state and the refined
 u_t are never detached, so the task gradient reaches every step's gate, the cell and the experts
-through every step. Router math runs in float32.
+through every step. Router math runs in float32. The expert counts a model reports are the last
+step's choices (``indices``); the balance loss sees every step's (``logit_indices``).
 """
 
 from __future__ import annotations
