@@ -73,7 +73,9 @@ from .routing import (
     RouterOutput,
     RoutingContext,
     RoutingSite,
+    float32_linear,
     register_router,
+    without_autocast,
 )
 
 MODES = ("refine", "message")
@@ -160,7 +162,18 @@ class GraphMoERouter(Router):
             expert_step: ExpertStep) -> tuple[RouterOutput, torch.Tensor]:
         if not self.refines:
             return super().run(x, ctx, experts, expert_step)
-        route = self(x, ctx, experts, expert_step)
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # The router computes with autocast off; the experts keep the caller's precision.
+            dtype = torch.get_autocast_dtype(device)
+            caller_step = expert_step
+
+            def expert_step(inputs: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+                with torch.autocast(device, dtype=dtype):
+                    return caller_step(inputs, route)
+
+        with without_autocast(x.device):
+            route = self(x, ctx, experts, expert_step)
         return route, route.output
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext, experts: Any,
@@ -188,14 +201,14 @@ class GraphMoERouter(Router):
     def _refine(self, x: torch.Tensor, ctx: RoutingContext, experts: Any,
                 expert_step: ExpertStep) -> RouterOutput:
         cell = ctx.shared[self.name]
-        weight, lora_A = self.weight.float(), input_lora_A(experts).float()
+        lora_A = input_lora_A(experts).float()
         # A block's step output contains its frozen MLP; a linear's is the experts' change only.
         frozen = getattr(experts, "frozen_output", None)
         inputs, output, change, state = x, None, None, None
         step_logits, step_indices = [], []
         for step in range(self.site_steps):
             inputs32 = inputs.float()
-            logits = F.linear(inputs32, weight)
+            logits = float32_linear(inputs, self.weight)
             if state is not None:
                 logits = logits + self._state_logits(state)
             indices, weights = self.select(logits)
@@ -218,7 +231,7 @@ class GraphMoERouter(Router):
 
     def _message(self, x: torch.Tensor, ctx: RoutingContext, experts: Any) -> RouterOutput:
         x32 = x.float()
-        base_logits = F.linear(x32, self.weight.float())
+        base_logits = float32_linear(x, self.weight)
         indices, weights = self.select(base_logits)
         step_logits, step_indices = [base_logits], [indices]
         if self.site_steps > 1:

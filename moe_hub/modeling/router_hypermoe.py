@@ -43,7 +43,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .moe_lora_ops import moe_lora_delta
-from .routing import Router, RouterOutput, RoutingContext, RoutingSite, register_router
+from .routing import (
+    Router,
+    RouterOutput,
+    RoutingContext,
+    RoutingSite,
+    float32_linear,
+    register_router,
+)
 
 HYPER_DEFAULTS = {
     "embed_dim": 128,  # expert embedding / hypernetwork width (reference 128)
@@ -204,11 +211,10 @@ class HyperMoERouter(Router):
         self.hyper.reset_parameters()
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext, experts: Any) -> RouterOutput:
-        x32 = x.float()
-        clean = F.linear(x32, self.weight.float())
+        clean = float32_linear(x, self.weight)
         noisy_training = self.training and self.top_k < self.num_experts
         if noisy_training:
-            std = F.softplus(F.linear(x32, self.noise_weight.float())) + float(
+            std = F.softplus(float32_linear(x, self.noise_weight)) + float(
                 self.options["noise_epsilon"])
             logits = clean + torch.randn_like(clean) * std
         else:
@@ -225,7 +231,7 @@ class HyperMoERouter(Router):
             load = ((gates > 0).float() * keep).sum(0)
         losses = {"hypermoe_cv": float(self.options["cv_loss_coef"])
                   * (cv_squared(importance) + cv_squared(load))}
-        residual = self.hyper(x32, indices, ctx.shared[self.name])
+        residual = self.hyper(x.float(), indices, ctx.shared[self.name])
         return RouterOutput(indices=indices, weights=weights, logits=logits, losses=losses,
                             residual=residual)
 

@@ -37,7 +37,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .router_hypermoe import HYPER_DEFAULTS, HyperNetwork, HyperSupplement
-from .routing import Router, RouterOutput, RoutingContext, RoutingSite, register_router
+from .routing import (
+    Router,
+    RouterOutput,
+    RoutingContext,
+    RoutingSite,
+    float32_linear,
+    register_router,
+)
 
 
 def gru_step(cell: nn.GRUCell, inputs: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
@@ -120,14 +127,13 @@ class RecurrentRouter(Router):
         return state.to(like.device)
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext, experts: Any) -> RouterOutput:
-        x32 = x.float()
         shared = ctx.shared[self.name]
-        projected = F.linear(x32, self.input_proj.float())
+        projected = float32_linear(x, self.input_proj)
         state = gru_step(shared["gru"], projected, self.previous_state(ctx, projected))
         ctx.state[self.state_key(self.site.index)] = state
         logits = F.linear(state, self.output_proj.float())
         indices, weights = self.select(logits)
         residual = None
         if self.hyper is not None:
-            residual = self.hyper(x32, indices, shared["hyper"])
+            residual = self.hyper(x.float(), indices, shared["hyper"])
         return RouterOutput(indices=indices, weights=weights, logits=logits, residual=residual)

@@ -4,7 +4,8 @@ load-balancing losses.
 A *routing site* is one place where tokens are sent to experts: a targeted linear (granularity
 ``linear``) or a decoder layer's MLP block (granularity ``block``). Every site owns a router; a
 router returns, per token, the chosen experts, their weights and the logits the auxiliary losses
-need. Routers never touch the frozen base. Their math runs in float32 whatever the model dtype.
+need. Routers never touch the frozen base. Their math runs in float32 whatever the model dtype,
+and under ``torch.autocast`` too: the sites call their router with autocast disabled.
 
 Routers whose decision depends on an earlier site (RMoE's GRU state across depth) read and write
 that state through the :class:`RoutingContext` created at every forward of the model. Values are
@@ -130,6 +131,39 @@ def call_token_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor
             and inputs.shape[1] <= mask.shape[1]:
         mask = mask[:, mask.shape[1] - inputs.shape[1]:]
     return mask
+
+
+class _Float32Linear(torch.autograd.Function):
+    """x W^T in float32 that keeps x for backward in its OWN dtype: the 16-bit hidden states a
+    router reads are also kept by the base linear, so they cost nothing extra, while an fp32 copy
+    would cost twice their size at every site. Upcasting a 16-bit x is exact."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return x.float() @ weight.float().t()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad = grad.float()
+        with torch.autocast(grad.device.type, enabled=False):
+            grad_x = (grad @ weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+            grad_w = (grad.t() @ x.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
+def without_autocast(device: torch.device) -> AbstractContextManager:
+    """Where routers run: ``F.linear(x.float(), w.float())`` inside an autocast region still
+    computes in the autocast dtype, so sites call their router with autocast switched off."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
+
+
+def float32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits ``x W^T`` computed in float32 (the caller disables autocast)."""
+    return _Float32Linear.apply(x, weight)
 
 
 # The contexts current in this thread, one per model (keyed by the model's holder object, so
@@ -264,7 +298,8 @@ class Router(nn.Module):
             expert_step: ExpertStep) -> tuple[RouterOutput, torch.Tensor]:
         """Route ``x`` and compute the site's expert part: one decision, experts run once on
         ``x``. Routers that re-run the experts on a refined input (GraphMoE) override this."""
-        route = self(x, ctx, experts)
+        with without_autocast(x.device):
+            route = self(x, ctx, experts)
         return route, expert_step(x, route)
 
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
