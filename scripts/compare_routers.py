@@ -16,10 +16,10 @@ granularity, each router's rank matched to topk's adapter count at that granular
 order (per seed), steps, batch, learning rate and schedule for all; several seeds, mean and
 standard deviation; training-loss curves as a PNG.
 
-    python scripts/compare_routers.py --out runs/compare --quick     # every method, ~10 min
+    python scripts/compare_routers.py --out runs/compare --quick     # every method, a check
     python scripts/compare_routers.py --out runs/compare             # the full run
     python scripts/compare_routers.py --out runs/compare --methods topk/linear graphmoe/block \\
-        --seeds 0 1 2 --steps 150                                    # a subset
+        --seeds 0 1 2 --steps 150                                    # a subset, longer
     python scripts/compare_routers.py --out runs/compare --report    # table + plot from results
 
 Results go to <out>/compare_routers.json after every run (an interrupted run keeps what
@@ -51,8 +51,11 @@ ROUTERS: dict[str, tuple[str, dict[str, Any]]] = {
 GRANULARITIES = ("linear", "block")
 LORA_METHODS = ("lora-budget", "lora-rank")
 METHODS = [*LORA_METHODS, *(f"{r}/{g}" for r in ROUTERS for g in GRANULARITIES)]
-QUICK = {"steps": 12, "seeds": [0], "eval_per_task": 5}
-FULL = {"steps": 150, "seeds": [0, 1, 2], "eval_per_task": 30}
+# Sized from a measured training step of topk/linear on the NF4 base, one thread, no other load:
+# about 6 CPU seconds (3 on a float32 base), plus about 70 CPU seconds a run for conversion,
+# 4-bit loading and scoring (README, "Router comparison").
+QUICK = {"steps": 6, "seeds": [0], "eval_per_task": 5}
+FULL = {"steps": 60, "seeds": [0, 1, 2], "eval_per_task": 30}
 
 
 def moe_adapter_count(text_config: Any, method: str, rank: int, args: argparse.Namespace) -> int:
@@ -406,7 +409,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--quick", action="store_true",
                         help=f"every method, {QUICK['steps']} steps, one seed, "
-                             f"{QUICK['eval_per_task']} held-out rows per task (a ~10 min check)")
+                             f"{QUICK['eval_per_task']} held-out rows per task (a check)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--eval-per-task", type=int, default=None)
