@@ -105,7 +105,8 @@ class ConvertOptions:
             return MoELoraConfig(
                 text_config=text_config,
                 router=self.router,
-                router_config=self.router_config,
+                # Recorded explicitly: a later change of a default must not change this model.
+                router_config={**ROUTERS[self.router].recorded_defaults, **self.router_config},
                 num_experts=self.experts if self.experts is not None else 8,
                 num_experts_per_tok=self.top_k,
                 lora_rank=rank,

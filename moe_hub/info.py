@@ -40,6 +40,7 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "dropout": config.lora_dropout,
         "targets": config.target_modules or sorted({s.kind for s in model.routing_sites}),
         "routing_sites": len(model.routing_sites),
+        "router_steps": _router_steps(config, model.routing_sites),
         "parameters": {"total": total, "trainable": added, "added": added,
                        "base": total - added},
         "bytes": {"base_weights": base_bytes, "adapters": adapter_bytes,
@@ -48,6 +49,15 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "files": files,
         "fine_tuned": (path / "moe_hub_training.json").is_file(),
     }
+
+
+def _router_steps(config: Any, sites: list) -> str | None:
+    """GraphMoE: which sites refine over several steps and which run one (others: None)."""
+    if config.router != "graphmoe":
+        return None
+    from .modeling.router_graphmoe import steps_summary
+
+    return steps_summary(config, sites)
 
 
 def _size(num: float) -> str:
@@ -79,6 +89,7 @@ def render_info(info: dict[str, Any]) -> None:
         ("rank / alpha / dropout", f"{info['rank']} / {info['alpha']:g} / {info['dropout']:g}"),
         ("targets", ", ".join(info["targets"])),
         ("routing sites", str(info["routing_sites"])),
+        *([("graphmoe steps", info["router_steps"])] if info.get("router_steps") else []),
         ("parameters", f"total {params['total']:,}  trainable {params['trainable']:,}  added "
                        f"{params['added']:,} ({100 * params['added'] / params['total']:.2f}%)"),
         ("base weights", _size(info["bytes"]["base_weights"])),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,13 @@ from .moe_lora_ops import (
     moe_lora_slots_delta,
     shared_cast,
 )
-from .routing import ROUTERS, ParameterBank, RoutingSite, float32_parameters, without_autocast
+from .routing import (
+    ROUTERS,
+    ParameterBank,
+    RouterOutput,
+    RoutingSite,
+    float32_parameters,
+)
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -151,12 +158,25 @@ class MoELoraBlock(nn.Module):
         return self.lora_A.fetch(self.layout.first[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base, layout = self.base_layer, self.layout
         flat = x.reshape(-1, self.site.in_features)
         ctx = self._routing.current()
-        with without_autocast(flat.device):
-            route = self.router(flat, ctx, self)
+
+        def step(inputs: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+            # The first step reads x itself (one cast shared with the sites that read x).
+            return self.mixture(x if inputs is flat else inputs, route)
+
+        route, out = self.router.run(flat, ctx, self, step)
         ctx.record(self.site, route)
+        if route.residual is not None:
+            out = out + route.residual.to(out.dtype)
+        if self.layout.style == "plain" and hasattr(self.base_layer, "dropout"):
+            out = self.base_layer.dropout(out)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def mixture(self, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+        """sum_j g_j MLP_{e_j}(x) for ``x`` [..., d_in] under ``route``: [T, d_out]."""
+        base, layout = self.base_layer, self.layout
+        flat = x.reshape(-1, self.site.in_features)
         tokens, top_k = route.indices.shape
         experts = self.input_lora_A().shape[0]
         # Every linear of the block applies this one decision: sort the (token, slot) pairs by
@@ -174,14 +194,7 @@ class MoELoraBlock(nn.Module):
             return (frozen.unsqueeze(1) + delta.view(tokens, top_k, -1).to(frozen.dtype)
                     ).view(tokens * top_k, -1)
 
-        act = getattr(base, layout.act)
-        if layout.style == "gated":
-            hidden = act(first("gate_proj")) * first("up_proj")
-        elif layout.style == "fused":
-            gate, up = first("gate_up_proj").chunk(2, dim=-1)
-            hidden = up * act(gate)
-        else:
-            hidden = act(first("c_fc"))
+        hidden = self._activate(first)
         weights = route.weights.reshape(-1, 1)
         mixed = (hidden * weights.to(hidden.dtype)).view(tokens, top_k, -1).sum(dim=1)
         down = base.get_submodule(layout.down)
@@ -198,12 +211,24 @@ class MoELoraBlock(nn.Module):
         down_in = self.lora_dropout(hidden.to(dtype))
         down_delta = self._grouped(layout.down, down_in, route.indices, route.weights, grouping,
                                    rows="slot", per_slot=False)
-        out = out + down_delta.to(out.dtype)
-        if route.residual is not None:
-            out = out + route.residual.to(out.dtype)
-        if layout.style == "plain" and hasattr(base, "dropout"):
-            out = base.dropout(out)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out + down_delta.to(out.dtype)
+
+    def _activate(self, first: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The MLP's hidden activation from ``first(name)``, the output of each first linear."""
+        act = getattr(self.base_layer, self.layout.act)
+        if self.layout.style == "gated":
+            return act(first("gate_proj")) * first("up_proj")
+        if self.layout.style == "fused":
+            gate, up = first("gate_up_proj").chunk(2, dim=-1)
+            return up * act(gate)
+        return act(first("c_fc"))
+
+    def frozen_output(self, flat: torch.Tensor) -> torch.Tensor:
+        """The frozen MLP alone on ``flat`` [T, d_in] (no experts, no output dropout): the part
+        of ``mixture`` that is not the experts' change (GraphMoE's refinement subtracts it)."""
+        base = self.base_layer
+        hidden = self._activate(lambda name: base.get_submodule(name)(flat))
+        return base.get_submodule(self.layout.down)(hidden)
 
     def _grouped(self, name: str, rows_x: torch.Tensor, indices: torch.Tensor,
                  weights: torch.Tensor | None, grouping: torch.Tensor, rows: str, per_slot: bool

@@ -20,12 +20,12 @@ from torch import nn
 from .moe_lora_ops import expert_compute_dtype, moe_lora_delta, shared_cast
 from .routing import (
     ROUTERS,
+    RouterOutput,
     RoutingContext,
     RoutingSite,
     context_scope,
     current_context,
     float32_parameters,
-    without_autocast,
 )
 
 try:
@@ -113,22 +113,29 @@ class MoELoraLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         ctx = self._routing.current()
         flat = x.reshape(-1, self.site.in_features)
-        with without_autocast(flat.device):
-            route = self.router(flat, ctx, self)
+
+        def step(inputs: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+            # The first step reads x itself (one cast shared with the sites that read x).
+            return self.expert_delta(x if inputs is flat else inputs, route)
+
+        route, delta = self.router.run(flat, ctx, self, step)
         ctx.record(self.site, route)
+        if route.residual is not None:
+            delta = delta + route.residual.to(delta.dtype)
+        return result + delta.view(result.shape).to(result.dtype)
+
+    def expert_delta(self, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+        """The experts' part of the output for ``x`` [..., d_in] under ``route``: [T, d_out]."""
         # The experts' operand dtype (16-bit under autocast or on a 16-bit base); the cast is
         # keyed by x itself, so the sites that read this x share one copy.
         dtype = expert_compute_dtype(x, self.lora_A.dtype)
         flat = shared_cast(x, dtype).reshape(-1, self.site.in_features)
         if self.training:
             flat = self.lora_dropout(flat)
-        delta = moe_lora_delta(
+        return moe_lora_delta(
             flat, self.lora_A, self.lora_B, route.indices, route.weights, self.scale,
             kernel=self.kernel,
         )
-        if route.residual is not None:
-            delta = delta + route.residual.to(delta.dtype)
-        return result + delta.view(result.shape).to(result.dtype)
 
     def extra_repr(self) -> str:
         experts, d_in, rank = self.lora_A.shape

@@ -60,6 +60,8 @@ class RouterOutput:
     the router's own coefficient); the model sums each over all sites and adds it to the loss.
     ``residual`` is an extra [T, d_out] term added to the site's output (HyperMoE's generated
     module), or ``None``.
+    ``output`` is the site's expert output when the router ran the experts itself (GraphMoE's
+    refinement steps), else ``None``.
     """
 
     indices: torch.Tensor
@@ -68,6 +70,7 @@ class RouterOutput:
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     residual: torch.Tensor | None = None
     logit_indices: torch.Tensor | None = None
+    output: torch.Tensor | None = None
 
     @property
     def balance_indices(self) -> torch.Tensor:
@@ -269,6 +272,11 @@ class ParameterBank(nn.ParameterDict):
         return self(key) if getattr(self, "_hf_hook", None) is not None else self[key]
 
 
+#: ``expert_step(inputs, decision)``: a site's expert part (its output minus the frozen base) on
+#: ``inputs`` [T, d_in] under one routing decision, [T, d_out].
+ExpertStep = Callable[[torch.Tensor, RouterOutput], torch.Tensor]
+
+
 class Router(nn.Module):
     """Base class of the routers. A subclass sets ``name`` and implements :meth:`forward`.
 
@@ -287,6 +295,9 @@ class Router(nn.Module):
     load_balance: ClassVar[bool] = True
     #: Router-specific options (``router_config`` keys) with their defaults.
     defaults: ClassVar[dict[str, Any]] = {}
+    #: Options written into every newly converted config, where they differ from what a config
+    #: without the key means (an old checkpoint keeps computing what it computed).
+    recorded_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, site: RoutingSite, config: Any) -> None:
         super().__init__()
@@ -336,6 +347,14 @@ class Router(nn.Module):
         ``lora_B`` and ``scale``), for routers that look at what the experts compute, behind a
         :class:`ModuleRef`."""
         raise NotImplementedError
+
+    def run(self, x: torch.Tensor, ctx: RoutingContext, experts: Any,
+            expert_step: ExpertStep) -> tuple[RouterOutput, torch.Tensor]:
+        """Route ``x`` and compute the site's expert part: one decision, experts run once on
+        ``x``. Routers that re-run the experts on a refined input (GraphMoE) override this."""
+        with without_autocast(x.device):
+            route = self(x, ctx, experts)
+        return route, expert_step(x, route)
 
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax over all experts, top-k, optional renormalisation over the chosen k."""
