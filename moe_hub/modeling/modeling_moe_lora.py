@@ -281,7 +281,10 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         the layout before this one (renamed while loading, saved in the current layout)."""
         config = kwargs.get("config")
         if not isinstance(config, PretrainedConfig):  # the Auto classes always pass one
-            config = _load_config(cls, pretrained_model_name_or_path, kwargs)
+            config = cls.config_class.from_pretrained(
+                pretrained_model_name_or_path,
+                **{k: kwargs[k] for k in (*_HUB_KWARGS, "revision", "subfolder") if k in kwargs},
+            )
         _require_moe_config(config, pretrained_model_name_or_path)
         legacy = _legacy_key_mapping(config)
         if getattr(config, "adapter_only", False):
@@ -516,27 +519,20 @@ ADAPTER_WEIGHTS = "moe_adapters.safetensors"
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "token")
 
 
-def _load_config(cls: type, path: Any, kwargs: dict[str, Any]) -> MoELoraConfig:
-    hub = {k: kwargs[k] for k in (*_HUB_KWARGS, "revision", "subfolder") if k in kwargs}
-    try:
-        return cls.config_class.from_pretrained(path, **hub)
-    except OSError as err:
-        if "config.json" not in str(err):
-            raise
-        raise OSError(f"{path} is not a moe-hub checkpoint (no config.json): pass a directory or "
-                      f"Hub repo written by `moe-hub convert`") from None
-
-
 def _require_moe_config(config: PretrainedConfig, path: Any) -> None:
-    """One clear error for a directory that holds some other model (a dense checkpoint)."""
-    model_type = getattr(config, "model_type", None)
-    if model_type != MoELoraConfig.model_type or getattr(config, "text_config", None) is None:
-        found = config.to_dict().get("architectures") or model_type
+    """One clear error for a directory that holds some other model (a dense checkpoint) or none
+    (the config class then reads an empty config)."""
+    if getattr(config, "text_config", None) is not None:
+        return
+    architectures = getattr(config, "architectures", None)
+    if architectures:
         raise ValueError(
-            f"{path} is not a moe-hub checkpoint (its config describes {found}): load it with "
-            f"AutoModelForCausalLM.from_pretrained, or convert it first with "
-            f"`moe-hub convert {path} OUT`"
+            f"{path} is not a moe-hub checkpoint (its config.json describes "
+            f"{', '.join(architectures)}): load it with AutoModelForCausalLM.from_pretrained, or "
+            f"convert it first with `moe-hub convert {path} OUT`"
         )
+    raise ValueError(f"{path} is not a moe-hub checkpoint (no moe-hub config.json): pass a "
+                     f"directory or Hub repo written by `moe-hub convert`")
 
 
 def _legacy_key_mapping(config: MoELoraConfig) -> dict[str, str]:
