@@ -9,6 +9,7 @@ in which the two batches' gradients are added differs, so they agree to float32 
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -17,9 +18,9 @@ from test_routers import build, ids, perturb, rel_err
 ROUTERS = ["rmoe", "graphmoe"]
 
 
-def _model(router: str) -> torch.nn.Module:
+def _model(router: str, **checkpointing) -> torch.nn.Module:
     model = perturb(build(router)).train()  # train(): transformers checkpoints only in training
-    model.activation_checkpointing_enable()
+    model.activation_checkpointing_enable(checkpointing or None)
     return model
 
 
@@ -103,3 +104,21 @@ def test_backbone_called_directly_routes_like_the_causal_lm(router: str) -> None
     via_backbone = _grads(model, (head(model.base_model(tokens, attention_mask=mask)
                                        .last_hidden_state) * probe).sum())
     _assert_same(via_backbone, via_model)
+
+
+def test_a_users_context_fn_is_composed_with_the_routing_one() -> None:
+    entered = {"forward": 0, "recompute": 0}
+
+    @contextmanager
+    def counting(phase: str):
+        entered[phase] += 1
+        yield
+
+    model = _model("rmoe", context_fn=lambda: (counting("forward"), counting("recompute")))
+    first, second = ids(seed=3), ids(seed=4)
+    separate = _grads(model, _loss(model, first))
+    for name, grad in _grads(model, _loss(model, second)).items():
+        separate[name] = separate[name] + grad
+    _assert_same(_grads(model, _loss(model, first) + _loss(model, second)), separate)
+    layers = model.config.text_config.num_hidden_layers
+    assert entered == {"forward": 4 * layers, "recompute": 4 * layers}
