@@ -149,3 +149,17 @@ def test_cached_generation_uses_the_current_cache_name(tmp_path: Path, arch: str
     renamed = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
     assert not renamed, renamed
     assert cached.tolist() == model.generate(prompt, use_cache=False, **settings).tolist()
+
+
+def test_resize_token_embeddings_reaches_the_dense_forward_and_keeps_ties() -> None:
+    config = MoELoraConfig(text_config=tiny_config("gpt2").to_dict(), num_experts=4,
+                           lora_rank=4, lora_dropout=0.0)
+    model = MoELoraForCausalLM(config).eval()
+    model.resize_token_embeddings(300)
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # GPT-2 ties them
+    assert model.config.vocab_size == model.config.get_text_config().vocab_size == 300
+    ids = torch.tensor([[1, 290, 299, 4, 7]])  # ids only the new rows hold
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+    assert out.logits.shape[-1] == 300 and torch.isfinite(out.loss)
+    assert model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 8)
