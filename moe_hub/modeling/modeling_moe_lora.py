@@ -145,7 +145,9 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         if self._keeps_head:
             self.lm_head = head
         for name, child in dense.named_children():
-            if child is backbone or child is head or not any(True for _ in child.state_dict()):
+            holds_tensors = next(iter(child.parameters()), None) is not None or \
+                next(iter(child.buffers()), None) is not None
+            if child is backbone or child is head or not holds_tensors:
                 continue
             if hasattr(self, name):
                 raise ValueError(f"{type(dense).__name__}.{name} clashes with "
@@ -174,12 +176,6 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         if prefix is None or (prefix == "lm_head" and not self._keeps_head):
             return None
         return f"{prefix}.{rest}" if rest else prefix
-
-    def legacy_key_mapping(self) -> dict[str, str]:
-        """``key_mapping`` from checkpoint layout 1 (the whole dense causal LM under ``model.``)
-        to this model's names."""
-        return {f"^model\\.{re.escape(dense)}\\.": f"{ours}."
-                for dense, ours in self._dense_prefixes.items()}
 
     def _init_weights(self, module: nn.Module) -> None:
         # Adapters and shared routing modules follow their own rule (initialize_weights); the
