@@ -108,11 +108,13 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         config.text_config = dense.config
         self.moe_shared = nn.ModuleDict()
         self._routing = RoutingHolder(self.moe_shared)
+        #: dense name prefix -> this model's (``model``, ``lm_head``; other children keep theirs)
+        self._dense_prefixes = _dense_prefixes(dense)
         block = config.routing_granularity == "block"
         inject = inject_moe_lora_blocks if block else inject_moe_lora
-        # Sites are found (and named, and matched against target patterns) in the dense model's
-        # own module names, as in every checkpoint so far.
-        self.routing_sites = inject(dense, config, self._routing)
+        # Target patterns match the dense model's own module names, as in every checkpoint so
+        # far; sites are named as this model's modules are.
+        self.routing_sites = inject(dense, config, self._routing, site_name=self._from_dense)
         for module in dense.modules():
             if isinstance(module, Router):
                 module.connect(self.routing_sites)
@@ -127,20 +129,7 @@ class MoELoraPreTrainedModel(PreTrainedModel):
 
     def _adopt(self, dense: PreTrainedModel) -> None:
         """Register ``dense``'s backbone as ``self.model`` and its head as ``self.lm_head``."""
-        backbone = dense.base_model
-        if backbone is dense:
-            raise ValueError(f"{type(dense).__name__} names no decoder backbone "
-                             f"(base_model_prefix {dense.base_model_prefix!r}): not supported")
-        head = dense.get_output_embeddings()
-        module_names = {id(m): n for n, m in dense.named_modules()}
-        if head is None or id(head) not in module_names:
-            raise ValueError(f"{type(dense).__name__} has no LM head: not a causal LM")
-        if next(dense.named_parameters(recurse=False), None) is not None or \
-                next(dense.named_buffers(recurse=False), None) is not None:
-            raise ValueError(f"{type(dense).__name__} keeps tensors outside its backbone and "
-                             f"head: not supported")
-        # dense name prefix -> this model's prefix (other children of the causal LM keep theirs).
-        self._dense_prefixes = {dense.base_model_prefix: "model", module_names[id(head)]: "lm_head"}
+        backbone, head = dense.base_model, dense.get_output_embeddings()
         self.model = backbone
         if self._keeps_head:
             self.lm_head = head
@@ -153,7 +142,6 @@ class MoELoraPreTrainedModel(PreTrainedModel):
                 raise ValueError(f"{type(dense).__name__}.{name} clashes with "
                                  f"{type(self).__name__}.{name}")
             self.add_module(name, child)
-            self._dense_prefixes[name] = name
         # Unregistered: its forward is reused, its tensors are the ones registered above.
         self.__dict__["_dense"] = dense
         _route_backbone_calls(backbone, self._routing)
@@ -539,12 +527,29 @@ def _legacy_key_mapping(config: MoELoraConfig) -> dict[str, str]:
         return {}
     with torch.device("meta"), _no_init_weights():
         dense = AutoModelForCausalLM.from_config(config.text_config)
+    return {f"^model\\.{re.escape(old)}\\.": f"{new}."
+            for old, new in _dense_prefixes(dense).items()}
+
+
+def _dense_prefixes(dense: PreTrainedModel) -> dict[str, str]:
+    """First name component in the dense causal LM -> in this model's tree: its backbone
+    becomes ``model``, its head ``lm_head``, other children keep their names."""
+    backbone = dense.base_model
+    if backbone is dense:
+        raise ValueError(f"{type(dense).__name__} names no decoder backbone "
+                         f"(base_model_prefix {dense.base_model_prefix!r}): not supported")
     head = dense.get_output_embeddings()
-    head_name = next(name for name, module in dense.named_modules() if module is head)
-    prefixes = {dense.base_model_prefix: "model", head_name: "lm_head"}
-    for name, _ in dense.named_children():
-        prefixes.setdefault(name, name)
-    return {f"^model\\.{re.escape(old)}\\.": f"{new}." for old, new in prefixes.items()}
+    head_name = next((n for n, m in dense.named_children() if m is head), None)
+    if head_name is None:
+        raise ValueError(f"{type(dense).__name__} has no LM head beside its backbone: "
+                         f"not supported")
+    if next(dense.named_parameters(recurse=False), None) is not None or \
+            next(dense.named_buffers(recurse=False), None) is not None:
+        raise ValueError(f"{type(dense).__name__} keeps tensors outside its submodules: "
+                         f"not supported")
+    prefixes = {name: name for name, _ in dense.named_children()}
+    prefixes.update({dense.base_model_prefix: "model", head_name: "lm_head"})
+    return prefixes
 
 
 def _rename(name: str, mapping: dict[str, str]) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,7 +197,8 @@ def _unsupported_mlp(name: str, mlp: nn.Module) -> ValueError:
 
 
 def inject_moe_lora_blocks(
-    model: nn.Module, config: Any, routing: RoutingHolder
+    model: nn.Module, config: Any, routing: RoutingHolder,
+    site_name: Callable[[str], str] = str,
 ) -> list[RoutingSite]:
     """Route every decoder MLP block of ``model`` and give other targeted linears a plain LoRA.
 
@@ -224,7 +226,7 @@ def inject_moe_lora_blocks(
             continue
         hidden = linear_features(getattr(mlp, layout.first[0]))[0]
         layer = int(_LAYER_INDEX.search(name + ".").group(1))
-        site = RoutingSite(len(sites), layer, "mlp", name, hidden, hidden)
+        site = RoutingSite(len(sites), layer, "mlp", site_name(name), hidden, hidden)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child,
                 MoELoraBlock(mlp, layout, site, config, routing))
