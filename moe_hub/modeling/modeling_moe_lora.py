@@ -8,12 +8,14 @@ Module tree (transformers' convention, so that TRL, PEFT and accelerate find wha
 the dense model is built with ``AutoModelForCausalLM.from_config(config.text_config)`` and every
 targeted linear inside it is replaced by a ``MoELoraLinear``; its decoder backbone (the module its
 ``base_model_prefix`` names: ``model``, GPT-2's ``transformer``, GPT-NeoX's ``gpt_neox``) is then
-registered here as ``self.model`` and its LM head as ``self.lm_head``. Parameter names are
-``model.<backbone name>`` and ``lm_head.*`` for every architecture, with ``.base_layer`` inserted
-for targeted linears, and ``moe_shared.<router>.*`` for modules all sites share. The dense causal
-LM object itself is kept unregistered, only to run its forward (loss, ``logits_to_keep``, logit
-softcapping and other per-architecture quirks stay the library's): its submodules are the very
-objects registered here, so ``.to()``, quantization, hooks and loading act on them.
+registered here as ``self.model`` and its LM head as ``self.lm_head`` (a head nested in another
+module, as BERT's ``cls.predictions.decoder``, stays in that module, registered under its own
+name). Parameter names are ``model.<backbone name>`` and ``lm_head.*``, with ``.base_layer``
+inserted for targeted linears, and ``moe_shared.<router>.*`` for modules all sites share. The
+dense causal LM object itself is kept unregistered, only to run its forward (loss,
+``logits_to_keep``, logit softcapping and other per-architecture quirks stay the library's): its
+submodules are the very objects registered here, so ``.to()``, quantization, hooks and loading act
+on them.
 
 Checkpoints written before this layout (``config.checkpoint_layout`` 1: the whole causal LM under
 ``model.``, e.g. ``model.model.layers.0...``, ``model.lm_head.weight``) load through a key mapping
@@ -94,7 +96,7 @@ class MoELoraPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
     # Routers (and their shared modules) compute in float32 whatever dtype the model loads in.
     _keep_in_fp32_modules_strict = ["router", "moe_shared"]
-    #: Whether this class registers the dense model's LM head (``lm_head``).
+    #: Whether this class registers the dense model's LM head (and what holds it).
     _keeps_head = True
 
     def __init__(self, config: MoELoraConfig) -> None:
@@ -111,6 +113,8 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         self._routing = RoutingHolder(self.moe_shared)
         #: dense name prefix -> this model's (``model``, ``lm_head``; other children keep theirs)
         self._dense_prefixes = _dense_prefixes(dense)
+        #: this model's name of the child that is or holds the LM head
+        self._head_prefix = self._dense_prefixes[_head_path(dense).partition(".")[0]]
         block = config.routing_granularity == "block"
         inject = inject_moe_lora_blocks if block else inject_moe_lora
         # Target patterns match the dense model's own module names, as in every checkpoint so
@@ -130,14 +134,17 @@ class MoELoraPreTrainedModel(PreTrainedModel):
 
     def _adopt(self, dense: PreTrainedModel) -> None:
         """Register ``dense``'s backbone as ``self.model`` and its head as ``self.lm_head``."""
-        backbone, head = dense.base_model, dense.get_output_embeddings()
+        backbone = dense.base_model
         self.model = backbone
-        if self._keeps_head:
-            self.lm_head = head
         for name, child in dense.named_children():
             holds_tensors = next(iter(child.parameters()), None) is not None or \
                 next(iter(child.buffers()), None) is not None
-            if child is backbone or child is head or not holds_tensors:
+            ours = self._dense_prefixes[name]
+            if child is backbone or not holds_tensors or (ours == self._head_prefix
+                                                           and not self._keeps_head):
+                continue
+            if ours == "lm_head":
+                self.lm_head = child
                 continue
             if hasattr(self, name):
                 raise ValueError(f"{type(dense).__name__}.{name} clashes with "
@@ -162,7 +169,7 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         class does not hold it: the head of ``MoELoraModel``)."""
         first, _, rest = name.partition(".")
         prefix = self._dense_prefixes.get(first)
-        if prefix is None or (prefix == "lm_head" and not self._keeps_head):
+        if prefix is None or (prefix == self._head_prefix and not self._keeps_head):
             return None
         return f"{prefix}.{rest}" if rest else prefix
 
@@ -288,8 +295,9 @@ class MoELoraPreTrainedModel(PreTrainedModel):
             adapters = set(self.adapter_parameter_names())
             loading_info.missing_keys = {k for k in loading_info.missing_keys if k not in adapters}
         if not self._keeps_head:
+            head = self._head_prefix + "."
             loading_info.unexpected_keys = {k for k in loading_info.unexpected_keys
-                                            if not k.startswith("lm_head.")}
+                                            if not k.startswith(head)}
 
     def _routing_scope(self, attention_mask: torch.Tensor | None, input_ids: Any = None,
                        inputs_embeds: Any = None):
@@ -438,11 +446,12 @@ class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
     ``output_router_logits`` and ``labels`` are given (as in Mixtral)."""
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
+        return self.dense_model.get_output_embeddings()
 
     def set_output_embeddings(self, value: nn.Module) -> None:
-        self.lm_head = value
         self.dense_model.set_output_embeddings(value)
+        if self._head_prefix == "lm_head":
+            self.lm_head = value
 
     def forward(
         self,
@@ -540,18 +549,24 @@ def _dense_prefixes(dense: PreTrainedModel) -> dict[str, str]:
     if backbone is dense:
         raise ValueError(f"{type(dense).__name__} names no decoder backbone "
                          f"(base_model_prefix {dense.base_model_prefix!r}): not supported")
-    head = dense.get_output_embeddings()
-    head_name = next((n for n, m in dense.named_children() if m is head), None)
-    if head_name is None:
-        raise ValueError(f"{type(dense).__name__} has no LM head beside its backbone: "
-                         f"not supported")
+    head_name = _head_path(dense)
     if next(dense.named_parameters(recurse=False), None) is not None or \
             next(dense.named_buffers(recurse=False), None) is not None:
         raise ValueError(f"{type(dense).__name__} keeps tensors outside its submodules: "
                          f"not supported")
     prefixes = {name: name for name, _ in dense.named_children()}
-    prefixes.update({dense.base_model_prefix: "model", head_name: "lm_head"})
+    prefixes[dense.base_model_prefix] = "model"
+    if "." not in head_name:  # a head nested in another child stays there, under its name
+        prefixes[head_name] = "lm_head"
     return prefixes
+
+
+def _head_path(dense: PreTrainedModel) -> str:
+    head = dense.get_output_embeddings()
+    path = next((n for n, m in dense.named_modules() if head is not None and m is head), None)
+    if not path:
+        raise ValueError(f"{type(dense).__name__} has no LM head: not a causal LM")
+    return path
 
 
 def _rename(name: str, mapping: dict[str, str]) -> str:
