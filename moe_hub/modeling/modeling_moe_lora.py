@@ -8,12 +8,14 @@ Module tree (transformers' convention, so that TRL, PEFT and accelerate find wha
 the dense model is built with ``AutoModelForCausalLM.from_config(config.text_config)`` and every
 targeted linear inside it is replaced by a ``MoELoraLinear``; its decoder backbone (the module its
 ``base_model_prefix`` names: ``model``, GPT-2's ``transformer``, GPT-NeoX's ``gpt_neox``) is then
-registered here as ``self.model`` and its LM head as ``self.lm_head``. Parameter names are
-``model.<backbone name>`` and ``lm_head.*`` for every architecture, with ``.base_layer`` inserted
-for targeted linears, and ``moe_shared.<router>.*`` for modules all sites share. The dense causal
-LM object itself is kept unregistered, only to run its forward (loss, ``logits_to_keep``, logit
-softcapping and other per-architecture quirks stay the library's): its submodules are the very
-objects registered here, so ``.to()``, quantization, hooks and loading act on them.
+registered here as ``self.model`` and its LM head as ``self.lm_head`` (a head nested in another
+module, as BERT's ``cls.predictions.decoder``, stays in that module, registered under its own
+name). Parameter names are ``model.<backbone name>`` and ``lm_head.*``, with ``.base_layer``
+inserted for targeted linears, and ``moe_shared.<router>.*`` for modules all sites share. The
+dense causal LM object itself is kept unregistered, only to run its forward (loss,
+``logits_to_keep``, logit softcapping and other per-architecture quirks stay the library's): its
+submodules are the very objects registered here, so ``.to()``, quantization, hooks and loading act
+on them.
 
 Checkpoints written before this layout (``config.checkpoint_layout`` 1: the whole causal LM under
 ``model.``, e.g. ``model.model.layers.0...``, ``model.lm_head.weight``) load through a key mapping
@@ -98,7 +100,7 @@ class MoELoraPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
     # Routers (and their shared modules) compute in float32 whatever dtype the model loads in.
     _keep_in_fp32_modules_strict = ["router", "moe_shared"]
-    #: Whether this class registers the dense model's LM head (``lm_head``).
+    #: Whether this class registers the dense model's LM head (and what holds it).
     _keeps_head = True
 
     def __init__(self, config: MoELoraConfig) -> None:
@@ -113,11 +115,15 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         config.text_config = dense.config
         self.moe_shared = nn.ModuleDict()
         self._routing = RoutingHolder(self.moe_shared)
+        #: dense name prefix -> this model's (``model``, ``lm_head``; other children keep theirs)
+        self._dense_prefixes = _dense_prefixes(dense)
+        #: this model's name of the child that is or holds the LM head
+        self._head_prefix = self._dense_prefixes[_head_path(dense).partition(".")[0]]
         block = config.routing_granularity == "block"
         inject = inject_moe_lora_blocks if block else inject_moe_lora
-        # Sites are found (and named, and matched against target patterns) in the dense model's
-        # own module names, as in every checkpoint so far.
-        self.routing_sites = inject(dense, config, self._routing)
+        # Target patterns match the dense model's own module names, as in every checkpoint so
+        # far; sites are named as this model's modules are.
+        self.routing_sites = inject(dense, config, self._routing, site_name=self._from_dense)
         for module in dense.modules():
             if isinstance(module, Router):
                 module.connect(self.routing_sites)
@@ -133,30 +139,21 @@ class MoELoraPreTrainedModel(PreTrainedModel):
     def _adopt(self, dense: PreTrainedModel) -> None:
         """Register ``dense``'s backbone as ``self.model`` and its head as ``self.lm_head``."""
         backbone = dense.base_model
-        if backbone is dense:
-            raise ValueError(f"{type(dense).__name__} names no decoder backbone "
-                             f"(base_model_prefix {dense.base_model_prefix!r}): not supported")
-        head = dense.get_output_embeddings()
-        module_names = {id(m): n for n, m in dense.named_modules()}
-        if head is None or id(head) not in module_names:
-            raise ValueError(f"{type(dense).__name__} has no LM head: not a causal LM")
-        if next(dense.named_parameters(recurse=False), None) is not None or \
-                next(dense.named_buffers(recurse=False), None) is not None:
-            raise ValueError(f"{type(dense).__name__} keeps tensors outside its backbone and "
-                             f"head: not supported")
-        # dense name prefix -> this model's prefix (other children of the causal LM keep theirs).
-        self._dense_prefixes = {dense.base_model_prefix: "model", module_names[id(head)]: "lm_head"}
         self.model = backbone
-        if self._keeps_head:
-            self.lm_head = head
         for name, child in dense.named_children():
-            if child is backbone or child is head or not any(True for _ in child.state_dict()):
+            holds_tensors = next(iter(child.parameters()), None) is not None or \
+                next(iter(child.buffers()), None) is not None
+            ours = self._dense_prefixes[name]
+            if child is backbone or not holds_tensors or (ours == self._head_prefix
+                                                           and not self._keeps_head):
+                continue
+            if ours == "lm_head":
+                self.lm_head = child
                 continue
             if hasattr(self, name):
                 raise ValueError(f"{type(dense).__name__}.{name} clashes with "
                                  f"{type(self).__name__}.{name}")
             self.add_module(name, child)
-            self._dense_prefixes[name] = name
         # Unregistered: its forward is reused, its tensors are the ones registered above.
         self.__dict__["_dense"] = dense
         _route_backbone_calls(backbone, self._routing)
@@ -179,15 +176,9 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         class does not hold it: the head of ``MoELoraModel``)."""
         first, _, rest = name.partition(".")
         prefix = self._dense_prefixes.get(first)
-        if prefix is None or (prefix == "lm_head" and not self._keeps_head):
+        if prefix is None or (prefix == self._head_prefix and not self._keeps_head):
             return None
         return f"{prefix}.{rest}" if rest else prefix
-
-    def legacy_key_mapping(self) -> dict[str, str]:
-        """``key_mapping`` from checkpoint layout 1 (the whole dense causal LM under ``model.``)
-        to this model's names."""
-        return {f"^model\\.{re.escape(dense)}\\.": f"{ours}."
-                for dense, ours in self._dense_prefixes.items()}
 
     def _init_weights(self, module: nn.Module) -> None:
         # Adapters and shared routing modules follow their own rule (initialize_weights); the
@@ -289,7 +280,10 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         the layout before this one (renamed while loading, saved in the current layout)."""
         config = kwargs.get("config")
         if not isinstance(config, PretrainedConfig):  # the Auto classes always pass one
-            config = _load_config(cls, pretrained_model_name_or_path, kwargs)
+            config = cls.config_class.from_pretrained(
+                pretrained_model_name_or_path,
+                **{k: kwargs[k] for k in (*_HUB_KWARGS, "revision", "subfolder") if k in kwargs},
+            )
         _require_moe_config(config, pretrained_model_name_or_path)
         legacy = _legacy_key_mapping(config)
         if getattr(config, "adapter_only", False):
@@ -308,8 +302,9 @@ class MoELoraPreTrainedModel(PreTrainedModel):
             adapters = set(self.adapter_parameter_names())
             loading_info.missing_keys = {k for k in loading_info.missing_keys if k not in adapters}
         if not self._keeps_head:
+            head = self._head_prefix + "."
             loading_info.unexpected_keys = {k for k in loading_info.unexpected_keys
-                                            if not k.startswith("lm_head.")}
+                                            if not k.startswith(head)}
 
     def _routing_scope(self, attention_mask: torch.Tensor | None, input_ids: Any = None,
                        inputs_embeds: Any = None):
@@ -484,11 +479,12 @@ class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
     """
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
+        return self.dense_model.get_output_embeddings()
 
     def set_output_embeddings(self, value: nn.Module) -> None:
-        self.lm_head = value
         self.dense_model.set_output_embeddings(value)
+        if self._head_prefix == "lm_head":
+            self.lm_head = value
 
     def forward(
         self,
@@ -572,27 +568,20 @@ ADAPTER_WEIGHTS = "moe_adapters.safetensors"
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "token")
 
 
-def _load_config(cls: type, path: Any, kwargs: dict[str, Any]) -> MoELoraConfig:
-    hub = {k: kwargs[k] for k in (*_HUB_KWARGS, "revision", "subfolder") if k in kwargs}
-    try:
-        return cls.config_class.from_pretrained(path, **hub)
-    except OSError as err:
-        if "config.json" not in str(err):
-            raise
-        raise OSError(f"{path} is not a moe-hub checkpoint (no config.json): pass a directory or "
-                      f"Hub repo written by `moe-hub convert`") from None
-
-
 def _require_moe_config(config: PretrainedConfig, path: Any) -> None:
-    """One clear error for a directory that holds some other model (a dense checkpoint)."""
-    model_type = getattr(config, "model_type", None)
-    if model_type != MoELoraConfig.model_type or getattr(config, "text_config", None) is None:
-        found = config.to_dict().get("architectures") or model_type
+    """One clear error for a directory that holds some other model (a dense checkpoint) or none
+    (the config class then reads an empty config)."""
+    if getattr(config, "text_config", None) is not None:
+        return
+    architectures = getattr(config, "architectures", None)
+    if architectures:
         raise ValueError(
-            f"{path} is not a moe-hub checkpoint (its config describes {found}): load it with "
-            f"AutoModelForCausalLM.from_pretrained, or convert it first with "
-            f"`moe-hub convert {path} OUT`"
+            f"{path} is not a moe-hub checkpoint (its config.json describes "
+            f"{', '.join(architectures)}): load it with AutoModelForCausalLM.from_pretrained, or "
+            f"convert it first with `moe-hub convert {path} OUT`"
         )
+    raise ValueError(f"{path} is not a moe-hub checkpoint (no moe-hub config.json): pass a "
+                     f"directory or Hub repo written by `moe-hub convert`")
 
 
 def _legacy_key_mapping(config: MoELoraConfig) -> dict[str, str]:
@@ -603,12 +592,35 @@ def _legacy_key_mapping(config: MoELoraConfig) -> dict[str, str]:
         return {}
     with torch.device("meta"), _no_init_weights():
         dense = AutoModelForCausalLM.from_config(config.text_config)
+    return {f"^model\\.{re.escape(old)}\\.": f"{new}."
+            for old, new in _dense_prefixes(dense).items()}
+
+
+def _dense_prefixes(dense: PreTrainedModel) -> dict[str, str]:
+    """First name component in the dense causal LM -> in this model's tree: its backbone
+    becomes ``model``, its head ``lm_head``, other children keep their names."""
+    backbone = dense.base_model
+    if backbone is dense:
+        raise ValueError(f"{type(dense).__name__} names no decoder backbone "
+                         f"(base_model_prefix {dense.base_model_prefix!r}): not supported")
+    head_name = _head_path(dense)
+    if next(dense.named_parameters(recurse=False), None) is not None or \
+            next(dense.named_buffers(recurse=False), None) is not None:
+        raise ValueError(f"{type(dense).__name__} keeps tensors outside its submodules: "
+                         f"not supported")
+    prefixes = {name: name for name, _ in dense.named_children()}
+    prefixes[dense.base_model_prefix] = "model"
+    if "." not in head_name:  # a head nested in another child stays there, under its name
+        prefixes[head_name] = "lm_head"
+    return prefixes
+
+
+def _head_path(dense: PreTrainedModel) -> str:
     head = dense.get_output_embeddings()
-    head_name = next(name for name, module in dense.named_modules() if module is head)
-    prefixes = {dense.base_model_prefix: "model", head_name: "lm_head"}
-    for name, _ in dense.named_children():
-        prefixes.setdefault(name, name)
-    return {f"^model\\.{re.escape(old)}\\.": f"{new}." for old, new in prefixes.items()}
+    path = next((n for n, m in dense.named_modules() if head is not None and m is head), None)
+    if not path:
+        raise ValueError(f"{type(dense).__name__} has no LM head: not a causal LM")
+    return path
 
 
 def _rename(name: str, mapping: dict[str, str]) -> str:

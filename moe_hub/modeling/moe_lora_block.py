@@ -251,7 +251,8 @@ def _unsupported_mlp(name: str, mlp: nn.Module) -> ValueError:
 
 
 def inject_moe_lora_blocks(
-    model: nn.Module, config: Any, routing: RoutingHolder
+    model: nn.Module, config: Any, routing: RoutingHolder,
+    site_name: Callable[[str], str] = str,
 ) -> list[RoutingSite]:
     """Route every decoder MLP block of ``model`` and give other targeted linears a plain LoRA.
 
@@ -279,7 +280,8 @@ def inject_moe_lora_blocks(
             continue
         hidden = linear_features(getattr(mlp, layout.first[0]))[0]
         layer = int(_LAYER_INDEX.search(name + ".").group(1))
-        site = RoutingSite(len(sites), layer, site_kind(name, config), name, hidden, hidden)
+        site = RoutingSite(len(sites), layer, site_kind(name, config), site_name(name), hidden,
+                           hidden)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child,
                 MoELoraBlock(mlp, layout, site, config, routing))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -195,8 +195,12 @@ def site_kind(name: str, config: Any) -> str:
     return (name + ".")[match.end():-1]
 
 
-def inject_moe_lora(model: nn.Module, config: Any, routing: RoutingHolder) -> list[RoutingSite]:
-    """Replace every targeted linear of ``model`` in place; return the routing sites in order."""
+def inject_moe_lora(
+    model: nn.Module, config: Any, routing: RoutingHolder,
+    site_name: Callable[[str], str] = str,
+) -> list[RoutingSite]:
+    """Replace every targeted linear of ``model`` in place; return the routing sites in order.
+    Targets match ``model``'s module names; ``site_name`` turns one into the name a site shows."""
     targets = find_target_linears(model, config.target_modules)
     if not targets:
         raise ValueError(
@@ -209,7 +213,7 @@ def inject_moe_lora(model: nn.Module, config: Any, routing: RoutingHolder) -> li
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child_name)
         d_in, d_out = linear_features(base)
-        site = RoutingSite(index, layer, site_kind(name, config), name, d_in, d_out)
+        site = RoutingSite(index, layer, site_kind(name, config), site_name(name), d_in, d_out)
         setattr(parent, child_name, MoELoraLinear(base, site, config, routing))
         sites.append(site)
     return sites
