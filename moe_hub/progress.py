@@ -1,0 +1,48 @@
+"""Switching off the progress bars of the libraries moe-hub drives (``--no-progress``)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def third_party_progress(enabled: bool) -> Iterator[None]:
+    """While active and not ``enabled``, hide the bars of transformers (weight loading),
+    huggingface_hub (downloads), datasets (loading, map) and transformers' GGUF reader; the
+    previous settings come back on exit."""
+    if enabled:
+        yield
+        return
+    import datasets
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as tf_logging
+
+    restore = []
+    if tf_logging.is_progress_bar_enabled():
+        tf_logging.disable_progress_bar()
+        restore.append(tf_logging.enable_progress_bar)
+    if not hub.are_progress_bars_disabled():
+        hub.disable_progress_bars()
+        restore.append(hub.enable_progress_bars)
+    if datasets.is_progress_bar_enabled():
+        datasets.disable_progress_bars()
+        restore.append(datasets.enable_progress_bars)
+    try:
+        # The GGUF reader calls tqdm.auto directly, outside transformers' switch.
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    if gguf_utils is not None and hasattr(gguf_utils, "tqdm"):
+        original = gguf_utils.tqdm
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+        restore.append(lambda: setattr(gguf_utils, "tqdm", original))
+    try:
+        yield
+    finally:
+        for undo in reversed(restore):
+            undo()
+
+
+__all__ = ["third_party_progress"]
