@@ -112,6 +112,9 @@ def _training_datasets(record: dict[str, Any]) -> list[str]:
     return unique
 
 
+_SOURCE_KEYS = ("path", "name", "dataset", "file", "data")
+
+
 def _public_name(value: Any) -> str:
     """A data source as a public card may show it: Hub ids and the shipped set as they are, a
     local file by its name only (its folder says nothing to a reader and may be private)."""
@@ -127,7 +130,9 @@ def _describe_data(data: Any) -> str | None:
     if data is None:
         return None
     if isinstance(data, dict):
-        return ", ".join(f"{key}: {_public_name(value)}" for key, value in data.items())
+        return ", ".join(
+            f"{key}: {_public_name(value) if key in _SOURCE_KEYS else f'`{value}`'}"
+            for key, value in data.items())
     if isinstance(data, list):
         return ", ".join(_public_name(item) for item in data)
     return _public_name(data)

@@ -48,14 +48,14 @@ def third_party_progress(enabled: bool) -> Iterator[None]:
 def quiet_library_notices() -> None:
     """Hide library notices that ask a user for something irrelevant to moe-hub: bitsandbytes'
     advice to install the Hub ``kernels`` package (its CPU fallback is what runs here), and
-    transformers' per-step warning that the base model's ``past_key_values`` argument is being
-    renamed (the model code follows the name the installed transformers accepts)."""
+    transformers' per-step notices that the base model's ``past_key_values`` argument is being
+    renamed to ``cache`` (a notice for the model code, not for the person running a command)."""
     import logging
     import warnings
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated",
-                            category=FutureWarning)
+    # Both the rename notice and the "both names set" notice, which prints the whole cache.
+    warnings.filterwarnings("ignore", message=r".*`past_key_values`", category=FutureWarning)
     logging.getLogger("transformers.utils.generic").addFilter(
         lambda record: "are deprecated. Use `cache` instead" not in record.getMessage())
 
