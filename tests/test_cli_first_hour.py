@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import save_tiny_dense
 from helpers_finetune import tiny_checkpoint
 
@@ -179,3 +180,30 @@ def test_finetune_output_is_quiet_and_its_card_is_public(tmp_path: Path) -> None
     assert "`train.jsonl` (local file)" in card
     assert "private-folder" not in card and str(tmp_path) not in card
     assert not re.search(r"\d\.\d{6,}", card), re.findall(r"\S*\d\.\d{6,}\S*", card)
+
+
+@pytest.mark.slow
+def test_convert_the_embedded_default_by_name(tmp_path: Path, smollm2_gguf: Path) -> None:
+    """`moe-hub convert smollm2 OUT` uses the cached GGUF (no Hub access: HF_HUB_OFFLINE), leaves
+    no dense copy inside OUT, prints no progress bar with --no-progress, and the card names OUT
+    and links the GGUF's origin with its license."""
+    out = tmp_path / "smol-topk"
+    env = {"MOE_HUB_CACHE": str(smollm2_gguf.parent), "HF_HUB_OFFLINE": "1"}
+    done = run_cli("convert", "smollm2", str(out), "--no-progress", cwd=tmp_path, env=env,
+                   umask=0o022)
+    assert done.returncode == 0, done.stderr
+    assert not PROGRESS_BAR.search(done.stderr + done.stdout), done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smol-topk"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert out.stat().st_mode & 0o777 == 0o755
+    info = json.loads(run_cli("info", str(out), "--json", cwd=tmp_path).stdout)
+    on_disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert info["bytes"]["all_files"] == on_disk < 800 * 2**20
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert info["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+    card = (out / "README.md").read_text()
+    assert "\n# smol-topk\n" in card and ".partial" not in card and "(#)" not in card
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "license: apache-2.0" in card
