@@ -10,7 +10,7 @@ import typer
 
 def demo_command(
     workdir: Annotated[Path | None, typer.Option(
-        help="Where the demo writes its two checkpoints (about 1.2 GB) [~/.cache/moe-hub/demo, "
+        help="Where the demo writes its two checkpoints [~/.cache/moe-hub/demo, "
              "or $MOE_HUB_CACHE/demo]")] = None,
     router: Annotated[str, typer.Option(help="topk, rmoe, hypermoe or graphmoe")] = "topk",
     steps: Annotated[int, typer.Option(help="Fine-tuning steps")] = 30,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from moe_hub.routing_stats import RoutingStats, site_grid
+from moe_hub.routing_stats import RoutingStats
 
 KINDS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -18,6 +18,8 @@ def _smollm2_sites() -> list[str]:
 
 
 def test_sites_are_laid_out_by_kind_and_layer() -> None:
+    from moe_hub.routing_stats import site_grid
+
     names = _smollm2_sites()
     kinds, layers, cells = site_grid(names)
     assert kinds == [k.rsplit(".", 1)[1] for k in KINDS]
