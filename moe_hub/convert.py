@@ -413,6 +413,9 @@ def _write_config(config: MoELoraConfig, text_config: Any, dtype: torch.dtype | 
         "AutoModel": "modeling_moe_lora.MoELoraModel",
         "AutoModelForCausalLM": "modeling_moe_lora.MoELoraForCausalLM",
     }
+    from .modeling.configuration_moe_lora import CHECKPOINT_LAYOUT
+
+    config.checkpoint_layout = CHECKPOINT_LAYOUT  # the names _write_base_shards wrote
     base_dtype = dtype or getattr(text_config, "dtype", None) or torch.float32
     config.dtype = base_dtype
     text_config.dtype = base_dtype

@@ -71,7 +71,7 @@ def test_auto_classes_dtype_device_map_and_attention(tmp_path: Path, tiny_dense:
         attn_implementation="eager",
     )
     assert half.get_input_embeddings().weight.dtype == torch.bfloat16
-    router = half.model.model.layers[0].self_attn.q_proj.router.weight
+    router = half.model.layers[0].self_attn.q_proj.router.weight
     assert router.dtype == torch.float32  # routers stay in float32 whatever the model dtype
     assert half.model.config._attn_implementation == "eager"
     with torch.no_grad():
@@ -131,8 +131,8 @@ def test_adapters_start_as_no_op_and_are_initialised(tmp_path: Path, tiny_dense:
     assert all(t.abs().sum() == 0 for t in lora_b)
     assert all(t.std() > 0 for t in lora_a + routers)
     with safe_open(out / ADAPTER_WEIGHTS, "pt") as f:
-        q_a = f.get_tensor("model.model.layers.0.self_attn.q_proj.lora_A")
-        down_b = f.get_tensor("model.model.layers.0.mlp.down_proj.lora_B")
+        q_a = f.get_tensor("model.layers.0.self_attn.q_proj.lora_A")
+        down_b = f.get_tensor("model.layers.0.mlp.down_proj.lora_B")
     assert q_a.shape == (4, 64, 4)  # [experts, d_in, rank]
     assert down_b.shape == (4, 4, 64)  # [experts, rank, d_out]
 
@@ -161,7 +161,7 @@ def test_dtype_option_converts_base_weights(tmp_path: Path, tiny_dense: Path) ->
     assert all(t.dtype == torch.bfloat16 for t in base)
     dense = AutoModelForCausalLM.from_pretrained(tiny_dense)
     expected = dense.state_dict()["model.embed_tokens.weight"].to(torch.bfloat16)
-    assert torch.equal(tensors["model.model.embed_tokens.weight"], expected)
+    assert torch.equal(tensors["model.embed_tokens.weight"], expected)
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert model.dtype == torch.bfloat16
 

@@ -215,7 +215,7 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(tmp_path, router):
 
     plain_loss, plain = loss_and_grads()
     model.activation_checkpointing_enable()  # the entry point Trainer uses
-    assert model.model.model.gradient_checkpointing
+    assert model.model.gradient_checkpointing
     ckpt_loss, checkpointed = loss_and_grads()
     assert set(plain) == set(checkpointed) == set(model.adapter_parameter_names())
     assert rel_err(ckpt_loss, plain_loss) < 1e-6

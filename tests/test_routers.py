@@ -165,11 +165,13 @@ def test_trained_checkpoints_reload_without_moe_hub(trained_checkpoints: dict,
 # 2. RMoE
 
 def _site_inputs(model: nn.Module) -> tuple[dict[int, torch.Tensor], list]:
+    """Every site's input by site index, and under "ctx" the routing context the sites used."""
     captured, handles = {}, []
     for module in model.modules():
         if isinstance(module, MoELoraLinear | MoELoraBlock):
             def hook(mod, args, store=captured):
                 store[mod.site.index] = args[0].reshape(-1, mod.site.in_features).detach()
+                store["ctx"] = mod._routing.current()
             handles.append(module.register_forward_pre_hook(hook))
     return captured, handles
 
@@ -182,7 +184,7 @@ def test_rmoe_recurrence_runs_over_depth_per_kind_float64(granularity: str) -> N
         model(ids())
     for h in handles:
         h.remove()
-    ctx = model._routing.current
+    ctx = captured["ctx"]
     shared_gru = [n for n, _ in model.named_parameters() if "gru" in n]
     assert shared_gru == [f"moe_shared.rmoe.gru.{p}"
                           for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]

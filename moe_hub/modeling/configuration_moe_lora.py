@@ -11,6 +11,10 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 GRANULARITIES = ("linear", "block")
+#: Layout of the tensor names a model writes: 1 = the whole dense causal LM under ``model.``
+#: (``model.model.layers...``, ``model.lm_head...``; moe-hub before 0.2), 2 = the decoder backbone
+#: under ``model.`` and the head as ``lm_head`` (transformers' convention).
+CHECKPOINT_LAYOUT = 2
 KERNEL_CHOICES = ("auto", "triton", "torch")
 
 
@@ -40,6 +44,9 @@ class MoELoraConfig(PretrainedConfig):
         expert_kernel: ``auto`` (Triton on CUDA when available), ``triton`` or ``torch``.
         base_model_name_or_path, base_model_revision: where the dense weights came from; an
             adapter-only checkpoint loads them from there.
+        checkpoint_layout: the tensor-name layout of the checkpoint this config belongs to
+            (``CHECKPOINT_LAYOUT``); absent from checkpoints of layout 1, which load through a key
+            mapping. A model built from the config sets it to the current layout.
     """
 
     model_type = "moe_lora"
@@ -65,6 +72,7 @@ class MoELoraConfig(PretrainedConfig):
         base_model_name_or_path: str | None = None,
         base_model_revision: str | None = None,
         adapter_only: bool = False,
+        checkpoint_layout: int = 1,
         **kwargs: Any,
     ) -> None:
         if isinstance(text_config, dict):
@@ -93,6 +101,7 @@ class MoELoraConfig(PretrainedConfig):
         self.base_model_name_or_path = base_model_name_or_path
         self.base_model_revision = base_model_revision
         self.adapter_only = bool(adapter_only)
+        self.checkpoint_layout = int(checkpoint_layout)
         if text_config is not None:
             # Generation and the pipelines read these from the top-level config.
             for name in ("vocab_size", "tie_word_embeddings"):

@@ -4,17 +4,29 @@ Ships inside every checkpoint with the configuration, the layer, the routers and
 Triton kernel, all flat and importing only torch, transformers and each other, so that
 ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` needs nothing else.
 
-The dense model is built with ``AutoModelForCausalLM.from_config(config.text_config)`` and kept
-whole under ``self.model`` (its own forward, loss, cache handling and quirks such as Gemma's
-embedding scale stay untouched); every targeted linear inside it is then replaced by a
-``MoELoraLinear``. Parameter names are therefore ``model.<dense name>`` with ``.base_layer``
-inserted for targeted linears, and ``moe_shared.<router>.*`` for modules all sites share.
+Module tree (transformers' convention, so that TRL, PEFT and accelerate find what they expect):
+the dense model is built with ``AutoModelForCausalLM.from_config(config.text_config)`` and every
+targeted linear inside it is replaced by a ``MoELoraLinear``; its decoder backbone (the module its
+``base_model_prefix`` names: ``model``, GPT-2's ``transformer``, GPT-NeoX's ``gpt_neox``) is then
+registered here as ``self.model`` and its LM head as ``self.lm_head``. Parameter names are
+``model.<backbone name>`` and ``lm_head.*`` for every architecture, with ``.base_layer`` inserted
+for targeted linears, and ``moe_shared.<router>.*`` for modules all sites share. The dense causal
+LM object itself is kept unregistered, only to run its forward (loss, ``logits_to_keep``, logit
+softcapping and other per-architecture quirks stay the library's): its submodules are the very
+objects registered here, so ``.to()``, quantization, hooks and loading act on them.
+
+Checkpoints written before this layout (``config.checkpoint_layout`` 1: the whole causal LM under
+``model.``, e.g. ``model.model.layers.0...``, ``model.lm_head.weight``) load through a key mapping
+and are saved in the current layout.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -22,7 +34,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
 
-from .configuration_moe_lora import MoELoraConfig
+from .configuration_moe_lora import CHECKPOINT_LAYOUT, MoELoraConfig
 from .moe_lora_block import inject_moe_lora_blocks
 from .moe_lora_layer import RoutingHolder, inject_moe_lora
 
@@ -31,9 +43,30 @@ from .router_graphmoe import GraphMoERouter  # noqa: F401
 from .router_hypermoe import HyperMoERouter  # noqa: F401
 from .router_rmoe import RecurrentRouter  # noqa: F401
 from .router_topk import TopKRouter  # noqa: F401
-from .routing import ROUTERS, Router, RoutingContext, load_balancing_loss, z_loss
+from .routing import (
+    ROUTERS,
+    Router,
+    RoutingContext,
+    checkpoint_context_fn,
+    float32_parameters,
+    load_balancing_loss,
+    z_loss,
+)
+
+try:  # guards every torch init function against overwriting loaded tensors (transformers 5.x)
+    from transformers.initialization import guard_torch_init_functions
+    from transformers.initialization import no_init_weights as _no_init_weights
+except ImportError:  # pragma: no cover - older 5.x: initialize_weights guards on its own
+    from contextlib import nullcontext as _no_init_weights
+    from contextlib import nullcontext as guard_torch_init_functions
 
 __all__ = ["MoELoraForCausalLM", "MoELoraModel", "MoELoraPreTrainedModel"]
+
+# transformers 5.24 renamed the outputs' ``past_key_values`` field to ``cache``.
+_OUTPUT_CACHE_FIELD = next(
+    (f.name for f in fields(MoeCausalLMOutputWithPast) if f.name in ("cache", "past_key_values")),
+    "past_key_values",
+)
 
 
 @dataclass
@@ -60,6 +93,8 @@ class MoELoraPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
     # Routers (and their shared modules) compute in float32 whatever dtype the model loads in.
     _keep_in_fp32_modules_strict = ["router", "moe_shared"]
+    #: Whether this class registers the dense model's LM head (``lm_head``).
+    _keeps_head = True
 
     def __init__(self, config: MoELoraConfig) -> None:
         super().__init__(config)
@@ -67,32 +102,119 @@ class MoELoraPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 f"unknown router {config.router!r}; available routers: {sorted(ROUTERS)}"
             )
-        self.model = AutoModelForCausalLM.from_config(config.text_config)
-        self._no_split_modules = list(getattr(self.model, "_no_split_modules", None) or [])
+        dense = AutoModelForCausalLM.from_config(config.text_config)
+        # One text config object for both: resizing the vocabulary or choosing the attention
+        # implementation through this model's config reaches the dense forward.
+        config.text_config = dense.config
         self.moe_shared = nn.ModuleDict()
         self._routing = RoutingHolder(self.moe_shared)
         block = config.routing_granularity == "block"
         inject = inject_moe_lora_blocks if block else inject_moe_lora
-        self.routing_sites = inject(self.model, config, self._routing)
-        for module in self.model.modules():
+        # Sites are found (and named, and matched against target patterns) in the dense model's
+        # own module names, as in every checkpoint so far.
+        self.routing_sites = inject(dense, config, self._routing)
+        for module in dense.modules():
             if isinstance(module, Router):
                 module.connect(self.routing_sites)
-        shared = ROUTERS[config.router].shared_modules(config, self.routing_sites)
+        with float32_parameters():
+            shared = ROUTERS[config.router].shared_modules(config, self.routing_sites)
         if shared is not None:
             self.moe_shared[config.router] = shared
+        self._adopt(dense)
+        # Whatever the config said it was loaded from, this model is saved in the current layout.
+        config.checkpoint_layout = CHECKPOINT_LAYOUT
         self.post_init()
 
+    def _adopt(self, dense: PreTrainedModel) -> None:
+        """Register ``dense``'s backbone as ``self.model`` and its head as ``self.lm_head``."""
+        backbone = dense.base_model
+        if backbone is dense:
+            raise ValueError(f"{type(dense).__name__} names no decoder backbone "
+                             f"(base_model_prefix {dense.base_model_prefix!r}): not supported")
+        head = dense.get_output_embeddings()
+        module_names = {id(m): n for n, m in dense.named_modules()}
+        if head is None or id(head) not in module_names:
+            raise ValueError(f"{type(dense).__name__} has no LM head: not a causal LM")
+        if next(dense.named_parameters(recurse=False), None) is not None or \
+                next(dense.named_buffers(recurse=False), None) is not None:
+            raise ValueError(f"{type(dense).__name__} keeps tensors outside its backbone and "
+                             f"head: not supported")
+        # dense name prefix -> this model's prefix (other children of the causal LM keep theirs).
+        self._dense_prefixes = {dense.base_model_prefix: "model", module_names[id(head)]: "lm_head"}
+        self.model = backbone
+        if self._keeps_head:
+            self.lm_head = head
+        for name, child in dense.named_children():
+            if child is backbone or child is head or not any(True for _ in child.state_dict()):
+                continue
+            if hasattr(self, name):
+                raise ValueError(f"{type(dense).__name__}.{name} clashes with "
+                                 f"{type(self).__name__}.{name}")
+            self.add_module(name, child)
+            self._dense_prefixes[name] = name
+        # Unregistered: its forward is reused, its tensors are the ones registered above.
+        self.__dict__["_dense"] = dense
+        _route_backbone_calls(backbone, self._routing)
+        tied = getattr(dense, "all_tied_weights_keys", None) or {}
+        mapped = {self._from_dense(k): self._from_dense(v) for k, v in tied.items()}
+        self._tied_weights_keys = {k: v for k, v in mapped.items() if k and v}
+        self._no_split_modules = list(getattr(dense, "_no_split_modules", None) or [])
+        self._cache_argument = _cache_argument(dense)
+
+    @property
+    def dense_model(self) -> PreTrainedModel:
+        """The dense causal LM whose modules this model registers (not itself registered)."""
+        return self.__dict__["_dense"]
+
+    def _from_dense(self, name: str) -> str | None:
+        """This model's name for the dense causal LM's module or tensor ``name`` (None when this
+        class does not hold it: the head of ``MoELoraModel``)."""
+        first, _, rest = name.partition(".")
+        prefix = self._dense_prefixes.get(first)
+        if prefix is None or (prefix == "lm_head" and not self._keeps_head):
+            return None
+        return f"{prefix}.{rest}" if rest else prefix
+
+    def legacy_key_mapping(self) -> dict[str, str]:
+        """``key_mapping`` from checkpoint layout 1 (the whole dense causal LM under ``model.``)
+        to this model's names."""
+        return {f"^model\\.{re.escape(dense)}\\.": f"{ours}."
+                for dense, ours in self._dense_prefixes.items()}
+
     def _init_weights(self, module: nn.Module) -> None:
-        # Adapters initialise themselves when built; the dense part keeps its own scheme.
+        # Adapters and shared routing modules follow their own rule (initialize_weights); the
+        # dense part keeps the dense model's scheme.
         if hasattr(module, "reset_adapter_parameters") or module is self.moe_shared:
             return
-        self.model._init_weights(module)
+        self.dense_model._init_weights(module)
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """transformers' initialisation of the dense part, then every expert, router and shared
+        routing module by its own rule (LoRA A kaiming-uniform, B zero, routers as at
+        conversion). Tensors already loaded from a checkpoint are left alone: the init functions
+        skip them (``_is_hf_initialized``), so only missing or re-created ones are initialised."""
+        super().initialize_weights()
+        with guard_torch_init_functions():
+            self._reset_adapters()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.model.set_input_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.model
+
+    def set_decoder(self, decoder: nn.Module) -> None:
+        raise NotImplementedError("the MoE-LoRA layers live inside the decoder: build a new model")
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
+        embeddings = super().resize_token_embeddings(*args, **kwargs)
+        # The top-level copy generation and pipelines read (the text config is already updated).
+        self.config.vocab_size = self.config.get_text_config().vocab_size
+        return embeddings
 
     def adapter_parameter_names(self) -> list[str]:
         """Names of the expert and router parameters (everything that is not the dense model)."""
@@ -107,26 +229,31 @@ class MoELoraPreTrainedModel(PreTrainedModel):
     _wrapper_components = ("base_layer",)
 
     def dense_name(self, name: str) -> str | None:
-        """The dense model's name for this model's tensor ``name`` (None outside ``self.model``)."""
-        if not name.startswith("model."):
+        """The dense causal LM's name for this model's tensor ``name`` (None for the adapters'
+        shared modules and anything else outside the dense model)."""
+        first, _, rest = name.partition(".")
+        dense = {ours: d for d, ours in self._dense_prefixes.items()}.get(first)
+        if dense is None or not rest:
             return None
-        parts = [p for p in name[len("model."):].split(".") if p not in self._wrapper_components]
-        return ".".join(parts)
+        parts = [p for p in rest.split(".") if p not in self._wrapper_components]
+        return ".".join([dense, *parts])
 
     def checkpoint_names_by_dense_name(self) -> dict[str, str]:
         """Every dense checkpoint tensor name -> this model's name for it.
 
-        Also accepts the names of checkpoints saved from the bare base model (``layers.0...``
-        rather than ``model.layers.0...``, as older GPT-2 checkpoints are).
+        The one place that maps the dense model's names to this model's: ``convert`` streams the
+        base shards through it and adapter-only checkpoints load their base with it. Also accepts
+        the names of checkpoints saved from the bare backbone (``layers.0...`` rather than
+        ``model.layers.0...``, as older GPT-2 checkpoints are).
         """
         adapters = set(self.adapter_parameter_names())
-        inner_prefix = self.model.base_model_prefix + "."
+        backbone_prefix = self.dense_model.base_model_prefix + "."
         names: dict[str, str] = {}
         for name in self.state_dict():
             dense = None if name in adapters else self.dense_name(name)
             if dense is not None:
                 names[dense] = name
-                names.setdefault(dense.removeprefix(inner_prefix), name)
+                names.setdefault(dense.removeprefix(backbone_prefix), name)
         return names
 
     def tied_parameter_names(self) -> list[str]:
@@ -136,6 +263,9 @@ class MoELoraPreTrainedModel(PreTrainedModel):
 
     def reset_adapter_parameters(self) -> None:
         """Re-initialise every expert, router and shared routing module (in module order)."""
+        self._reset_adapters()
+
+    def _reset_adapters(self) -> None:
         for module in self.modules():
             if hasattr(module, "reset_adapter_parameters") and module is not self:
                 module.reset_adapter_parameters()
@@ -145,18 +275,23 @@ class MoELoraPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
-        """Transformers' loader, plus adapter-only checkpoints: their config names the base model
-        (Hub id or local path, and revision), whose weights load under this model's names before
-        the experts and routers are read from the checkpoint's adapter file."""
+        """Transformers' loader, plus adapter-only checkpoints (their config names the base model,
+        Hub id or local path and revision, whose weights load under this model's names before
+        the experts and routers are read from the checkpoint's adapter file) and checkpoints in
+        the layout before this one (renamed while loading, saved in the current layout)."""
         config = kwargs.get("config")
         if not isinstance(config, PretrainedConfig):  # the Auto classes always pass one
-            config = cls.config_class.from_pretrained(
-                pretrained_model_name_or_path,
-                **{k: kwargs[k] for k in (*_HUB_KWARGS, "revision", "subfolder") if k in kwargs},
-            )
-        if not getattr(config, "adapter_only", False):
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        return _load_adapter_only(cls, pretrained_model_name_or_path, config, model_args, kwargs)
+            config = _load_config(cls, pretrained_model_name_or_path, kwargs)
+        _require_moe_config(config, pretrained_model_name_or_path)
+        legacy = _legacy_key_mapping(config)
+        if getattr(config, "adapter_only", False):
+            return _load_adapter_only(cls, pretrained_model_name_or_path, config, model_args,
+                                      kwargs, legacy)
+        if legacy:
+            kwargs["key_mapping"] = {**legacy, **(kwargs.get("key_mapping") or {})}
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        _forget_renamings(loaded[0] if isinstance(loaded, tuple) else loaded, legacy)
+        return loaded
 
     def _adjust_missing_and_unexpected_keys(self, loading_info: Any) -> None:
         super()._adjust_missing_and_unexpected_keys(loading_info)
@@ -164,11 +299,13 @@ class MoELoraPreTrainedModel(PreTrainedModel):
             # The base checkpoint has no experts or routers: they are read right after it.
             adapters = set(self.adapter_parameter_names())
             loading_info.missing_keys = {k for k in loading_info.missing_keys if k not in adapters}
+        if not self._keeps_head:
+            loading_info.unexpected_keys = {k for k in loading_info.unexpected_keys
+                                            if not k.startswith("lm_head.")}
 
-    def _begin_routing(self, attention_mask: torch.Tensor | None) -> RoutingContext:
-        # Only a 2-D padding mask says which tokens are real; 4-D custom masks route every token.
-        padding = attention_mask is not None and attention_mask.dim() == 2
-        return self._routing.begin(attention_mask.bool() if padding else None)
+    def _routing_scope(self, attention_mask: torch.Tensor | None):
+        """The routing context of one forward of this model (a context manager)."""
+        return self._routing.begin(_padding_mask(attention_mask))
 
     def _router_summary(
         self, ctx: RoutingContext
@@ -214,7 +351,8 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         return total
 
     # Reentrant checkpointing gives the cross-layer routing state no gradient (the "detached
-    # state" ablation of RMoE): only the non-reentrant form is allowed. transformers >= 5.2x
+    # state" ablation of RMoE): only the non-reentrant form is allowed, and it gets a context_fn
+    # that recomputes every layer with its own forward's routing context. transformers >= 5.2x
     # routes everything through activation_checkpointing_enable; older 5.x through
     # gradient_checkpointing_enable.
     if hasattr(PreTrainedModel, "activation_checkpointing_enable"):
@@ -223,7 +361,7 @@ class MoELoraPreTrainedModel(PreTrainedModel):
             self, activation_checkpointing_kwargs: dict | None = None, **options: Any
         ) -> None:
             super().activation_checkpointing_enable(
-                _non_reentrant(activation_checkpointing_kwargs), **options
+                _checkpoint_kwargs(activation_checkpointing_kwargs), **options
             )
 
     else:
@@ -232,27 +370,67 @@ class MoELoraPreTrainedModel(PreTrainedModel):
             self, gradient_checkpointing_kwargs: dict | None = None, **options: Any
         ) -> None:
             super().gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs=_non_reentrant(gradient_checkpointing_kwargs),
+                gradient_checkpointing_kwargs=_checkpoint_kwargs(gradient_checkpointing_kwargs),
                 **options,
             )
 
 
-def _non_reentrant(kwargs: dict | None) -> dict:
+def _checkpoint_kwargs(kwargs: dict | None) -> dict:
     kwargs = dict(kwargs or {})
     if kwargs.get("use_reentrant", False):
         raise ValueError(
             "MoE-LoRA models need non-reentrant gradient checkpointing: pass "
             "gradient_checkpointing_kwargs={'use_reentrant': False}"
         )
+    user_fn = kwargs.get("context_fn")
+    if not getattr(user_fn, "moe_hub_routing", False):
+        kwargs["context_fn"] = checkpoint_context_fn(user_fn)
     return {**kwargs, "use_reentrant": False}
 
 
-class MoELoraModel(MoELoraPreTrainedModel):
-    """The MoE-LoRA decoder without its LM head's output: returns hidden states (``AutoModel``).
+def _padding_mask(attention_mask: Any) -> torch.Tensor | None:
+    # Only a 2-D padding mask says which tokens are real; 4-D custom masks route every token.
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        return attention_mask.bool()
+    return None
 
-    Holds the same module tree as :class:`MoELoraForCausalLM` so both load the same checkpoint
-    without key renaming; the head's weights are loaded but not used.
+
+def _route_backbone_calls(backbone: nn.Module, routing: RoutingHolder) -> None:
+    """Make every call of the backbone route inside a context: the one of the causal LM's forward
+    in progress, or its own when it is called directly (TRL's fused LM head calls
+    ``model.base_model(...)`` and applies the head itself)."""
+    forward = type(backbone).forward
+    parameters = list(inspect.signature(forward).parameters)
+    mask_position = parameters.index("attention_mask") if "attention_mask" in parameters else None
+
+    @functools.wraps(forward)
+    def routed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        mask = kwargs.get("attention_mask")
+        if mask is None and mask_position is not None and len(args) >= mask_position:
+            mask = args[mask_position - 1]  # args exclude self
+        with self._moe_routing.join(_padding_mask(mask)):
+            return forward(self, *args, **kwargs)
+
+    backbone._moe_routing = routing
+    # A bound method, not a closure over the module: deepcopy rebinds it to the copy.
+    backbone.forward = types.MethodType(routed_forward, backbone)
+
+
+def _cache_argument(dense: nn.Module) -> str:
+    """The name the dense forward takes the KV cache under (``cache`` from transformers 5.24,
+    ``past_key_values`` before; the old name warns from 5.24 and goes in 5.40)."""
+    parameters = inspect.signature(type(dense).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+class MoELoraModel(MoELoraPreTrainedModel):
+    """The MoE-LoRA decoder without an LM head: returns hidden states (``AutoModel``).
+
+    Holds the same module tree as :class:`MoELoraForCausalLM` minus ``lm_head``, so both load
+    the same checkpoint (the head's weights are skipped).
     """
+
+    _keeps_head = False
 
     def forward(
         self,
@@ -260,8 +438,10 @@ class MoELoraModel(MoELoraPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
-        self._begin_routing(attention_mask)
-        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if "past_key_values" in kwargs and self._cache_argument != "past_key_values":
+            kwargs[self._cache_argument] = kwargs.pop("past_key_values")
+        with self._routing_scope(attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
 class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
@@ -269,10 +449,11 @@ class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
     ``output_router_logits`` and ``labels`` are given (as in Mixtral)."""
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.model.get_output_embeddings()
+        return self.lm_head
 
     def set_output_embeddings(self, value: nn.Module) -> None:
-        self.model.set_output_embeddings(value)
+        self.lm_head = value
+        self.dense_model.set_output_embeddings(value)
 
     def forward(
         self,
@@ -285,45 +466,112 @@ class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> MoELoraCausalLMOutput:
+    ) -> MoELoraCausalLMOutput | tuple:
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        ctx = self._begin_routing(attention_mask)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
-        loss, aux_loss, aux_losses, counts, router_logits = out.loss, None, None, None, None
-        if output_router_logits:
-            aux_losses, counts, router_logits = self._router_summary(ctx)
-            aux_loss = aux_losses["load_balance"]
-            if loss is not None:
-                loss = loss + self._weighted_aux_loss(aux_losses).to(loss.device)
-        # Drop the recorded decisions; routing state stays for checkpointed recomputation.
-        ctx.outputs.clear()
-        return MoELoraCausalLMOutput(
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        # Generation passes the cache as ``cache`` from transformers 5.24 on, as
+        # ``past_key_values`` before; the dense forward gets it under the name it declares.
+        cache = kwargs.pop("cache", None)
+        kwargs[self._cache_argument] = past_key_values if past_key_values is not None else cache
+        with self._routing_scope(attention_mask) as ctx:
+            out = self.dense_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                return_dict=True,
+                **kwargs,
+            )
+            loss, aux_loss, aux_losses, counts, router_logits = out.loss, None, None, None, None
+            if output_router_logits:
+                aux_losses, counts, router_logits = self._router_summary(ctx)
+                aux_loss = aux_losses["load_balance"]
+                if loss is not None:
+                    loss = loss + self._weighted_aux_loss(aux_losses).to(loss.device)
+            # Drop the recorded decisions; the routing state stays with the context, which lives
+            # as long as a checkpointed recomputation may need it.
+            ctx.outputs.clear()
+        output = MoELoraCausalLMOutput(
             loss=loss,
             aux_loss=aux_loss,
             logits=out.logits,
-            past_key_values=out.past_key_values,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
             router_logits=router_logits,
             aux_losses=aux_losses,
             expert_counts=counts,
+            **{_OUTPUT_CACHE_FIELD: getattr(out, _OUTPUT_CACHE_FIELD, None)},
         )
+        return output if return_dict else output.to_tuple()
 
 
 ADAPTER_WEIGHTS = "moe_adapters.safetensors"
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "token")
+
+
+def _load_config(cls: type, path: Any, kwargs: dict[str, Any]) -> MoELoraConfig:
+    hub = {k: kwargs[k] for k in (*_HUB_KWARGS, "revision", "subfolder") if k in kwargs}
+    try:
+        return cls.config_class.from_pretrained(path, **hub)
+    except OSError as err:
+        if "config.json" not in str(err):
+            raise
+        raise OSError(f"{path} is not a moe-hub checkpoint (no config.json): pass a directory or "
+                      f"Hub repo written by `moe-hub convert`") from None
+
+
+def _require_moe_config(config: PretrainedConfig, path: Any) -> None:
+    """One clear error for a directory that holds some other model (a dense checkpoint)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type != MoELoraConfig.model_type or getattr(config, "text_config", None) is None:
+        found = config.to_dict().get("architectures") or model_type
+        raise ValueError(
+            f"{path} is not a moe-hub checkpoint (its config describes {found}): load it with "
+            f"AutoModelForCausalLM.from_pretrained, or convert it first with "
+            f"`moe-hub convert {path} OUT`"
+        )
+
+
+def _legacy_key_mapping(config: MoELoraConfig) -> dict[str, str]:
+    """``key_mapping`` for a checkpoint saved in layout 1 (the whole dense causal LM under
+    ``model.``), empty for the current layout. Read before a model is built from ``config``
+    (building one marks the config as the current layout)."""
+    if getattr(config, "checkpoint_layout", 1) >= CHECKPOINT_LAYOUT:
+        return {}
+    with torch.device("meta"), _no_init_weights():
+        dense = AutoModelForCausalLM.from_config(config.text_config)
+    head = dense.get_output_embeddings()
+    head_name = next(name for name, module in dense.named_modules() if module is head)
+    prefixes = {dense.base_model_prefix: "model", head_name: "lm_head"}
+    for name, _ in dense.named_children():
+        prefixes.setdefault(name, name)
+    return {f"^model\\.{re.escape(old)}\\.": f"{new}." for old, new in prefixes.items()}
+
+
+def _rename(name: str, mapping: dict[str, str]) -> str:
+    for pattern, target in mapping.items():
+        renamed = re.sub(pattern, target, name, count=1)
+        if renamed != name:
+            return renamed
+    return name
+
+
+def _forget_renamings(model: PreTrainedModel, key_mapping: dict[str, str]) -> None:
+    """save_pretrained reverses the renamings of loading; those of ``key_mapping`` took other
+    layouts' names to this model's, which is what it must write."""
+    if not key_mapping:
+        return
+    model._weight_conversions = [
+        c for c in getattr(model, "_weight_conversions", None) or []
+        if not set(getattr(c, "_original_source_patterns", ())) & set(key_mapping)
+    ]
 
 
 def _dense_key_mapping(cls: type, config: MoELoraConfig, hub: dict[str, Any]) -> dict[str, str]:
@@ -354,7 +602,7 @@ def _dense_key_mapping(cls: type, config: MoELoraConfig, hub: dict[str, Any]) ->
 
 
 def _load_adapter_only(cls: type, path: Any, config: MoELoraConfig, model_args: tuple,
-                       kwargs: dict[str, Any]) -> MoELoraPreTrainedModel:
+                       kwargs: dict[str, Any], legacy: dict[str, str]) -> MoELoraPreTrainedModel:
     from safetensors import safe_open
     from transformers.utils import cached_file
 
@@ -377,20 +625,19 @@ def _load_adapter_only(cls: type, path: Any, config: MoELoraConfig, model_args: 
     )
     model = loaded[0] if isinstance(loaded, tuple) else loaded
     # save_pretrained must write this model's names, not map them back to the dense ones.
-    model._weight_conversions = [
-        c for c in getattr(model, "_weight_conversions", None) or []
-        if not set(getattr(c, "_original_source_patterns", ())) & set(key_mapping)
-    ]
+    _forget_renamings(model, key_mapping)
     params = dict(model.named_parameters())
     with safe_open(adapter_file, "pt") as f:
-        stored = set(f.keys())
+        # Adapter files of layout 1 name tensors model.<dense name>: renamed to this model's.
+        names = {_rename(name, legacy): name for name in f.keys()}
+        stored = set(names)
         missing = sorted(set(model.adapter_parameter_names()) - stored)
         if missing:
             raise ValueError(f"{adapter_file} lacks {len(missing)} expert/router tensor(s) (e.g. "
                              f"{missing[0]}): re-create the checkpoint with `moe-hub convert`")
         with torch.no_grad():
             for name in stored & params.keys():
-                params[name].copy_(f.get_tensor(name))
+                params[name].copy_(f.get_tensor(names[name]))
     # The model in memory holds its base: save_pretrained writes a complete checkpoint.
     model.config.adapter_only = False
     return loaded

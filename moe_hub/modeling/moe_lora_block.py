@@ -28,7 +28,7 @@ from torch import nn
 
 from .moe_lora_layer import RoutingHolder, is_linear, linear_features, target_matches
 from .moe_lora_ops import group_by_expert, moe_lora_delta, needs_grouping
-from .routing import ROUTERS, RoutingSite
+from .routing import ROUTERS, RoutingSite, float32_parameters
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -115,7 +115,8 @@ class MoELoraBlock(nn.Module):
             self.lora_A[name] = nn.Parameter(torch.empty(experts, d_in, rank))
             self.lora_B[name] = nn.Parameter(torch.empty(experts, rank, d_out))
         self.lora_dropout = make_dropout(config)
-        self.router = ROUTERS[config.router](site, config)
+        with float32_parameters():  # routers compute in float32 whatever the default dtype
+            self.router = ROUTERS[config.router](site, config)
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
@@ -137,7 +138,7 @@ class MoELoraBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base, layout = self.base_layer, self.layout
         flat = x.reshape(-1, self.site.in_features)
-        ctx = self._routing.get()
+        ctx = self._routing.current()
         route = self.router(flat, ctx, self)
         ctx.record(self.site, route)
         tokens, top_k = route.indices.shape

@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
 from .moe_lora_ops import moe_lora_delta
-from .routing import ROUTERS, RoutingContext, RoutingSite
+from .routing import (
+    ROUTERS,
+    RoutingContext,
+    RoutingSite,
+    context_scope,
+    current_context,
+    float32_parameters,
+)
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -25,24 +34,38 @@ except ImportError:  # pragma: no cover - transformers always has it
 
 
 class RoutingHolder:
-    """Points every site of one model at the routing context of the forward in progress.
+    """One model's access to the routing context of the forward in progress.
 
-    The context of a forward stays current until the next forward starts, because gradient
-    checkpointing recomputes layers during backward, after the model's forward has returned, and
-    those recomputations must read the same cross-layer state.
+    Every site of a model holds the same holder. ``begin`` opens a new context for one forward,
+    ``join`` reuses the one already open (the backbone called by the causal LM's forward) or
+    opens one (the backbone called directly, as TRL does), and ``current`` is what a site reads.
+    Contexts are per thread and per forward (see ``routing.py``); gradient checkpointing
+    re-installs the forward's own context during recomputation (``checkpoint_context_fn``).
     """
 
     def __init__(self, shared: nn.ModuleDict) -> None:
         self.shared = shared
-        self.current: RoutingContext | None = None
 
-    def begin(self, token_mask: torch.Tensor | None) -> RoutingContext:
-        self.current = RoutingContext(token_mask, self.shared)
-        return self.current
+    @contextmanager
+    def begin(self, token_mask: torch.Tensor | None) -> Iterator[RoutingContext]:
+        """A new context, current for this model in this thread until the block exits."""
+        with context_scope(self, RoutingContext(token_mask, self.shared)) as ctx:
+            yield ctx
 
-    def get(self) -> RoutingContext:
+    @contextmanager
+    def join(self, token_mask: torch.Tensor | None) -> Iterator[RoutingContext]:
+        """The context of the forward in progress, or a new one when none is."""
+        ctx = current_context(self)
+        if ctx is not None:
+            yield ctx
+            return
+        with self.begin(token_mask) as ctx:
+            yield ctx
+
+    def current(self) -> RoutingContext:
         # A layer called on its own (outside the model's forward) routes with a private context.
-        return self.current if self.current is not None else RoutingContext(None, self.shared)
+        ctx = current_context(self)
+        return ctx if ctx is not None else RoutingContext(None, self.shared)
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
@@ -74,7 +97,8 @@ class MoELoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(experts, rank, site.out_features))
         dropout = config.lora_dropout
         self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.router = ROUTERS[config.router](site, config)
+        with float32_parameters():  # routers compute in float32 whatever the default dtype
+            self.router = ROUTERS[config.router](site, config)
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
@@ -86,7 +110,7 @@ class MoELoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        ctx = self._routing.get()
+        ctx = self._routing.current()
         flat = x.reshape(-1, self.site.in_features)
         route = self.router(flat, ctx, self)
         ctx.record(self.site, route)

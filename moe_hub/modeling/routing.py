@@ -10,10 +10,21 @@ Routers whose decision depends on an earlier site (RMoE's GRU state across depth
 that state through the :class:`RoutingContext` created at every forward of the model. Values are
 stored per site index so that gradient checkpointing, which re-runs a decoder layer during
 backward, reads exactly the state it read the first time, and counts each site's losses once.
+
+A context belongs to one forward. It is current only while that forward runs, and only in the
+thread that runs it: the current contexts are thread-local (a ``threading.local``, which
+torch.compile traces, where a ``ContextVar`` would break the graph). Gradient
+checkpointing recomputes layers during backward, after the forward has returned and possibly on
+another thread; :func:`checkpoint_context_fn` captures the contexts current when a checkpointed
+layer first runs and installs exactly those while it is recomputed. So two forwards before one
+backward, or two threads, never read each other's routing state.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -92,6 +103,64 @@ class RoutingContext:
         self.outputs[site.index] = output
 
 
+# The contexts current in this thread, one per model (keyed by the model's holder object, so
+# that a model called inside another model's forward never reads the outer model's state). The
+# mapping is never mutated in place: every change installs a new dict, and leaving a scope puts
+# the previous one back.
+_LOCAL = threading.local()
+
+
+def _current() -> dict[object, RoutingContext]:
+    return getattr(_LOCAL, "contexts", None) or {}
+
+
+def current_context(owner: object) -> RoutingContext | None:
+    """The context ``owner``'s forward in progress (or recomputation) uses in this thread."""
+    return _current().get(owner)
+
+
+@contextmanager
+def _installed(contexts: dict[object, RoutingContext]) -> Iterator[None]:
+    previous = _current()
+    _LOCAL.contexts = contexts
+    try:
+        yield
+    finally:
+        _LOCAL.contexts = previous
+
+
+@contextmanager
+def context_scope(owner: object, ctx: RoutingContext) -> Iterator[RoutingContext]:
+    """Make ``ctx`` current for ``owner`` in this thread until the block exits."""
+    with _installed({**_current(), owner: ctx}):
+        yield ctx
+
+
+ContextFn = Callable[[], tuple[AbstractContextManager, AbstractContextManager]]
+
+
+def checkpoint_context_fn(user_fn: ContextFn | None = None) -> ContextFn:
+    """A ``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant): the recomputation of a
+    checkpointed layer runs with the routing contexts that were current when the layer first ran,
+    whatever forward ran since and whichever thread runs the backward. ``user_fn``, a caller's own
+    ``context_fn``, is composed with it (its contexts are entered inside ours)."""
+
+    def context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
+        captured = _current()
+        forward_cm, recompute_cm = user_fn() if user_fn is not None else (nullcontext(),
+                                                                          nullcontext())
+        return forward_cm, _stacked(_installed(captured), recompute_cm)
+
+    context_fn.moe_hub_routing = True  # marks it so that enabling twice does not wrap twice
+    return context_fn
+
+
+@contextmanager
+def _stacked(outer: AbstractContextManager, inner: AbstractContextManager) -> Iterator[None]:
+    with outer, inner:
+        yield
+
+
 class Router(nn.Module):
     """Base class of the routers. A subclass sets ``name`` and implements :meth:`forward`.
 
@@ -144,6 +213,18 @@ class Router(nn.Module):
 
 
 ROUTERS: dict[str, type[Router]] = {}
+
+
+@contextmanager
+def float32_parameters() -> Iterator[None]:
+    """Create parameters in float32 inside the block whatever torch's default dtype (a model built
+    under ``torch.set_default_dtype(torch.bfloat16)`` still gets float32 routers)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def register_router(cls: type[Router]) -> type[Router]:
