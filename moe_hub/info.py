@@ -32,6 +32,8 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "path": str(path),
         "base": config.base_model_name_or_path,
         "base_revision": config.base_model_revision,
+        # The Hub model a GGUF base was made from, when conversion could tell.
+        "base_origin": getattr(config, "base_model_origin", None),
         "architecture": config.text_config.model_type,
         "format": "adapter-only" if config.adapter_only else "full",
         "router": config.router,
@@ -112,7 +114,8 @@ def render_info(info: dict[str, Any]) -> None:
     params = info["parameters"]
     rows = [
         ("base", f"{info['base']}" + (f" @ {info['base_revision']}" if info["base_revision"]
-                                       else "")),
+                                       else "")
+         + (f" (a GGUF of {info['base_origin']})" if info.get("base_origin") else "")),
         ("architecture", info["architecture"]),
         ("format", info["format"]),
         ("router", f"{info['router']} {json.dumps(info['router_config'])}"
