@@ -160,9 +160,19 @@ def staging_dir(out: Path, suffix: str = ".partial") -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _give_files_the_umask_mode(staging: Path) -> None:
+    """safetensors writes its files 0600; a checkpoint's files get the mode the user's umask
+    gives new files, as its folder does (made by ``mkdir``, so 0777 minus the umask)."""
+    file_mode = staging.stat().st_mode & 0o666
+    for path in staging.iterdir():
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o666 != file_mode:
+            path.chmod(file_mode)
+
+
 def publish(staging: Path, out: Path, overwrite: bool) -> None:
     """Move a finished ``staging`` directory to ``out``, replacing an old ``out`` only when
     ``overwrite`` (the old one is renamed aside first, so ``out`` is never half-written)."""
+    _give_files_the_umask_mode(staging)
     if out.exists():
         if not overwrite:
             raise MoEHubError(f"{out} appeared while writing it: pass --overwrite to replace it")

@@ -145,6 +145,9 @@ def test_converted_folder_is_the_checkpoint_named_as_itself(tmp_path: Path) -> N
     assert done.returncode == 0, done.stderr
     assert not PROGRESS_BAR.search(done.stderr), done.stderr
     assert out.stat().st_mode & 0o777 == 0o755  # the umask's mode, not mkdtemp's 0700
+    # Files too: safetensors writes 0600.
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()
+            if p.stat().st_mode & 0o777 != 0o644} == {}
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     info = json.loads(run_cli("info", str(out), "--json", cwd=tmp_path).stdout)
