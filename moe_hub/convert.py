@@ -30,13 +30,14 @@ from .checkpoint import (
     staging_dir,
     write_index,
 )
+from .dense_names import NamePlan, convert_tensors, plan_names
 from .errors import MoEHubError
 from .gguf_source import gguf_provenance
 from .modeling import MoELoraConfig, MoELoraForCausalLM
 from .modeling.routing import ROUTERS
 from .options_file import read_options_file
 from .progress import third_party_progress
-from .safetensors_io import read_header, rewrite_shard, tensor_names
+from .safetensors_io import read_header, rewrite_shard, tensor_names, write_tensors
 from .skeleton import model_skeleton
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,26 +83,30 @@ class ConvertOptions:
             raise MoEHubError(f"unknown option(s) {unknown} in {path}; valid: {sorted(known)}")
         return cls(**{**data, **overrides})
 
-    def validate(self) -> None:
-        """Check the options on their own, before any BASE is read; raise naming the fix."""
+    def check_router(self) -> None:
+        """The router exists and takes ``router_config`` (checked before any download)."""
         if self.router not in ROUTERS:
             raise MoEHubError(
                 f"unknown router {self.router!r}: pass --router one of {sorted(ROUTERS)}"
             )
+        try:
+            ROUTERS[self.router].validate_options(self.router_config)
+        except ValueError as err:
+            raise MoEHubError(str(err)) from None
+
+    def validate(self) -> None:
+        """Check the options on their own, before any BASE is read; raise naming the fix."""
+        self.check_router()
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise MoEHubError(f"unknown dtype {self.dtype!r}: pass --dtype auto, "
                               f"{', '.join(DTYPE_NAMES)}")
         if self.targets is not None and not self.targets:
             raise MoEHubError("--targets is empty: name at least one module, or omit it")
-        check_router_option_values(self.router, self.router_config)
         self.model_config(None, None, None)
 
     def model_config(self, text_config: Any, base: str | None,
                      revision: str | None) -> MoELoraConfig:
-        if self.router not in ROUTERS:
-            raise MoEHubError(
-                f"unknown router {self.router!r}: pass --router one of {sorted(ROUTERS)}"
-            )
+        self.check_router()
         try:
             return MoELoraConfig(
                 text_config=text_config,
@@ -124,28 +129,6 @@ class ConvertOptions:
             )
         except (ValueError, TypeError) as err:
             raise MoEHubError(str(err)) from None
-
-
-def check_router_option_values(router: str, options: dict[str, Any]) -> None:
-    """Each router option whose default is a number or a boolean must be one too, so that a typo
-    such as ``hidden_size=abc`` names the option instead of failing deep inside the router."""
-    defaults = ROUTERS[router].defaults if router in ROUTERS else {}
-    for key, value in options.items():
-        if key not in defaults or defaults[key] is None:
-            continue  # unknown keys are the router configuration's to report
-        default = defaults[key]
-        if isinstance(default, bool):
-            ok, kind = isinstance(value, bool), "true or false"
-        elif isinstance(default, int):
-            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
-        elif isinstance(default, float):
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-            kind = "a number"
-        else:
-            continue
-        if not ok:
-            raise MoEHubError(f"router option {key}={value!r} is not valid: {key} takes {kind} "
-                              f"(the {router} router's default is {default})")
 
 
 def convert(
@@ -188,14 +171,15 @@ def convert(
         dtype = None if options.dtype == "auto" else DTYPE_NAMES[options.dtype]
         # Read from the skeleton before the adapter thread starts materialising its parameters.
         names = model.checkpoint_names_by_dense_name()
+        plan = None
         if not options.adapter_only:
-            _check_base_complete(model, names, weight_files)
+            plan = _check_base_complete(model, names, weight_files)
         weight_map: dict[str, str] = {}
         with ThreadPoolExecutor(max_workers=1) as pool:
             # Adapters are initialised and saved while the kernel copies the base shards.
             adapter_names = pool.submit(_write_adapters, model, options.seed, staging)
-            if not options.adapter_only:
-                weight_map.update(_write_base_shards(names, weight_files, staging, dtype,
+            if plan is not None:
+                weight_map.update(_write_base_shards(plan, names, weight_files, staging, dtype,
                                                      progress))
             weight_map.update(dict.fromkeys(adapter_names.result(), ADAPTER_WEIGHTS))
         write_index(staging, weight_map)
@@ -348,23 +332,25 @@ def _dense_config(dense_dir: Path) -> Any:
     return config.get_text_config()
 
 
-def _check_base_complete(model: MoELoraForCausalLM, mapping: dict[str, str],
-                         weight_files: list[Path]) -> None:
-    """Read every shard's header (raising on a corrupt one) and check that together they hold
-    every dense weight the model needs (``mapping``: dense name -> checkpoint name), before
-    anything is written."""
-    headers = [read_header(path)[0] for path in weight_files]
-    found = {mapping.get(n) for h in headers for n in tensor_names(h)} - {None}
-    missing = sorted(set(mapping.values()) - found - set(model.tied_parameter_names()))
+def _check_base_complete(model: MoELoraForCausalLM, names: dict[str, str],
+                         weight_files: list[Path]) -> NamePlan:
+    """Read every shard's header (raising on a corrupt one), map its names through transformers'
+    conversion rules (``names``: dense module name -> model name) and check that together the
+    shards hold every dense weight the model needs, before anything is written."""
+    headers = {path: tensor_names(read_header(path)[0]) for path in weight_files}
+    plan = plan_names(model.config.text_config, names, headers)
+    missing = sorted(set(names.values()) - plan.covered(names)
+                     - set(model.tied_parameter_names()))
     if missing:
         raise MoEHubError(
             f"BASE lacks {len(missing)} weight(s) the model needs (e.g. {missing[0]}): the "
             f"checkpoint is incomplete or is not a {model.config.text_config.model_type} model"
         )
+    return plan
 
 
 def _write_base_shards(
-    mapping: dict[str, str], weight_files: list[Path], staging: Path,
+    plan: NamePlan, names: dict[str, str], weight_files: list[Path], staging: Path,
     dtype: torch.dtype | None, progress: bool,
 ) -> dict[str, str]:
     weight_map: dict[str, str] = {}
@@ -373,13 +359,22 @@ def _write_base_shards(
                TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("writing base shards", total=total)
-        count = len(weight_files)
+        count = len(weight_files) + bool(plan.converted)
         for number, src in enumerate(weight_files, start=1):
             # Never "model.safetensors": transformers prefers that name over the index and would
             # not see the adapters.
             name = f"model-{number:05d}-of-{count:05d}.safetensors"
-            sizes = rewrite_shard(src, staging / name, mapping.get, dtype,
+            sizes = rewrite_shard(src, staging / name, plan.renames.get, dtype,
                                   on_bytes=lambda n: bar.advance(task, n))
+            weight_map.update(dict.fromkeys(sizes, name))
+        if plan.converted:
+            # Tensors a conversion rule changes (not only renames) are computed one target at a
+            # time into one more shard.
+            name = f"model-{count:05d}-of-{count:05d}.safetensors"
+            text_config = plan.dense_model.config
+            batches = (convert_tensors(item, plan, text_config, names)
+                       for item in plan.converted.values())
+            sizes = write_tensors(staging / name, batches, dtype)
             weight_map.update(dict.fromkeys(sizes, name))
     return weight_map
 

@@ -420,6 +420,25 @@ def _load_tokenizer(checkpoint: Path, options: FinetuneOptions, config: Any) -> 
                           f"pass --tokenizer NAME_OR_PATH") from None
 
 
+def _check_token_ids(tokenizer: Any, prepared: Any, config: Any,
+                     options: FinetuneOptions) -> None:
+    """Every id the training will feed (data and padding) must be a row of the model's
+    embedding; otherwise torch fails mid-step with "index out of range in self"."""
+    rows = int(config.text_config.vocab_size)
+    largest = pad_token_id(tokenizer)
+    for split in (prepared.train, prepared.eval):
+        if split is not None and len(split):
+            largest = max(largest, max(max(ids, default=0) for ids in split["input_ids"]))
+    if largest < rows:
+        return
+    source = f"--tokenizer {options.tokenizer}" if options.tokenizer else "the tokenizer"
+    raise MoEHubError(
+        f"{source} has {len(tokenizer)} tokens and produced id {largest}, but the model's "
+        f"embedding has {rows} rows (vocab_size): use the tokenizer the model was trained with "
+        f"(drop --tokenizer, or pass the base model's) or one with at most {rows} tokens"
+    )
+
+
 def finetune(
     checkpoint: str | os.PathLike,
     data: str | os.PathLike,
@@ -463,6 +482,7 @@ def finetune(
         packing=options.packing, eval_data=options.eval_data, eval_split=options.eval_split,
         data_split=options.data_split, seed=options.seed, model_limit=model_max_length(config),
     )
+    _check_token_ids(tokenizer, prepared, config, options)
     model = load_for_training(checkpoint, options)
     stats = RoutingStats([site.name for site in model.routing_sites], model.config.num_experts)
     args = _training_arguments(options, run_dir, prepared.eval is not None, progress)

@@ -77,7 +77,7 @@ BAD_OPTIONS = {
     "router": (["--router", "foo"], "unknown router 'foo'"),
     "dtype": (["--dtype", "int8"], "unknown dtype 'int8'"),
     "router-opt": (["--router", "rmoe", "--router-opt", "hidden_size=abc"],
-                   "hidden_size takes an integer"),
+                   "router option 'hidden_size' of 'rmoe' takes an integer"),
     "adapter-only": (["--adapter-only"],
                      "--adapter-only needs a base that loads from its own safetensors"),
 }

@@ -26,7 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .moe_lora_layer import RoutingHolder, is_linear, linear_features, target_matches
+from .moe_lora_layer import (
+    RoutingHolder,
+    is_linear,
+    linear_features,
+    site_kind,
+    target_matches,
+)
 from .moe_lora_ops import group_by_expert, moe_lora_delta, needs_grouping
 from .routing import ROUTERS, RoutingSite, float32_parameters
 
@@ -224,7 +230,7 @@ def inject_moe_lora_blocks(
             continue
         hidden = linear_features(getattr(mlp, layout.first[0]))[0]
         layer = int(_LAYER_INDEX.search(name + ".").group(1))
-        site = RoutingSite(len(sites), layer, "mlp", name, hidden, hidden)
+        site = RoutingSite(len(sites), layer, site_kind(name, config), name, hidden, hidden)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child,
                 MoELoraBlock(mlp, layout, site, config, routing))

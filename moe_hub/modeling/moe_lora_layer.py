@@ -172,6 +172,16 @@ def candidate_linear_names(model: nn.Module) -> list[str]:
     return names
 
 
+def site_kind(name: str, config: Any) -> str:
+    """The kind of the site at module ``name``: its path inside the decoder layer
+    (``self_attn.q_proj``, GPT-2's ``attn.c_proj`` vs ``mlp.c_proj``), or its last name for
+    checkpoints saved before kinds were paths (``config.site_keys == "name"``)."""
+    match = _LAYER_INDEX.search(name + ".")
+    if getattr(config, "site_keys", "path") == "name" or match is None:
+        return name.rsplit(".", 1)[-1]
+    return (name + ".")[match.end():-1]
+
+
 def inject_moe_lora(model: nn.Module, config: Any, routing: RoutingHolder) -> list[RoutingSite]:
     """Replace every targeted linear of ``model`` in place; return the routing sites in order."""
     targets = find_target_linears(model, config.target_modules)
@@ -186,7 +196,7 @@ def inject_moe_lora(model: nn.Module, config: Any, routing: RoutingHolder) -> li
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child_name)
         d_in, d_out = linear_features(base)
-        site = RoutingSite(index, layer, child_name, name, d_in, d_out)
+        site = RoutingSite(index, layer, site_kind(name, config), name, d_in, d_out)
         setattr(parent, child_name, MoELoraLinear(base, site, config, routing))
         sites.append(site)
     return sites
