@@ -41,7 +41,7 @@ def run_demo(workdir: str | os.PathLike | None = None, router: str = "topk", ste
 
     console = Console(stderr=True)
     workdir = Path(workdir) if workdir is not None else default_workdir()
-    console.print(f"The demo writes two checkpoints (about 1.2 GB) into {workdir}")
+    console.print(f"The demo writes its two checkpoints into {workdir}")
     workdir.mkdir(parents=True, exist_ok=True)
     figures: dict = {}
 
