@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
@@ -62,6 +63,9 @@ except ImportError:  # pragma: no cover - older 5.x: initialize_weights guards o
     from contextlib import nullcontext as guard_torch_init_functions
 
 __all__ = ["MoELoraForCausalLM", "MoELoraModel", "MoELoraPreTrainedModel"]
+
+#: Class names device_map must not split (see MoELoraPreTrainedModel.__init__).
+_NO_SPLIT_ROUTING_MODULES = ("MoELoraLinear", "MoELoraBlock", "HyperNetwork")
 
 # transformers 5.24 renamed the outputs' ``past_key_values`` field to ``cache``.
 _OUTPUT_CACHE_FIELD = next(
@@ -159,7 +163,10 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         tied = getattr(dense, "all_tied_weights_keys", None) or {}
         mapped = {self._from_dense(k): self._from_dense(v) for k, v in tied.items()}
         self._tied_weights_keys = {k: v for k, v in mapped.items() if k and v}
-        self._no_split_modules = list(getattr(dense, "_no_split_modules", None) or [])
+        # device_map keeps each of these whole on one device: a routed site reads its experts'
+        # banks and router together, the hypernetwork its trunk and heads.
+        self._no_split_modules = [*(getattr(dense, "_no_split_modules", None) or []),
+                                  *_NO_SPLIT_ROUTING_MODULES]
         self._cache_argument = _cache_argument(dense)
 
     @property
@@ -310,28 +317,37 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         return self._routing.begin(call_token_mask(attention_mask, input_ids, inputs_embeds))
 
     def _router_summary(
-        self, ctx: RoutingContext
+        self, ctx: RoutingContext, device: torch.device
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple]:
-        """Auxiliary losses over every site's decisions, padding excluded, each site once."""
+        """Auxiliary losses over every site's decisions, padding excluded, each site once.
+
+        Sites may sit on different devices (``device_map`` across GPUs): every per-site tensor
+        is moved to ``device`` (where the LM loss is) before they are combined. The moves are
+        differentiable, so each router still gets its gradient on its own device.
+        """
         outputs = [ctx.outputs[i] for i in sorted(ctx.outputs)]
-        if not outputs:
-            zero = torch.zeros((), device=self.device)
-            return {"load_balance": zero}, torch.zeros(0, self.config.num_experts), ()
         num_experts = self.config.num_experts
+        if not outputs:
+            zero = torch.zeros((), device=device)
+            return {"load_balance": zero}, torch.zeros(0, num_experts, device=device), ()
         logits, indices, masks, counts = [], [], [], []
         router_losses: dict[str, list[torch.Tensor]] = {}
         for out in outputs:
             tokens = out.indices.shape[0]
             mask = ctx.site_mask(tokens)
+            mask = None if mask is None else mask.to(device)
             steps = out.logits.shape[0] // tokens
-            logits.append(out.logits)
-            indices.append(out.balance_indices)
+            logits.append(out.logits.to(device))
+            indices.append(out.balance_indices.to(device))
             if mask is not None:
                 masks.append(mask.repeat(steps))
-            chosen = out.indices if mask is None else out.indices[mask]
-            counts.append(torch.bincount(chosen.reshape(-1), minlength=num_experts))
+            # One-hot sums, not bincount over masked rows: no host synchronisation on a GPU.
+            chosen = F.one_hot(out.indices.to(device), num_experts)
+            if mask is not None:
+                chosen = chosen * mask.view(-1, 1, 1)
+            counts.append(chosen.sum(dim=(0, 1)))
             for name, value in out.losses.items():
-                router_losses.setdefault(name, []).append(value)
+                router_losses.setdefault(name, []).append(value.to(device))
         all_logits = torch.cat(logits)
         mask = torch.cat(masks) if len(masks) == len(outputs) else None
         losses = {
@@ -448,7 +464,24 @@ class MoELoraModel(MoELoraPreTrainedModel):
 
 class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
     """Causal LM with MoE-LoRA experts; loss = LM loss + weighted router losses when
-    ``output_router_logits`` and ``labels`` are given (as in Mixtral)."""
+    ``output_router_logits`` and ``labels`` are given (as in Mixtral).
+
+    The router losses are defined per optimizer step. A plain call (no ``num_items_in_batch``)
+    adds ``aux = coef * load_balance (+ z-loss and router losses)`` of this batch. When
+    ``num_items_in_batch`` N is given (transformers' Trainer passes it because ``forward``
+    accepts ``**kwargs``; the LM loss is then summed over this micro-batch's label tokens and
+    divided by N, the label tokens of the whole optimizer step), the aux term is weighted by this
+    micro-batch's share of those tokens, ``n / N`` (n: labels != -100 after the causal shift, or
+    of ``shift_labels``). Trainer then skips its division by the gradient-accumulation steps and,
+    with ``average_tokens_across_devices`` (N counted over all processes), multiplies the loss by
+    the world size W while DDP averages gradients over W. Summed over the micro-batches and
+    averaged over the processes, the aux term is therefore ``sum_m (n_m / N) aux_m``: the
+    token-weighted mean of the micro-batch aux losses, whatever grad_accum and W are. Without
+    that weight it would grow as grad_accum x W. With ``average_tokens_across_devices=False``
+    N is each process's own count and nothing is multiplied: the aux term is then the mean over
+    processes of each one's token-weighted mean, exactly as the LM loss is (read from Trainer's
+    source; the tests cover the default).
+    """
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
@@ -493,10 +526,15 @@ class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
             )
             loss, aux_loss, aux_losses, counts, router_logits = out.loss, None, None, None, None
             if output_router_logits:
-                aux_losses, counts, router_logits = self._router_summary(ctx)
+                aux_losses, counts, router_logits = self._router_summary(ctx, out.logits.device)
                 aux_loss = aux_losses["load_balance"]
                 if loss is not None:
-                    loss = loss + self._weighted_aux_loss(aux_losses).to(loss.device)
+                    weighted = self._weighted_aux_loss(aux_losses).to(loss.device)
+                    num_items = kwargs.get("num_items_in_batch")
+                    if num_items is not None:
+                        weighted = weighted * loss_token_share(
+                            labels, kwargs.get("shift_labels"), num_items, loss.device)
+                    loss = loss + weighted
             # Drop the recorded decisions; the routing state stays with the context, which lives
             # as long as a checkpointed recomputation may need it.
             ctx.outputs.clear()
@@ -512,6 +550,22 @@ class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
             **{_OUTPUT_CACHE_FIELD: getattr(out, _OUTPUT_CACHE_FIELD, None)},
         )
         return output if return_dict else output.to_tuple()
+
+
+def loss_token_share(
+    labels: torch.Tensor | None, shift_labels: torch.Tensor | None, num_items: Any,
+    device: torch.device,
+) -> torch.Tensor:
+    """This micro-batch's loss tokens over ``num_items`` (the optimizer step's, as Trainer counts
+    them: ``labels[..., 1:] != -100``, or ``shift_labels`` when the collator provides them)."""
+    targets = shift_labels if shift_labels is not None else (
+        None if labels is None else labels[..., 1:])
+    if targets is None:
+        raise ValueError("num_items_in_batch was passed without labels or shift_labels: the "
+                         "router losses can't be weighted by this batch's share of the tokens")
+    tokens = targets.ne(-100).sum().to(device, torch.float32)
+    total = torch.as_tensor(num_items, device=device, dtype=torch.float32)
+    return tokens / total.clamp_min(1.0)
 
 
 ADAPTER_WEIGHTS = "moe_adapters.safetensors"

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .moe_lora_ops import moe_lora_delta
+from .moe_lora_ops import expert_compute_dtype, moe_lora_delta, shared_cast
 from .routing import (
     ROUTERS,
     RoutingContext,
@@ -25,6 +25,7 @@ from .routing import (
     context_scope,
     current_context,
     float32_parameters,
+    without_autocast,
 )
 
 try:
@@ -112,13 +113,18 @@ class MoELoraLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         ctx = self._routing.current()
         flat = x.reshape(-1, self.site.in_features)
-        route = self.router(flat, ctx, self)
+        with without_autocast(flat.device):
+            route = self.router(flat, ctx, self)
         ctx.record(self.site, route)
+        # The experts' operand dtype (16-bit under autocast or on a 16-bit base); the cast is
+        # keyed by x itself, so the sites that read this x share one copy.
+        dtype = expert_compute_dtype(x, self.lora_A.dtype)
+        flat = shared_cast(x, dtype).reshape(-1, self.site.in_features)
         if self.training:
             flat = self.lora_dropout(flat)
         delta = moe_lora_delta(
-            flat.to(self.lora_A.dtype), self.lora_A, self.lora_B, route.indices, route.weights,
-            self.scale, kernel=self.kernel,
+            flat, self.lora_A, self.lora_B, route.indices, route.weights, self.scale,
+            kernel=self.kernel,
         )
         if route.residual is not None:
             delta = delta + route.residual.to(delta.dtype)

@@ -43,7 +43,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .moe_lora_ops import moe_lora_delta
-from .routing import Router, RouterOutput, RoutingContext, RoutingSite, register_router
+from .routing import (
+    ParameterBank,
+    Router,
+    RouterOutput,
+    RoutingContext,
+    RoutingSite,
+    float32_linear,
+    module_ref,
+    register_router,
+)
 
 HYPER_DEFAULTS = {
     "embed_dim": 128,  # expert embedding / hypernetwork width (reference 128)
@@ -71,8 +80,9 @@ class HyperNetwork(nn.Module):
         self.kind_embedding = nn.Parameter(torch.empty(len(self.kinds), site_dim))
         self.trunk_weight = nn.Parameter(torch.empty(width, width + site_dim))
         self.trunk_bias = nn.Parameter(torch.empty(width))
-        self.head_a_weight, self.head_a_bias = nn.ParameterDict(), nn.ParameterDict()
-        self.head_b_weight, self.head_b_bias = nn.ParameterDict(), nn.ParameterDict()
+        # Banks (ParameterDicts read with fetch) so that offloaded heads are loaded when read.
+        self.head_a_weight, self.head_a_bias = ParameterBank(), ParameterBank()
+        self.head_b_weight, self.head_b_bias = ParameterBank(), ParameterBank()
         self.shapes: dict[str, tuple[int, int]] = {}
         for site in sites:
             key = _shape_key(site)
@@ -103,17 +113,20 @@ class HyperNetwork(nn.Module):
             nn.init.zeros_(self.head_b_weight[key])
             nn.init.zeros_(self.head_b_bias[key])
 
-    def generate(
+    def forward(
         self, summary: torch.Tensor, site: RoutingSite
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-rank modules A [n, d_in, r_h], B [n, r_h, d_out] for ``summary`` [n, width]."""
+        """Low-rank modules A [n, d_in, r_h], B [n, r_h, d_out] for ``summary`` [n, width], on
+        this module's device (called as a module, so that ``device_map`` hooks fire)."""
         kind = self.kinds.index(site.kind)
         site_vec = (self.layer_embedding[site.layer] + self.kind_embedding[kind]).float()
         inputs = torch.cat([summary, site_vec.expand(summary.shape[0], -1)], dim=-1)
         hidden = F.relu(F.linear(inputs, self.trunk_weight.float(), self.trunk_bias.float()))
         key = _shape_key(site)
-        a = F.linear(hidden, self.head_a_weight[key].float(), self.head_a_bias[key].float())
-        b = F.linear(hidden, self.head_b_weight[key].float(), self.head_b_bias[key].float())
+        heads = (self.head_a_weight, self.head_a_bias, self.head_b_weight, self.head_b_bias)
+        a_weight, a_bias, b_weight, b_bias = (head.fetch(key).float() for head in heads)
+        a = F.linear(hidden, a_weight, a_bias)
+        b = F.linear(hidden, b_weight, b_bias)
         return (a.view(-1, site.in_features, self.rank), b.view(-1, self.rank, site.out_features))
 
 
@@ -140,6 +153,10 @@ class HyperSupplement(nn.Module):
         nn.init.zeros_(self.mlp_in_bias)
         nn.init.zeros_(self.mlp_out_bias)
 
+    def __call__(self, x: torch.Tensor, indices: torch.Tensor, hyper: HyperNetwork) -> torch.Tensor:
+        # The shared hypernetwork reaches forward as a ModuleRef, untouched by device_map hooks.
+        return super().__call__(x, indices, module_ref(hyper))
+
     def forward(self, x: torch.Tensor, indices: torch.Tensor, hyper: HyperNetwork) -> torch.Tensor:
         """The generated module's output [T, d_out] for tokens ``x`` [T, d_in] routed to
         ``indices`` [T, k]."""
@@ -153,7 +170,9 @@ class HyperSupplement(nn.Module):
         summary = unselected @ self.expert_embedding.float()
         hidden = F.relu(F.linear(summary, self.mlp_in_weight.float(), self.mlp_in_bias.float()))
         summary = F.linear(hidden, self.mlp_out_weight.float(), self.mlp_out_bias.float())
-        lora_a, lora_b = hyper.generate(summary, self.site)
+        # The hypernetwork may sit on another device (device_map): its hook moves the summary
+        # there, the generated module comes back to this site's device.
+        lora_a, lora_b = (t.to(x.device) for t in hyper(summary, self.site))
         ones = torch.ones(x.shape[0], 1, device=x.device)
         return moe_lora_delta(x.float(), lora_a, lora_b, set_of_token.view(-1, 1), ones,
                               self.scale, kernel="torch")
@@ -204,11 +223,10 @@ class HyperMoERouter(Router):
         self.hyper.reset_parameters()
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext, experts: Any) -> RouterOutput:
-        x32 = x.float()
-        clean = F.linear(x32, self.weight.float())
+        clean = float32_linear(x, self.weight)
         noisy_training = self.training and self.top_k < self.num_experts
         if noisy_training:
-            std = F.softplus(F.linear(x32, self.noise_weight.float())) + float(
+            std = F.softplus(float32_linear(x, self.noise_weight)) + float(
                 self.options["noise_epsilon"])
             logits = clean + torch.randn_like(clean) * std
         else:
@@ -225,7 +243,7 @@ class HyperMoERouter(Router):
             load = ((gates > 0).float() * keep).sum(0)
         losses = {"hypermoe_cv": float(self.options["cv_loss_coef"])
                   * (cv_squared(importance) + cv_squared(load))}
-        residual = self.hyper(x32, indices, ctx.shared[self.name])
+        residual = self.hyper(x.float(), indices, ctx.shared[self.name])
         return RouterOutput(indices=indices, weights=weights, logits=logits, losses=losses,
                             residual=residual)
 

@@ -4,7 +4,8 @@ load-balancing losses.
 A *routing site* is one place where tokens are sent to experts: a targeted linear (granularity
 ``linear``) or a decoder layer's MLP block (granularity ``block``). Every site owns a router; a
 router returns, per token, the chosen experts, their weights and the logits the auxiliary losses
-need. Routers never touch the frozen base. Their math runs in float32 whatever the model dtype.
+need. Routers never touch the frozen base. Their math runs in float32 whatever the model dtype,
+and under ``torch.autocast`` too: the sites call their router with autocast disabled.
 
 Routers whose decision depends on an earlier site (RMoE's GRU state across depth) read and write
 that state through the :class:`RoutingContext` created at every forward of the model. Values are
@@ -129,6 +130,39 @@ def call_token_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor
     return mask
 
 
+class _Float32Linear(torch.autograd.Function):
+    """x W^T in float32 that keeps x for backward in its OWN dtype: the 16-bit hidden states a
+    router reads are also kept by the base linear, so they cost nothing extra, while an fp32 copy
+    would cost twice their size at every site. Upcasting a 16-bit x is exact."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return x.float() @ weight.float().t()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad = grad.float()
+        with torch.autocast(grad.device.type, enabled=False):
+            grad_x = (grad @ weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+            grad_w = (grad.t() @ x.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
+def without_autocast(device: torch.device) -> AbstractContextManager:
+    """Where routers run: ``F.linear(x.float(), w.float())`` inside an autocast region still
+    computes in the autocast dtype, so sites call their router with autocast switched off."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
+
+
+def float32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits ``x W^T`` computed in float32 (the caller disables autocast)."""
+    return _Float32Linear.apply(x, weight)
+
+
 # The contexts current in this thread, one per model (keyed by the model's holder object, so
 # that a model called inside another model's forward never reads the outer model's state). The
 # mapping is never mutated in place: every change installs a new dict, and leaving a scope puts
@@ -185,6 +219,54 @@ def checkpoint_context_fn(user_fn: ContextFn | None = None) -> ContextFn:
 def _stacked(outer: AbstractContextManager, inner: AbstractContextManager) -> Iterator[None]:
     with outer, inner:
         yield
+
+
+class ModuleRef:
+    """A module passed as a call argument to another module (a site's experts to its router, the
+    shared hypernetwork to a site's part of it).
+
+    accelerate's hooks (``device_map``) move every call argument that has a ``to`` method to the
+    called module's execution device: a module argument would be moved whole, in place, and an
+    offloaded one (meta tensors) can't be moved at all. The reference forwards attribute access
+    and calls to the module and has no ``to``.
+    """
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __getattr__(self, name: str) -> Any:
+        # "module" unset (copy, pickle) must not recurse into itself.
+        if name in ("to", "module"):
+            raise AttributeError(f"ModuleRef has no {name!r}: it is never moved")
+        return getattr(self.module, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+def module_ref(value: Any) -> Any:
+    return ModuleRef(value) if isinstance(value, nn.Module) else value
+
+
+class ParameterBank(nn.ParameterDict):
+    """A ParameterDict read through ``bank.fetch(key)`` in forward code.
+
+    With CPU or disk offload, accelerate keeps a module's weights on the meta device and loads
+    them only while that module is being called; a ParameterDict is never called, so ``bank[key]``
+    would read a meta tensor. ``fetch`` calls the bank when accelerate hooked it (the tensor
+    returned stays valid after the hook offloads the bank again) and indexes it otherwise (a
+    module call costs ~5 us). State-dict names are those of a ParameterDict.
+    """
+
+    __call__ = nn.Module.__call__  # ParameterDict refuses calls
+
+    def forward(self, key: str) -> torch.Tensor:
+        return self[key]
+
+    def fetch(self, key: str) -> torch.Tensor:
+        return self(key) if getattr(self, "_hf_hook", None) is not None else self[key]
 
 
 class Router(nn.Module):
@@ -244,9 +326,15 @@ class Router(nn.Module):
     def reset_parameters(self) -> None:
         raise NotImplementedError
 
+    def __call__(self, x: torch.Tensor, ctx: RoutingContext, experts: Any = None,
+                 *args: Any, **kwargs: Any) -> RouterOutput:
+        # The experts module reaches forward as a ModuleRef, untouched by accelerate's hooks.
+        return super().__call__(x, ctx, module_ref(experts), *args, **kwargs)
+
     def forward(self, x: torch.Tensor, ctx: RoutingContext, experts: Any) -> RouterOutput:
         """Route ``x`` [T, d_in]. ``experts`` is the site's expert module (its ``lora_A``,
-        ``lora_B`` and ``scale``), for routers that look at what the experts compute."""
+        ``lora_B`` and ``scale``), for routers that look at what the experts compute, behind a
+        :class:`ModuleRef`."""
         raise NotImplementedError
 
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
