@@ -92,7 +92,10 @@ def finetune_command(
     given = {key: value for key, value in given.items() if value is not None}
     options = FinetuneOptions.from_file(config, **given) if config else \
         FinetuneOptions.from_dict(given)
-    metrics = finetune(checkpoint, data, out, options, progress=progress)
+    from moe_hub.progress import third_party_progress
+
+    with third_party_progress(progress):
+        metrics = finetune(checkpoint, data, out, options, progress=progress)
     if not progress:
         typer.echo(json.dumps({k: v for k, v in metrics.items()
                                if isinstance(v, int | float | str)}, indent=2))

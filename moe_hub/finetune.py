@@ -138,6 +138,10 @@ class FinetuneOptions:
         for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise MoEHubError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.max_steps == 0 or self.max_steps < -1:
+            # TrainingArguments reads 0 as "no limit" and still takes a step: refuse it.
+            raise MoEHubError(f"max_steps must be at least 1 (got {self.max_steps}); omit it to "
+                              f"train for --epochs")
         if self.max_steps < 1 and self.epochs <= 0:
             raise MoEHubError("nothing to train: pass epochs > 0 or max_steps >= 1")
         if self.lr <= 0:
