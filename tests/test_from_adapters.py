@@ -49,15 +49,18 @@ def peft_logits(dense: Path, adapter: Path | None, bf16: bool = False) -> torch.
 
 def force_expert(model: torch.nn.Module, expert: int) -> None:
     """Every router sends every token to ``expert`` alone, with weight 1."""
-    def fixed(x: torch.Tensor, ctx: object, experts: object) -> RouterOutput:
+    def fixed(x: torch.Tensor, ctx: object, experts: object, expert_step: object = None
+              ) -> tuple[RouterOutput, torch.Tensor]:
         tokens = x.shape[0]
-        return RouterOutput(indices=torch.full((tokens, 1), expert, dtype=torch.long),
-                            weights=torch.ones(tokens, 1),
-                            logits=torch.zeros(tokens, model.config.num_experts))
+        route = RouterOutput(indices=torch.full((tokens, 1), expert, dtype=torch.long),
+                             weights=torch.ones(tokens, 1),
+                             logits=torch.zeros(tokens, model.config.num_experts))
+        return route, expert_step(x, route)
 
+    # run() is what a site calls: one decision, the experts once (also for GraphMoE's refine).
     for module in model.modules():
         if isinstance(module, Router):
-            module.forward = fixed
+            module.run = fixed
 
 
 def moe_logits(checkpoint: Path, expert: int, bf16: bool = False) -> torch.Tensor:

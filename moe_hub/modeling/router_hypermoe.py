@@ -36,6 +36,7 @@ the RMoE router's ``hyper: true`` composition (which keeps RMoE's Switch loss an
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -50,7 +51,6 @@ from .routing import (
     RoutingContext,
     RoutingSite,
     float32_linear,
-    module_ref,
     register_router,
 )
 
@@ -154,12 +154,15 @@ class HyperSupplement(nn.Module):
         nn.init.zeros_(self.mlp_out_bias)
 
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, hyper: HyperNetwork) -> torch.Tensor:
-        # The shared hypernetwork reaches forward as a ModuleRef, untouched by device_map hooks.
-        return super().__call__(x, indices, module_ref(hyper))
+        # The shared hypernetwork reaches forward as its bound __call__: accelerate's hooks
+        # (device_map) move every argument that has a ``to``, which a bound method lacks, and
+        # torch.compile traces it like the module call it is (a ModuleRef breaks its guards).
+        return super().__call__(x, indices, hyper.__call__)
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, hyper: HyperNetwork) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, indices: torch.Tensor,
+                hyper: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """The generated module's output [T, d_out] for tokens ``x`` [T, d_in] routed to
-        ``indices`` [T, k]."""
+        ``indices`` [T, k]; ``hyper`` calls the shared hypernetwork."""
         num_experts = self.expert_embedding.shape[0]
         chosen = indices.sort(dim=-1).values
         # The module depends only on the token's set: generate it once per distinct set.
