@@ -42,12 +42,7 @@ STEP = dict(max_steps=1, save_steps=100, max_length=16, lr=1e-3, warmup=0, sched
             training_args={"max_grad_norm": 0.0})  # the optimizer sees unclipped gradients
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,7 @@ FAST = dict(max_length=16, batch_size=4, lr=5e-2, warmup=0, scheduler="constant"
             logging_steps=1, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: more threads only add contention (measured 30x).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -31,12 +31,7 @@ ROUTER_OPTIONS = {"rmoe": {"hidden_size": 16, "hyper": True, "embed_dim": 16},
                   "hypermoe": {"embed_dim": 16}, "graphmoe": {"steps": 2, "message_size": 8}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
