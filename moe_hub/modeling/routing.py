@@ -201,6 +201,17 @@ class Router(nn.Module):
         ``lora_B`` and ``scale``), for routers that look at what the experts compute."""
         raise NotImplementedError
 
+    def logits_weight(self) -> nn.Parameter | None:
+        """The [E, d_in] weight W when this router's logits are exactly ``x W^T`` and nothing
+        else reads x: the site then stores W beside its experts' A and gets the logits from its
+        shrink matmul (one pass over x), handing them to :meth:`route_logits`. None (the
+        default): the router computes its logits itself."""
+        return None
+
+    def route_logits(self, logits: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
+        """The decision for logits computed by the site (routers with a ``logits_weight``)."""
+        raise NotImplementedError
+
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax over all experts, top-k, optional renormalisation over the chosen k."""
         if self.normalize:
