@@ -17,8 +17,21 @@ def parse_router_options(pairs: list[str] | None) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"--router-opt takes KEY=VALUE, got {pair!r}")
-        options[key.strip()] = yaml.safe_load(value)
+        options[key.strip()] = _option_value(value)
     return options
+
+
+def _option_value(text: str) -> Any:
+    """YAML scalar (``true``, ``128``, ``0.5``), plus the numbers YAML 1.1 reads as strings
+    (``1e-3``). Whether the value suits the option is checked by the router, which names it."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        for number in (int, float):
+            try:
+                return number(value)
+            except ValueError:
+                pass
+    return value
 
 
 def convert_command(

@@ -20,7 +20,8 @@ def finetune_command(
     double_quant: Annotated[bool | None, typer.Option(
         help="Quantize the 4-bit quantization constants too [on]")] = None,
     compute_dtype: Annotated[str | None, typer.Option(
-        help="auto, float32, bfloat16 or float16 [auto]")] = None,
+        help="Base / bitsandbytes compute dtype: auto, float32, bfloat16 or float16 [auto: "
+             "follows the precision]")] = None,
     eval_data: Annotated[str | None, typer.Option(help="Separate evaluation data")] = None,
     eval_split: Annotated[float | None, typer.Option(
         help="Fraction of DATA held out for evaluation [0]")] = None,
@@ -38,7 +39,12 @@ def finetune_command(
         help="Warm-up: fraction of steps (< 1) or step count [0.03]")] = None,
     scheduler: Annotated[str | None, typer.Option(help="LR scheduler [cosine]")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed [0]")] = None,
-    bf16: Annotated[bool | None, typer.Option("--bf16", help="bfloat16 mixed precision")] = None,
+    bf16: Annotated[bool | None, typer.Option(
+        "--bf16", help="bfloat16 mixed precision [default on a GPU that supports it]")] = None,
+    fp16: Annotated[bool | None, typer.Option(
+        "--fp16", help="float16 mixed precision [default on other CUDA GPUs]")] = None,
+    fp32: Annotated[bool | None, typer.Option(
+        "--fp32", help="float32 throughout [default on a CPU]")] = None,
     gradient_checkpointing: Annotated[bool | None, typer.Option(
         "--gradient-checkpointing", help="Recompute activations in backward")] = None,
     logging_steps: Annotated[int | None, typer.Option(help="Log every N steps [10]")] = None,
@@ -70,7 +76,8 @@ def finetune_command(
         "eval_data": eval_data, "eval_split": eval_split, "max_length": max_length,
         "packing": packing, "completion_only": completion_only, "lr": lr, "epochs": epochs,
         "max_steps": max_steps, "batch_size": batch_size, "grad_accum": grad_accum,
-        "warmup": warmup, "scheduler": scheduler, "seed": seed, "bf16": bf16,
+        "warmup": warmup, "scheduler": scheduler, "seed": seed,
+        "bf16": bf16, "fp16": fp16, "fp32": fp32,
         "gradient_checkpointing": gradient_checkpointing, "logging_steps": logging_steps,
         "eval_steps": eval_steps, "save_steps": save_steps, "report_to": report_to,
         "aux_loss_coef": aux_loss_coef, "z_loss_coef": z_loss_coef, "resume": resume,

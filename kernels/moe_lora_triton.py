@@ -400,17 +400,20 @@ def _grouped_grid_rows(num_slots: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_slots, block_m) + num_experts
 
 
-def _forward_impl(x, lora_A, lora_B, indices, weights, scale, grouping):
-    num_tokens, d_in = x.shape
+def _forward_impl(x, lora_A, lora_B, indices, weights, scale, grouping, x_per_slot=False,
+                  y_per_slot=False):
+    num_tokens, d_in = indices.shape[0], x.shape[1]
     num_experts, _, rank = lora_A.shape
     d_out = lora_B.shape[2]
     top_k = indices.shape[1]
     dev = x.device
     cfg = _blocks(x.is_cuda and not INTERPRETED)
+    # fp32 masters with 16-bit x: one cast per call, so the tensor cores get 16-bit tiles.
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     upcast = _upcast(x.dtype)
     idx = indices.contiguous()
     w = weights.float().contiguous()
-    if _is_masked_dense(num_experts, rank):
+    if _is_masked_dense(num_experts, rank) and not (x_per_slot or y_per_slot):
         columns = num_experts * rank
         block_r = min(_pow2_at_least(columns), cfg["R_MAX"])
         shrunk = _empty((num_tokens, columns), torch.float32, dev)
@@ -432,6 +435,9 @@ def _forward_impl(x, lora_A, lora_B, indices, weights, scale, grouping):
         return y, shrunk, idx.new_empty(0)
 
     num_slots = num_tokens * top_k
+    # The grouped kernels address a slot's row as slot // TOP_K: top_k for per-token rows, 1 for
+    # per-slot rows (a routed block's per-slot inputs and outputs).
+    x_div, y_div = (1 if x_per_slot else top_k), (1 if y_per_slot else top_k)
     block_r = _pow2_at_least(rank)
     if grouping is None:
         grouping = group_by_expert(idx, num_experts)
@@ -441,21 +447,23 @@ def _forward_impl(x, lora_A, lora_B, indices, weights, scale, grouping):
     _grouped_shrink_kernel[(rows,)](
         x, lora_A, plan, shrunk, shrunk, w, w, num_slots, d_in, num_experts, rank,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), 1.0,
-        TOP_K=top_k, GATE_GRAD=False, BLOCK_M=cfg["M"], BLOCK_K=cfg["K"], BLOCK_R=block_r,
+        TOP_K=x_div, GATE_GRAD=False, BLOCK_M=cfg["M"], BLOCK_K=cfg["K"], BLOCK_R=block_r,
         BLOCK_E=_pow2_at_least(num_experts, 2), UPCAST=upcast, num_warps=cfg["warps"],
     )
-    y32 = torch.zeros((num_tokens, d_out), dtype=torch.float32, device=dev)
+    y32 = torch.zeros((num_slots if y_per_slot else num_tokens, d_out), dtype=torch.float32,
+                      device=dev)
     _grouped_expand_kernel[(rows, triton.cdiv(d_out, cfg["N"]))](
         shrunk, lora_B, plan, w, y32, num_slots, d_out, num_experts, rank,
         lora_B.stride(0), lora_B.stride(1), lora_B.stride(2), float(scale),
-        TOP_K=top_k, APPLY_WEIGHT=True, BLOCK_M=cfg["M"], BLOCK_N=cfg["N"], BLOCK_R=block_r,
+        TOP_K=y_div, APPLY_WEIGHT=True, BLOCK_M=cfg["M"], BLOCK_N=cfg["N"], BLOCK_R=block_r,
         BLOCK_E=_pow2_at_least(num_experts, 2), UPCAST=upcast, num_warps=cfg["warps"],
     )
     return y32.to(x.dtype), shrunk, plan
 
 
-def _backward_impl(grad_y, x, lora_A, lora_B, indices, weights, shrunk, plan, scale):
-    num_tokens, d_in = x.shape
+def _backward_impl(grad_y, x, lora_A, lora_B, indices, weights, shrunk, plan, scale,
+                   x_per_slot=False, y_per_slot=False):
+    num_tokens, d_in = indices.shape[0], x.shape[1]
     num_experts, _, rank = lora_A.shape
     d_out = lora_B.shape[2]
     top_k = indices.shape[1]
@@ -464,8 +472,10 @@ def _backward_impl(grad_y, x, lora_A, lora_B, indices, weights, shrunk, plan, sc
     upcast = _upcast(x.dtype)
     idx = indices.contiguous()
     w = weights.float().contiguous()
-    A, B, dy = lora_A, lora_B, grad_y
-    if _is_masked_dense(num_experts, rank):
+    # 16-bit operands as in the forward; the weight gradients accumulate in fp32 and are written
+    # in the masters' dtype.
+    A, B, dy = lora_A.to(x.dtype), lora_B.to(x.dtype), grad_y.to(x.dtype)
+    if _is_masked_dense(num_experts, rank) and not (x_per_slot or y_per_slot):
         columns = num_experts * rank
         block_r = min(_pow2_at_least(columns), cfg["R_MAX"])
         t_blocks = triton.cdiv(num_tokens, cfg["T"])
@@ -508,11 +518,12 @@ def _backward_impl(grad_y, x, lora_A, lora_B, indices, weights, shrunk, plan, sc
             )
             return partial.sum(0).view(n, num_experts, rank)
 
-        grad_A = weight_grad(x, u, d_in, 1.0).permute(1, 0, 2).to(A.dtype).contiguous()
+        grad_A = weight_grad(x, u, d_in, 1.0).permute(1, 0, 2).to(lora_A.dtype).contiguous()
         grad_B = weight_grad(dy, shrunk, d_out, float(scale)).permute(1, 2, 0)
-        return grad_x, grad_A, grad_B.to(B.dtype).contiguous(), grad_w.to(weights.dtype)
+        return grad_x, grad_A, grad_B.to(lora_B.dtype).contiguous(), grad_w.to(weights.dtype)
 
     num_slots = num_tokens * top_k
+    x_div, y_div = (1 if x_per_slot else top_k), (1 if y_per_slot else top_k)
     block_r = _pow2_at_least(rank)
     block_e = _pow2_at_least(num_experts, 2)
     rows = _grouped_grid_rows(num_slots, num_experts, cfg["M"])
@@ -522,30 +533,30 @@ def _backward_impl(grad_y, x, lora_A, lora_B, indices, weights, shrunk, plan, sc
     _grouped_shrink_kernel[(rows,)](
         dy, B, plan, weighted_u, shrunk, w, grad_w, num_slots, d_out, num_experts, rank,
         dy.stride(0), dy.stride(1), B.stride(0), B.stride(2), B.stride(1), float(scale),
-        TOP_K=top_k, GATE_GRAD=True, BLOCK_M=cfg["M"], BLOCK_K=cfg["K"], BLOCK_R=block_r,
+        TOP_K=y_div, GATE_GRAD=True, BLOCK_M=cfg["M"], BLOCK_K=cfg["K"], BLOCK_R=block_r,
         BLOCK_E=block_e, UPCAST=upcast, num_warps=cfg["warps"],
     )
-    grad_x32 = torch.zeros((num_tokens, d_in), dtype=torch.float32, device=dev)
+    grad_x32 = torch.zeros(tuple(x.shape), dtype=torch.float32, device=dev)
     _grouped_expand_kernel[(rows, triton.cdiv(d_in, cfg["N"]))](
         weighted_u, A, plan, w, grad_x32, num_slots, d_in, num_experts, rank,
         A.stride(0), A.stride(2), A.stride(1), 1.0,
-        TOP_K=top_k, APPLY_WEIGHT=False, BLOCK_M=cfg["M"], BLOCK_N=cfg["N"], BLOCK_R=block_r,
+        TOP_K=x_div, APPLY_WEIGHT=False, BLOCK_M=cfg["M"], BLOCK_N=cfg["N"], BLOCK_R=block_r,
         BLOCK_E=block_e, UPCAST=upcast, num_warps=cfg["warps"],
     )
-    grad_A = _empty(tuple(A.shape), A.dtype, dev)
+    grad_A = _empty(tuple(A.shape), lora_A.dtype, dev)
     _grouped_weight_grad_kernel[(num_experts, triton.cdiv(d_in, cfg["N"]))](
         x, weighted_u, plan, w, grad_A, num_slots, d_in, num_experts, rank,
         x.stride(0), x.stride(1), grad_A.stride(0), grad_A.stride(1), grad_A.stride(2), 1.0,
-        TOP_K=top_k, APPLY_WEIGHT=False, BLOCK_M=cfg["M"], BLOCK_N=cfg["N"], BLOCK_R=block_r,
+        TOP_K=x_div, APPLY_WEIGHT=False, BLOCK_M=cfg["M"], BLOCK_N=cfg["N"], BLOCK_R=block_r,
         UPCAST=upcast, num_warps=cfg["warps"],
     )
     # dB_e^T[o, c] = c * sum over the expert's slots of dy[t, o] * w * s[slot, c]
-    grad_B = _empty(tuple(B.shape), B.dtype, dev)
+    grad_B = _empty(tuple(B.shape), lora_B.dtype, dev)
     _grouped_weight_grad_kernel[(num_experts, triton.cdiv(d_out, cfg["N"]))](
         dy, shrunk, plan, w, grad_B, num_slots, d_out, num_experts, rank,
         dy.stride(0), dy.stride(1), grad_B.stride(0), grad_B.stride(2), grad_B.stride(1),
         float(scale),
-        TOP_K=top_k, APPLY_WEIGHT=True, BLOCK_M=cfg["M"], BLOCK_N=cfg["N"], BLOCK_R=block_r,
+        TOP_K=y_div, APPLY_WEIGHT=True, BLOCK_M=cfg["M"], BLOCK_N=cfg["N"], BLOCK_R=block_r,
         UPCAST=upcast, num_warps=cfg["warps"],
     )
     grad_w = grad_w.view(num_tokens, top_k).to(weights.dtype)
@@ -563,18 +574,20 @@ _NAMESPACE = "moe_lora_" + hashlib.sha1(__name__.encode()).hexdigest()[:12]
 @torch.library.custom_op(f"{_NAMESPACE}::forward", mutates_args=())
 def _forward_op(
     x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, indices: torch.Tensor,
-    weights: torch.Tensor, scale: float, grouping: torch.Tensor | None,
+    weights: torch.Tensor, scale: float, grouping: torch.Tensor | None, x_per_slot: bool,
+    y_per_slot: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward_impl(x, lora_A, lora_B, indices, weights, scale, grouping)
+    return _forward_impl(x, lora_A, lora_B, indices, weights, scale, grouping, x_per_slot,
+                         y_per_slot)
 
 
 @_forward_op.register_fake
-def _forward_fake(x, lora_A, lora_B, indices, weights, scale, grouping):
-    num_tokens = x.shape[0]
+def _forward_fake(x, lora_A, lora_B, indices, weights, scale, grouping, x_per_slot,
+                  y_per_slot):
+    num_tokens, top_k = indices.shape
     num_experts, _, rank = lora_A.shape
-    top_k = indices.shape[1]
-    y = x.new_empty((num_tokens, lora_B.shape[2]))
-    if _is_masked_dense(num_experts, rank):
+    y = x.new_empty((num_tokens * top_k if y_per_slot else num_tokens, lora_B.shape[2]))
+    if _is_masked_dense(num_experts, rank) and not (x_per_slot or y_per_slot):
         return y, x.new_empty((num_tokens, num_experts * rank), dtype=torch.float32), \
             indices.new_empty(0)
     slots = num_tokens * top_k
@@ -586,30 +599,32 @@ def _forward_fake(x, lora_A, lora_B, indices, weights, scale, grouping):
 def _backward_op(
     grad_y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     indices: torch.Tensor, weights: torch.Tensor, shrunk: torch.Tensor, plan: torch.Tensor,
-    scale: float,
+    scale: float, x_per_slot: bool, y_per_slot: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(grad_y, x, lora_A, lora_B, indices, weights, shrunk, plan, scale)
+    return _backward_impl(grad_y, x, lora_A, lora_B, indices, weights, shrunk, plan, scale,
+                          x_per_slot, y_per_slot)
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_y, x, lora_A, lora_B, indices, weights, shrunk, plan, scale):
+def _backward_fake(grad_y, x, lora_A, lora_B, indices, weights, shrunk, plan, scale,
+                   x_per_slot, y_per_slot):
     return (torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B),
             torch.empty_like(weights))
 
 
 def _setup_context(ctx, inputs, output):
-    x, lora_A, lora_B, indices, weights, scale, _ = inputs
+    x, lora_A, lora_B, indices, weights, scale, _, x_per_slot, y_per_slot = inputs
     _, shrunk, plan = output
     ctx.save_for_backward(x, lora_A, lora_B, indices, weights, shrunk, plan)
-    ctx.scale = scale
+    ctx.setup = (scale, x_per_slot, y_per_slot)
 
 
 def _autograd_backward(ctx, grad_y, _grad_shrunk, _grad_plan):
     x, lora_A, lora_B, indices, weights, shrunk, plan = ctx.saved_tensors
     grad_x, grad_A, grad_B, grad_w = _backward_op(
-        grad_y, x, lora_A, lora_B, indices, weights, shrunk, plan, ctx.scale
+        grad_y, x, lora_A, lora_B, indices, weights, shrunk, plan, *ctx.setup
     )
-    return grad_x, grad_A, grad_B, None, grad_w, None, None
+    return grad_x, grad_A, grad_B, None, grad_w, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -617,7 +632,7 @@ torch.library.register_autograd(
 )
 
 
-def _check_inputs(x, lora_A, lora_B, indices, weights) -> None:
+def _check_inputs(x, lora_A, lora_B, indices, weights, x_per_slot=False) -> None:
     if triton is None:
         raise RuntimeError(
             "the Triton expert kernel needs the triton package: pip install triton, or set "
@@ -637,17 +652,21 @@ def _check_inputs(x, lora_A, lora_B, indices, weights) -> None:
             f"shape mismatch: x {tuple(x.shape)}, lora_A {tuple(lora_A.shape)}, "
             f"lora_B {tuple(lora_B.shape)}"
         )
-    if indices.shape != weights.shape or indices.shape[0] != x.shape[0]:
+    rows = indices.numel() if x_per_slot else indices.shape[0]
+    if indices.dim() != 2 or indices.shape != weights.shape or rows != x.shape[0]:
+        what = "T*k rows of x" if x_per_slot else f"T={x.shape[0]}"
         raise ValueError(
             f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must both be "
-            f"[T={x.shape[0]}, k]"
+            f"[T, k] ({what})"
         )
     if indices.dtype != torch.int64:
         raise ValueError(f"indices must be int64 (got {indices.dtype})")
-    if lora_A.dtype != x.dtype or lora_B.dtype != x.dtype:
+    masters_fp32 = lora_A.dtype == lora_B.dtype == torch.float32
+    if not (lora_A.dtype == lora_B.dtype == x.dtype
+            or (masters_fp32 and x.dtype in (torch.float16, torch.bfloat16))):
         raise ValueError(
-            f"x, lora_A and lora_B must share a dtype (got {x.dtype}, {lora_A.dtype}, "
-            f"{lora_B.dtype}): cast x to the adapters' dtype first"
+            f"x, lora_A and lora_B must share a dtype, or x be 16-bit with fp32 adapters (got "
+            f"{x.dtype}, {lora_A.dtype}, {lora_B.dtype}): cast x to the compute dtype first"
         )
 
 
@@ -659,19 +678,29 @@ def triton_moe_lora_delta(
     weights: torch.Tensor,
     scale: float,
     grouping: torch.Tensor | None = None,
+    x_per_slot: bool = False,
+    y_per_slot: bool = False,
 ) -> torch.Tensor:
     """Expert output [T, d_out] = scale * sum_j weights[:, j] * (x A_e) B_e, e = indices[:, j].
 
     Differentiable in x, lora_A, lora_B and weights (not indices). Accumulates in fp32 for
-    fp32/fp16/bf16 inputs; any strides. ``grouping`` (``group_by_expert(indices, E)``) saves the
+    fp32/fp16/bf16 inputs; any strides. The operands take x's dtype: with a 16-bit x and fp32
+    master adapters, A and B are cast once per call (tensor-core tiles on a GPU) and their
+    gradients come back in fp32. Autocast does not reach into the op: callers pick x's dtype
+    (``moe_lora_ops.moe_lora_delta`` does). ``grouping`` (``group_by_expert(indices, E)``) saves the
     grouped regime its sort when several calls share ``indices``; masked-dense ignores it.
+
+    ``x_per_slot``: x is [T * k, d_in], one row per (token, slot) (slot = t * k + j) instead of
+    one per token; ``y_per_slot``: the result is [T * k, d_out], one row per slot, unsummed.
+    Either takes the grouped regime whatever E * r (a routed MLP block's per-slot linears).
     """
-    _check_inputs(x, lora_A, lora_B, indices, weights)
+    _check_inputs(x, lora_A, lora_B, indices, weights, x_per_slot)
     if grouping is not None and grouping.shape != (indices.numel() + lora_A.shape[0],):
         raise ValueError(f"grouping must be group_by_expert(indices, E): [T*k + E] (got "
                          f"{tuple(grouping.shape)})")
     if x.shape[0] == 0:  # no launch with an empty grid; keep every input in the graph
         empty = x.new_zeros((0, lora_B.shape[2]))
         return empty + 0 * (x.sum() + lora_A.sum() + lora_B.sum() + weights.sum()).to(x.dtype)
-    y, _, _ = _forward_op(x, lora_A, lora_B, indices, weights, float(scale), grouping)
+    y, _, _ = _forward_op(x, lora_A, lora_B, indices, weights, float(scale), grouping,
+                          bool(x_per_slot), bool(y_per_slot))
     return y

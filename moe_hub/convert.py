@@ -31,11 +31,12 @@ from .checkpoint import (
     staging_dir,
     write_index,
 )
+from .dense_names import NamePlan, convert_tensors, plan_names
 from .errors import MoEHubError
 from .modeling import MoELoraConfig, MoELoraForCausalLM
 from .modeling.routing import ROUTERS
 from .options_file import read_options_file
-from .safetensors_io import read_header, rewrite_shard, tensor_names
+from .safetensors_io import read_header, rewrite_shard, tensor_names, write_tensors
 from .skeleton import model_skeleton
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,11 +82,19 @@ class ConvertOptions:
             raise MoEHubError(f"unknown option(s) {unknown} in {path}; valid: {sorted(known)}")
         return cls(**{**data, **overrides})
 
-    def model_config(self, text_config: Any, base: str, revision: str | None) -> MoELoraConfig:
+    def check_router(self) -> None:
+        """The router exists and takes ``router_config`` (checked before any download)."""
         if self.router not in ROUTERS:
             raise MoEHubError(
                 f"unknown router {self.router!r}: pass --router one of {sorted(ROUTERS)}"
             )
+        try:
+            ROUTERS[self.router].validate_options(self.router_config)
+        except ValueError as err:
+            raise MoEHubError(str(err)) from None
+
+    def model_config(self, text_config: Any, base: str, revision: str | None) -> MoELoraConfig:
+        self.check_router()
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise MoEHubError(f"unknown dtype {self.dtype!r}: pass --dtype auto, "
                               f"{', '.join(DTYPE_NAMES)}")
@@ -132,6 +141,7 @@ def convert(
     options = options or ConvertOptions()
     if option_overrides:
         options = ConvertOptions(**{**asdict(options), **option_overrides})
+    options.check_router()
     out = Path(out)
     if out.exists() and not options.overwrite:
         raise MoEHubError(f"{out} already exists: pass --overwrite to replace it")
@@ -147,14 +157,15 @@ def convert(
         dtype = None if options.dtype == "auto" else DTYPE_NAMES[options.dtype]
         # Read from the skeleton before the adapter thread starts materialising its parameters.
         names = model.checkpoint_names_by_dense_name()
+        plan = None
         if not options.adapter_only:
-            _check_base_complete(model, names, weight_files)
+            plan = _check_base_complete(model, names, weight_files)
         weight_map: dict[str, str] = {}
         with ThreadPoolExecutor(max_workers=1) as pool:
             # Adapters are initialised and saved while the kernel copies the base shards.
             adapter_names = pool.submit(_write_adapters, model, options.seed, staging)
-            if not options.adapter_only:
-                weight_map.update(_write_base_shards(names, weight_files, staging, dtype,
+            if plan is not None:
+                weight_map.update(_write_base_shards(plan, names, weight_files, staging, dtype,
                                                      progress))
             weight_map.update(dict.fromkeys(adapter_names.result(), ADAPTER_WEIGHTS))
         write_index(staging, weight_map)
@@ -257,23 +268,25 @@ def _dense_config(dense_dir: Path) -> Any:
     return config.get_text_config()
 
 
-def _check_base_complete(model: MoELoraForCausalLM, mapping: dict[str, str],
-                         weight_files: list[Path]) -> None:
-    """Read every shard's header (raising on a corrupt one) and check that together they hold
-    every dense weight the model needs (``mapping``: dense name -> checkpoint name), before
-    anything is written."""
-    headers = [read_header(path)[0] for path in weight_files]
-    found = {mapping.get(n) for h in headers for n in tensor_names(h)} - {None}
-    missing = sorted(set(mapping.values()) - found - set(model.tied_parameter_names()))
+def _check_base_complete(model: MoELoraForCausalLM, names: dict[str, str],
+                         weight_files: list[Path]) -> NamePlan:
+    """Read every shard's header (raising on a corrupt one), map its names through transformers'
+    conversion rules (``names``: dense module name -> model name) and check that together the
+    shards hold every dense weight the model needs, before anything is written."""
+    headers = {path: tensor_names(read_header(path)[0]) for path in weight_files}
+    plan = plan_names(model.config.text_config, names, headers)
+    missing = sorted(set(names.values()) - plan.covered(names)
+                     - set(model.tied_parameter_names()))
     if missing:
         raise MoEHubError(
             f"BASE lacks {len(missing)} weight(s) the model needs (e.g. {missing[0]}): the "
             f"checkpoint is incomplete or is not a {model.config.text_config.model_type} model"
         )
+    return plan
 
 
 def _write_base_shards(
-    mapping: dict[str, str], weight_files: list[Path], staging: Path,
+    plan: NamePlan, names: dict[str, str], weight_files: list[Path], staging: Path,
     dtype: torch.dtype | None, progress: bool,
 ) -> dict[str, str]:
     weight_map: dict[str, str] = {}
@@ -282,13 +295,22 @@ def _write_base_shards(
                TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("writing base shards", total=total)
-        count = len(weight_files)
+        count = len(weight_files) + bool(plan.converted)
         for number, src in enumerate(weight_files, start=1):
             # Never "model.safetensors": transformers prefers that name over the index and would
             # not see the adapters.
             name = f"model-{number:05d}-of-{count:05d}.safetensors"
-            sizes = rewrite_shard(src, staging / name, mapping.get, dtype,
+            sizes = rewrite_shard(src, staging / name, plan.renames.get, dtype,
                                   on_bytes=lambda n: bar.advance(task, n))
+            weight_map.update(dict.fromkeys(sizes, name))
+        if plan.converted:
+            # Tensors a conversion rule changes (not only renames) are computed one target at a
+            # time into one more shard.
+            name = f"model-{count:05d}-of-{count:05d}.safetensors"
+            text_config = plan.dense_model.config
+            batches = (convert_tensors(item, plan, text_config, names)
+                       for item in plan.converted.values())
+            sizes = write_tensors(staging / name, batches, dtype)
             weight_map.update(dict.fromkeys(sizes, name))
     return weight_map
 

@@ -41,6 +41,8 @@ from .routing_stats import HEATMAP_FILE, STATS_FILE, RoutingStats
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TRAINING_FILE = "moe_hub_training.json"
 # Files of the input checkpoint that fine-tuning regenerates instead of copying.
 _REGENERATED = {ADAPTER_WEIGHTS, INDEX_FILE, "README.md", "config.json", TRAINING_FILE,
@@ -57,7 +59,7 @@ class FinetuneOptions:
 
     quantize: str = "nf4"
     double_quant: bool = True
-    compute_dtype: str = "auto"  # auto: bfloat16 with bf16, else float32
+    compute_dtype: str = "auto"  # auto: the precision's dtype (bfloat16, float16 or float32)
     eval_data: str | None = None
     eval_split: float = 0.0
     data_split: str = "train"
@@ -73,7 +75,11 @@ class FinetuneOptions:
     scheduler: str = "cosine"
     weight_decay: float = 0.0
     seed: int = 0
-    bf16: bool = False
+    # Mixed precision: at most one of these; none set picks bf16 on a CUDA GPU that supports
+    # it, fp16 on other CUDA GPUs, fp32 on a CPU (resolved_precision()).
+    bf16: bool | None = None
+    fp16: bool | None = None
+    fp32: bool | None = None
     gradient_checkpointing: bool = False
     logging_steps: int = 10
     eval_steps: int | None = None
@@ -131,10 +137,33 @@ class FinetuneOptions:
             raise MoEHubError("nothing to train: pass epochs > 0 or max_steps >= 1")
         if self.lr <= 0:
             raise MoEHubError(f"lr must be positive (got {self.lr})")
+        self.resolved_precision()  # both flags, or fp16 without a GPU: refuse before loading
+
+    def resolved_precision(self, cuda: bool | None = None, cuda_bf16: bool | None = None
+                           ) -> str:
+        """``bf16``, ``fp16`` or ``fp32``: the one flag set, else the machine's best.
+        ``cuda``/``cuda_bf16`` default to what this machine has."""
+        chosen = [name for name in PRECISIONS if getattr(self, name)]
+        if len(chosen) > 1:
+            flags = " and ".join(f"--{name}" for name in chosen)
+            raise MoEHubError(f"{flags} exclude each other: pass one of --bf16, --fp16, --fp32")
+        if cuda is None:
+            cuda = torch.cuda.is_available()
+        if chosen:
+            if chosen[0] == "fp16" and not cuda:
+                raise MoEHubError("--fp16 needs a CUDA GPU (fp16 training scales the loss with "
+                                  "a CUDA grad scaler): pass --bf16 or --fp32 on a CPU")
+            return chosen[0]
+        if not cuda:
+            return "fp32"
+        if cuda_bf16 is None:
+            cuda_bf16 = torch.cuda.is_bf16_supported()
+        return "bf16" if cuda_bf16 else "fp16"
 
     def dtype(self) -> torch.dtype:
+        """The base's load dtype and the bitsandbytes compute dtype."""
         if self.compute_dtype == "auto":
-            return torch.bfloat16 if self.bf16 else torch.float32
+            return PRECISION_DTYPES[self.resolved_precision()]
         return COMPUTE_DTYPES[self.compute_dtype]
 
 
@@ -342,6 +371,7 @@ def _training_arguments(options: FinetuneOptions, run_dir: Path, has_eval: bool,
     from transformers import TrainingArguments
 
     warmup = options.warmup if options.warmup < 1 else int(options.warmup)
+    precision = options.resolved_precision()
     kwargs: dict[str, Any] = dict(
         output_dir=str(run_dir),
         learning_rate=options.lr,
@@ -355,7 +385,9 @@ def _training_arguments(options: FinetuneOptions, run_dir: Path, has_eval: bool,
         weight_decay=options.weight_decay,
         seed=options.seed,
         data_seed=options.seed,
-        bf16=options.bf16,
+        # Trainer's autocast: the expert op computes with 16-bit operands, routers stay fp32.
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         logging_steps=options.logging_steps,
         save_strategy="steps",
         save_steps=options.save_steps,
@@ -416,6 +448,25 @@ def _load_tokenizer(checkpoint: Path, options: FinetuneOptions, config: Any) -> 
                           f"pass --tokenizer NAME_OR_PATH") from None
 
 
+def _check_token_ids(tokenizer: Any, prepared: Any, config: Any,
+                     options: FinetuneOptions) -> None:
+    """Every id the training will feed (data and padding) must be a row of the model's
+    embedding; otherwise torch fails mid-step with "index out of range in self"."""
+    rows = int(config.text_config.vocab_size)
+    largest = pad_token_id(tokenizer)
+    for split in (prepared.train, prepared.eval):
+        if split is not None and len(split):
+            largest = max(largest, max(max(ids, default=0) for ids in split["input_ids"]))
+    if largest < rows:
+        return
+    source = f"--tokenizer {options.tokenizer}" if options.tokenizer else "the tokenizer"
+    raise MoEHubError(
+        f"{source} has {len(tokenizer)} tokens and produced id {largest}, but the model's "
+        f"embedding has {rows} rows (vocab_size): use the tokenizer the model was trained with "
+        f"(drop --tokenizer, or pass the base model's) or one with at most {rows} tokens"
+    )
+
+
 def finetune(
     checkpoint: str | os.PathLike,
     data: str | os.PathLike,
@@ -459,6 +510,7 @@ def finetune(
         packing=options.packing, eval_data=options.eval_data, eval_split=options.eval_split,
         data_split=options.data_split, seed=options.seed, model_limit=model_max_length(config),
     )
+    _check_token_ids(tokenizer, prepared, config, options)
     model = load_for_training(checkpoint, options)
     stats = RoutingStats([site.name for site in model.routing_sites], model.config.num_experts)
     args = _training_arguments(options, run_dir, prepared.eval is not None, progress)
@@ -555,7 +607,7 @@ def _write_output(checkpoint: Path, output: Path, model: Any, options: FinetuneO
             "hyperparameters": {
                 k: v for k, v in asdict(options).items()
                 if k not in ("overwrite", "checkpoint_dir", "keep_checkpoints", "resume")
-            },
+            } | {"precision": options.resolved_precision()},
             "final_metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
             "expert_load_stats": {k: v for k, v in summary.items() if k != "sites"},
             "log_history": log_history,

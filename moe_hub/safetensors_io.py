@@ -13,7 +13,7 @@ import errno
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,44 @@ def rewrite_shard(
                 0, dtype=source_dtype)
             _write_all(fout.fileno(), tensor.to(target_dtype).view(torch.uint8).numpy())
             report(stop - start)
+    return sizes
+
+
+def write_tensors(
+    dst: Path,
+    batches: Iterable[dict[str, torch.Tensor]],
+    dtype: torch.dtype | None = None,
+) -> dict[str, int]:
+    """Write every tensor of ``batches`` to the safetensors file ``dst``; return {name: bytes}.
+
+    A batch is computed only when the previous one has been written, so memory holds one batch:
+    data goes to a scratch file first because the header, which needs every shape, comes first.
+    ``dtype`` converts floating-point tensors, as in :func:`rewrite_shard`.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    sizes: dict[str, int] = {}
+    body = dst.with_name(dst.name + ".body")
+    offset = 0
+    try:
+        with open(body, "wb", buffering=0) as fbody:
+            for batch in batches:
+                for name, tensor in batch.items():
+                    if dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(dtype)
+                    tensor = tensor.detach().contiguous().cpu()
+                    raw = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+                    header[name] = {"dtype": CODES[tensor.dtype], "shape": list(tensor.shape),
+                                    "data_offsets": [offset, offset + len(raw)]}
+                    _write_all(fbody.fileno(), raw)
+                    sizes[name] = len(raw)
+                    offset += len(raw)
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        with open(body, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
+            _write_all(fout.fileno(), struct.pack("<Q", len(encoded)) + encoded)
+            copy_bytes(fin.fileno(), fout.fileno(), 0, offset, lambda n: None)
+    finally:
+        body.unlink(missing_ok=True)
     return sizes
 
 

@@ -51,3 +51,60 @@ def test_forms_match_the_definition(num_tokens, num_experts, top_k, rank, form):
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-10), form
     for name, mine, theirs in zip(("x", "A", "B", "weights"), inputs, ref):
         assert torch.allclose(mine.grad, theirs.grad, rtol=1e-10, atol=1e-10), (form, name)
+
+
+def per_slot_reference(x, lora_A, lora_B, indices, weights, scale, slot_rows, per_slot):
+    """The definition, one (token, slot) pair at a time."""
+    num_tokens, top_k = indices.shape
+    out = torch.zeros(num_tokens * top_k if per_slot else num_tokens, lora_B.shape[-1],
+                      dtype=x.dtype)
+    rows = []
+    for t in range(num_tokens):
+        for j in range(top_k):
+            slot, e = t * top_k + j, indices[t, j]
+            w = 1.0 if weights is None else weights[t, j]
+            rows.append((slot if per_slot else t,
+                         w * scale * (x[slot if slot_rows else t] @ lora_A[e]) @ lora_B[e]))
+    for row, value in rows:
+        out = out.index_add(0, torch.tensor([row]), value.unsqueeze(0))
+    return out
+
+
+@pytest.mark.parametrize("slot_rows,per_slot,weighted", [
+    (False, True, False),  # a block's gate/up: x rows per token, one output per slot
+    (True, False, True),  # a block's down: per-slot rows, weighted sum per token
+    (False, False, True),  # a routed linear's grouped form
+])
+@pytest.mark.parametrize("num_experts,top_k,experts", [(6, 2, None), (5, 3, [0, 4, 2])])
+def test_grouped_slots_match_the_definition(slot_rows, per_slot, weighted, num_experts, top_k,
+                                            experts):
+    generator = torch.Generator().manual_seed(top_k)
+    num_tokens, d_in, d_out, rank = 11, 14, 9, 4
+    pool = torch.tensor(experts if experts else range(num_experts))
+    indices = torch.stack([pool[torch.randperm(len(pool), generator=generator)[:top_k]]
+                           for _ in range(num_tokens)])  # experts 1 and 3 may get no slot
+    rows = num_tokens * top_k if slot_rows else num_tokens
+    leaves = [
+        torch.randn(rows, d_in, generator=generator, dtype=torch.float64),
+        torch.randn(num_experts, d_in, rank, generator=generator, dtype=torch.float64),
+        torch.randn(num_experts, rank, d_out, generator=generator, dtype=torch.float64),
+        torch.rand(num_tokens, top_k, generator=generator, dtype=torch.float64) + 0.1,
+    ]
+    grad = torch.randn(num_tokens * top_k if per_slot else num_tokens, d_out,
+                       generator=generator, dtype=torch.float64)
+    results = []
+    for run in ("grouped", "reference"):
+        inputs = [t.clone().requires_grad_() for t in leaves]
+        weights = inputs[3] if weighted else None
+        if run == "grouped":
+            grouping = moe_lora_ops.group_by_expert(indices, num_experts)
+            out = moe_lora_ops.grouped_slots_delta(
+                inputs[0], inputs[1], inputs[2], grouping, weights, top_k, 0.6,
+                rows="slot" if slot_rows else "token", per_slot=per_slot)
+        else:
+            out = per_slot_reference(inputs[0], inputs[1], inputs[2], indices, weights, 0.6,
+                                     slot_rows, per_slot)
+        out.backward(grad)
+        results.append([out.detach()] + [t.grad for t in inputs[:3 + weighted]])
+    for name, got, want in zip(("out", "x", "A", "B", "weights"), *results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)

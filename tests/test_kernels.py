@@ -168,6 +168,74 @@ def test_half_precision_inputs(dtype, num_experts, rank):
     check_against_reference(29, 40, 34, num_experts, 2, rank, dtype=dtype)
 
 
+@pytest.mark.parametrize("num_experts,rank", [(4, 12), (8, 80)], ids=["masked-dense", "grouped"])
+def test_fp16_autocast_with_fp32_masters(num_experts, rank):
+    """The training layout: fp32 master adapters, fp16 autocast. The op computes with fp16
+    operands (the interpreter casts tiles to fp32 itself: its bf16 is wrong, so fp16 here),
+    returns fp16, and gives A and B fp32 gradients, all within fp16 bounds of float64."""
+    from moe_hub.modeling.moe_lora_ops import moe_lora_delta
+
+    torch.manual_seed(6)
+    num_tokens, d_in, d_out = 29, 40, 34
+    x = torch.randn(num_tokens, d_in)
+    lora_A = torch.randn(num_experts, d_in, rank) / d_in**0.5
+    lora_B = torch.randn(num_experts, rank, d_out) / rank**0.5  # not 0: the delta must count
+    indices, weights = random_routing(num_tokens, num_experts, 2)
+    grad = torch.randn(num_tokens, d_out)
+    leaves = [t.clone().requires_grad_() for t in (x, lora_A, lora_B, weights)]
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        y = moe_lora_delta(*leaves[:3], indices, leaves[3], 1.7, kernel="triton")
+    y.backward(grad)
+    ref = [t.double().requires_grad_() for t in (x, lora_A, lora_B, weights)]
+    want = torch_moe_lora_delta(ref[0], ref[1], ref[2], indices, ref[3], 1.7)
+    want.backward(grad.double())
+    assert y.dtype == torch.float16
+    assert leaves[1].grad.dtype == leaves[2].grad.dtype == torch.float32
+    # x, A, B, dy and the outputs each rounded once to fp16 (unit roundoff eps/2), fp32
+    # accumulation over at most 40 terms.
+    bound = 3 * torch.finfo(torch.float16).eps + 40 * torch.finfo(torch.float32).eps
+    errors = {"y": relative_error(y, want.detach())}
+    for name, mine, theirs in zip(("dx", "dA", "dB", "dw"), leaves, ref):
+        errors[name] = relative_error(mine.grad, theirs.grad)
+    assert all(err < bound for err in errors.values()), (errors, bound)
+
+
+@pytest.mark.parametrize("x_per_slot,y_per_slot", [(False, True), (True, False)],
+                         ids=["token-rows-slot-outputs", "slot-rows-token-outputs"])
+@pytest.mark.parametrize("num_experts,rank,dtype", [
+    (4, 8, torch.float32), (6, 96, torch.float32), (4, 8, torch.float16)],
+    ids=["small-E*r-fp32", "large-E*r-fp32", "small-E*r-fp16-fp32-masters"])
+def test_per_slot_rows_and_outputs(x_per_slot, y_per_slot, num_experts, rank, dtype):
+    """A routed block's forms (gate/up: x per token, one output per slot; down: x per slot,
+    summed per token) through the grouped kernels, against the float64 torch grouped form."""
+    from moe_hub.modeling.moe_lora_ops import grouped_slots_delta
+
+    torch.manual_seed(7)
+    num_tokens, top_k, d_in, d_out = 21, 2, 36, 28
+    indices, weights = random_routing(num_tokens, num_experts, top_k, seed=7)
+    x = torch.randn(num_tokens * top_k if x_per_slot else num_tokens, d_in)
+    lora_A = torch.randn(num_experts, d_in, rank) / d_in**0.5
+    lora_B = torch.randn(num_experts, rank, d_out) / rank**0.5
+    grad = torch.randn(num_tokens * top_k if y_per_slot else num_tokens, d_out)
+    grouping = kernels.group_by_expert(indices, num_experts)
+    ref = [t.double().requires_grad_() for t in (x, lora_A, lora_B, weights)]
+    want = grouped_slots_delta(ref[0], ref[1], ref[2], grouping, ref[3], top_k, 1.3,
+                               rows="slot" if x_per_slot else "token", per_slot=y_per_slot)
+    want.backward(grad.double())
+    leaves = [x.to(dtype), lora_A, lora_B, weights]  # fp32 masters, x in the compute dtype
+    leaves = [t.clone().requires_grad_() for t in leaves]
+    got = kernels.triton_moe_lora_delta(*leaves[:3], indices, leaves[3], 1.3, grouping,
+                                        x_per_slot=x_per_slot, y_per_slot=y_per_slot)
+    got.backward(grad.to(dtype))
+    assert got.dtype == dtype and leaves[1].grad.dtype == torch.float32
+    bound = REL_BOUND[torch.float32] if dtype == torch.float32 else \
+        3 * torch.finfo(dtype).eps + d_in * torch.finfo(torch.float32).eps
+    errors = {"y": relative_error(got, want.detach())}
+    for name, mine, theirs in zip(("dx", "dA", "dB", "dw"), leaves, ref):
+        errors[name] = relative_error(mine.grad, theirs.grad)
+    assert all(err < bound for err in errors.values()), (errors, bound)
+
+
 @pytest.mark.parametrize("num_experts,rank", [(4, 16), (8, 80)], ids=["masked-dense", "grouped"])
 def test_non_contiguous_x(num_experts, rank):
     check_against_reference(23, 36, 28, num_experts, 2, rank, transposed_x=True)
@@ -259,7 +327,9 @@ def test_bad_inputs_raise_clear_errors():
     x, lora_A, lora_B = torch.randn(3, 8), torch.randn(2, 8, 16), torch.randn(2, 16, 8)
     indices, weights = random_routing(3, 2, 1)
     with pytest.raises(ValueError, match="share a dtype"):
-        kernels.triton_moe_lora_delta(x.half(), lora_A, lora_B, indices, weights, 1.0)
+        kernels.triton_moe_lora_delta(x.double(), lora_A, lora_B, indices, weights, 1.0)
+    with pytest.raises(ValueError, match="share a dtype"):
+        kernels.triton_moe_lora_delta(x, lora_A.half(), lora_B, indices, weights, 1.0)
     with pytest.raises(ValueError, match="shape mismatch"):
         kernels.triton_moe_lora_delta(torch.randn(3, 9), lora_A, lora_B, indices, weights, 1.0)
     with pytest.raises(ValueError, match="int64"):
@@ -373,7 +443,8 @@ kernels = [  # (kernel, output pointer type, flags); activations/adapters take t
     (K._dense_gate_grad_kernel, "*fp32", {}),
     (K._grouped_shrink_kernel, "*fp32", {"GATE_GRAD": True}),
     (K._grouped_expand_kernel, "*fp32", {"APPLY_WEIGHT": True}),
-    (K._grouped_weight_grad_kernel, "*{dt}", {"APPLY_WEIGHT": True}),
+    # dA/dB are written in the masters' dtype: fp32 (16-bit adapters are the {dt} variant)
+    (K._grouped_weight_grad_kernel, "*fp32", {"APPLY_WEIGHT": True}),
 ]
 for dt, upcast in (("bf16", False), ("fp16", False), ("fp32", True)):
     types = {"a_ptr": f"*{dt}", "m_ptr": f"*{dt}", "p_ptr": f"*{dt}", "r_ptr": "*fp32",

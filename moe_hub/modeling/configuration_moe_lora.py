@@ -11,6 +11,7 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 GRANULARITIES = ("linear", "block")
+SITE_KEYS = ("path", "name")
 #: Layout of the tensor names a model writes: 1 = the whole dense causal LM under ``model.``
 #: (``model.model.layers...``, ``model.lm_head...``; moe-hub before 0.2), 2 = the decoder backbone
 #: under ``model.`` and the head as ``lm_head`` (transformers' convention).
@@ -44,6 +45,10 @@ class MoELoraConfig(PretrainedConfig):
         expert_kernel: ``auto`` (Triton on CUDA when available), ``triton`` or ``torch``.
         base_model_name_or_path, base_model_revision: where the dense weights came from; an
             adapter-only checkpoint loads them from there.
+        site_keys: what identifies a routing site's kind (RMoE's chains, HyperMoE's kind
+            embedding): ``path`` its module path inside the decoder layer (``attn.c_proj`` and
+            ``mlp.c_proj`` are two kinds), ``name`` its last name only (``c_proj``: one kind, the
+            behaviour of checkpoints saved before this field existed, kept for them).
         checkpoint_layout: the tensor-name layout of the checkpoint this config belongs to
             (``CHECKPOINT_LAYOUT``); absent from checkpoints of layout 1, which load through a key
             mapping. A model built from the config sets it to the current layout.
@@ -72,6 +77,7 @@ class MoELoraConfig(PretrainedConfig):
         base_model_name_or_path: str | None = None,
         base_model_revision: str | None = None,
         adapter_only: bool = False,
+        site_keys: str | None = None,
         checkpoint_layout: int = 1,
         **kwargs: Any,
     ) -> None:
@@ -101,6 +107,11 @@ class MoELoraConfig(PretrainedConfig):
         self.base_model_name_or_path = base_model_name_or_path
         self.base_model_revision = base_model_revision
         self.adapter_only = bool(adapter_only)
+        if site_keys is None:
+            # A config read from a file always carries ``transformers_version``; one that lacks
+            # ``site_keys`` was saved before sites were keyed by path and must keep its kinds.
+            site_keys = "name" if "transformers_version" in kwargs else "path"
+        self.site_keys = site_keys
         self.checkpoint_layout = int(checkpoint_layout)
         if text_config is not None:
             # Generation and the pipelines read these from the top-level config.
@@ -135,6 +146,8 @@ class MoELoraConfig(PretrainedConfig):
                 f"routing granularity must be one of {GRANULARITIES} "
                 f"(got {self.routing_granularity!r})"
             )
+        if self.site_keys not in SITE_KEYS:
+            raise ValueError(f"site_keys must be one of {SITE_KEYS} (got {self.site_keys!r})")
         if self.expert_kernel not in KERNEL_CHOICES:
             raise ValueError(
                 f"expert_kernel must be one of {KERNEL_CHOICES} (got {self.expert_kernel!r})"

@@ -47,6 +47,7 @@ from .routing import (
     ROUTERS,
     Router,
     RoutingContext,
+    call_token_mask,
     checkpoint_context_fn,
     float32_parameters,
     load_balancing_loss,
@@ -303,9 +304,10 @@ class MoELoraPreTrainedModel(PreTrainedModel):
             loading_info.unexpected_keys = {k for k in loading_info.unexpected_keys
                                             if not k.startswith("lm_head.")}
 
-    def _routing_scope(self, attention_mask: torch.Tensor | None):
+    def _routing_scope(self, attention_mask: torch.Tensor | None, input_ids: Any = None,
+                       inputs_embeds: Any = None):
         """The routing context of one forward of this model (a context manager)."""
-        return self._routing.begin(_padding_mask(attention_mask))
+        return self._routing.begin(call_token_mask(attention_mask, input_ids, inputs_embeds))
 
     def _router_summary(
         self, ctx: RoutingContext
@@ -320,7 +322,7 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         router_losses: dict[str, list[torch.Tensor]] = {}
         for out in outputs:
             tokens = out.indices.shape[0]
-            mask = ctx.flat_mask(tokens)
+            mask = ctx.site_mask(tokens)
             steps = out.logits.shape[0] // tokens
             logits.append(out.logits)
             indices.append(out.balance_indices)
@@ -338,11 +340,15 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         if self.config.router_z_loss_coef:
             losses["z_loss"] = z_loss(all_logits, mask)
         for name, values in router_losses.items():
-            losses[name] = torch.stack(values).mean()
+            # Summed over sites, as HyperMoE's reference sums its per-layer loss over layers.
+            losses[name] = torch.stack(values).sum()
         return losses, torch.stack(counts).detach(), tuple(o.logits for o in outputs)
 
     def _weighted_aux_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        total = self.config.router_aux_loss_coef * losses["load_balance"]
+        # load_balance is always reported; routers with their own balancing (HyperMoE's cv^2,
+        # as in its reference) do not train with it.
+        switch = ROUTERS[self.config.router].load_balance
+        total = self.config.router_aux_loss_coef * losses["load_balance"] * switch
         if "z_loss" in losses:
             total = total + self.config.router_z_loss_coef * losses["z_loss"]
         for name, value in losses.items():
@@ -388,13 +394,6 @@ def _checkpoint_kwargs(kwargs: dict | None) -> dict:
     return {**kwargs, "use_reentrant": False}
 
 
-def _padding_mask(attention_mask: Any) -> torch.Tensor | None:
-    # Only a 2-D padding mask says which tokens are real; 4-D custom masks route every token.
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-        return attention_mask.bool()
-    return None
-
-
 def _route_backbone_calls(backbone: nn.Module, routing: RoutingHolder) -> None:
     """Make every call of the backbone route inside a context: the one of the causal LM's forward
     in progress, or its own when it is called directly (TRL's fused LM head calls
@@ -402,13 +401,16 @@ def _route_backbone_calls(backbone: nn.Module, routing: RoutingHolder) -> None:
     forward = type(backbone).forward
     parameters = list(inspect.signature(forward).parameters)
     mask_position = parameters.index("attention_mask") if "attention_mask" in parameters else None
+    ids_first = parameters[1:2] == ["input_ids"]
 
     @functools.wraps(forward)
     def routed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         mask = kwargs.get("attention_mask")
         if mask is None and mask_position is not None and len(args) >= mask_position:
             mask = args[mask_position - 1]  # args exclude self
-        with self._moe_routing.join(_padding_mask(mask)):
+        input_ids = kwargs.get("input_ids", args[0] if args and ids_first else None)
+        token_mask = call_token_mask(mask, input_ids, kwargs.get("inputs_embeds"))
+        with self._moe_routing.join(token_mask):
             return forward(self, *args, **kwargs)
 
     backbone._moe_routing = routing
@@ -440,7 +442,7 @@ class MoELoraModel(MoELoraPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if "past_key_values" in kwargs and self._cache_argument != "past_key_values":
             kwargs[self._cache_argument] = kwargs.pop("past_key_values")
-        with self._routing_scope(attention_mask):
+        with self._routing_scope(attention_mask, input_ids, kwargs.get("inputs_embeds")):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
@@ -477,7 +479,7 @@ class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
         # ``past_key_values`` before; the dense forward gets it under the name it declares.
         cache = kwargs.pop("cache", None)
         kwargs[self._cache_argument] = past_key_values if past_key_values is not None else cache
-        with self._routing_scope(attention_mask) as ctx:
+        with self._routing_scope(attention_mask, input_ids, inputs_embeds) as ctx:
             out = self.dense_model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -597,8 +599,30 @@ def _dense_key_mapping(cls: type, config: MoELoraConfig, hub: dict[str, Any]) ->
         with safe_open(single, "pt") as f:
             keys = list(f.keys())
     with torch.device("meta"):
-        ours = cls(config).checkpoint_names_by_dense_name()
-    return {f"^{re.escape(key)}$": ours[key] for key in keys if key in ours}
+        model = cls(config)
+    ours = model.checkpoint_names_by_dense_name()
+    renamed = _dense_names_of_keys(model.dense_model, keys)
+    mapping = {}
+    for key, dense in renamed.items():
+        dense = dense if dense in ours else key
+        if dense in ours:
+            mapping[f"^{re.escape(key)}$"] = ours[dense]
+    return mapping
+
+
+def _dense_names_of_keys(dense: PreTrainedModel, keys: list[str]) -> dict[str, str]:
+    """Checkpoint key -> the dense model's name for it under the installed transformers' renaming
+    rules (GPT-NeoX's ``embed_out`` is ``lm_head``, legacy LayerNorm ``gamma`` is ``weight``);
+    the dense model is not registered in this one, so transformers would not apply them."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without conversion rules stores module names
+        return {key: key for key in keys}
+    rules = [r for r in get_model_conversion_mapping(dense) if isinstance(r, WeightRenaming)]
+    meta = dict.fromkeys(dense.state_dict())
+    return {key: rename_source_key(key, rules, [], dense.base_model_prefix, meta)[0]
+            for key in keys}
 
 
 def _load_adapter_only(cls: type, path: Any, config: MoELoraConfig, model_args: tuple,

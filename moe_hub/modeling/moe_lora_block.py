@@ -8,6 +8,9 @@ Cheap form (ROUTERS.md, "topk and the MixLoRA layout"): the frozen gate/up (or c
 run once per token; per selected expert only the LoRA deltas, the activation and the gate * up
 product are computed; the frozen down projection is linear, so
 sum_j g_j down(h_j) = down(sum_j g_j h_j) + (sum_j g_j - 1) * bias runs once on the mixture.
+The LoRA deltas use the grouped expert form: the (token, slot) pairs are sorted by expert once
+per block, each expert's LoRA runs on its own pairs only, and the gate/up shrink x A_e reads x's
+rows directly (once per token and chosen expert, no k copies of x); outputs stay per slot.
 
 Module layout, so that a dense checkpoint maps onto a block-mode one by inserting ``base_layer``:
 ``<prefix>.mlp.<linear>.weight`` -> ``<prefix>.mlp.base_layer.<linear>.weight`` and
@@ -26,9 +29,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .moe_lora_layer import RoutingHolder, is_linear, linear_features, target_matches
-from .moe_lora_ops import group_by_expert, moe_lora_delta, needs_grouping
-from .routing import ROUTERS, RoutingSite, float32_parameters
+from .moe_lora_layer import (
+    RoutingHolder,
+    is_linear,
+    linear_features,
+    site_kind,
+    target_matches,
+)
+from .moe_lora_ops import (
+    autocast_off,
+    expert_compute_dtype,
+    group_by_expert,
+    moe_lora_slots_delta,
+    shared_cast,
+)
+from .routing import ROUTERS, RoutingSite, float32_parameters, without_autocast
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -88,7 +103,11 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        delta = (self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A) @ self.lora_B
+        # Same precision policy as the experts: 16-bit operands, one shared cast of x.
+        dtype = expert_compute_dtype(x, self.lora_A.dtype)
+        with autocast_off(x.device):
+            shrunk = self.lora_dropout(shared_cast(x, dtype)) @ self.lora_A.to(dtype)
+            delta = shrunk @ self.lora_B.to(dtype)
         return result + (delta * self.scale).to(result.dtype)
 
 
@@ -130,31 +149,29 @@ class MoELoraBlock(nn.Module):
         """[E, d_in, r] of the linear that reads the block input (routers reuse x A_e)."""
         return self.lora_A[self.layout.first[-1]]
 
-    def _slot_delta(self, name: str, slot_x: torch.Tensor, slot_experts: torch.Tensor,
-                    slot_weights: torch.Tensor, grouping: torch.Tensor | None) -> torch.Tensor:
-        return moe_lora_delta(slot_x, self.lora_A[name], self.lora_B[name], slot_experts,
-                              slot_weights, self.scale, kernel=self.kernel, grouping=grouping)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base, layout = self.base_layer, self.layout
         flat = x.reshape(-1, self.site.in_features)
         ctx = self._routing.current()
-        route = self.router(flat, ctx, self)
+        with without_autocast(flat.device):
+            route = self.router(flat, ctx, self)
         ctx.record(self.site, route)
         tokens, top_k = route.indices.shape
-        # One row per (token, chosen expert): the rows differ only in their LoRA deltas.
-        slot_experts = route.indices.reshape(-1, 1)
-        ones = torch.ones_like(slot_experts, dtype=torch.float32)
-        slot_x = self.lora_dropout(flat).to(self.input_lora_A().dtype).repeat_interleave(top_k, 0)
-        experts, _, rank = self.input_lora_A().shape
-        # Every linear of the block applies this one decision: sort the slots by expert once.
-        grouping = group_by_expert(slot_experts, experts) if needs_grouping(experts, rank) \
-            else None
+        experts = self.input_lora_A().shape[0]
+        # Every linear of the block applies this one decision: sort the (token, slot) pairs by
+        # expert once; each expert's LoRA then runs on its own pairs only (FLOPs scale with k).
+        grouping = group_by_expert(route.indices, experts)
+        dtype = expert_compute_dtype(x, self.input_lora_A().dtype)
+        expert_x = self.lora_dropout(shared_cast(x, dtype).reshape(-1, self.site.in_features))
 
         def first(name: str) -> torch.Tensor:
-            frozen = base.get_submodule(name)(flat).repeat_interleave(top_k, 0)
-            delta = self._slot_delta(name, slot_x, slot_experts, ones, grouping)
-            return frozen + delta.to(frozen.dtype)
+            # The frozen projection once per token; the shrink x A_e once per (token, chosen
+            # expert), straight from x's rows; one output row per slot.
+            frozen = base.get_submodule(name)(flat)
+            delta = self._grouped(name, expert_x, route.indices, None, grouping, rows="token",
+                                  per_slot=True)
+            return (frozen.unsqueeze(1) + delta.view(tokens, top_k, -1).to(frozen.dtype)
+                    ).view(tokens * top_k, -1)
 
         act = getattr(base, layout.act)
         if layout.style == "gated":
@@ -173,14 +190,22 @@ class MoELoraBlock(nn.Module):
             # down(sum g h) carries the bias once; the expert sum carries it sum(g) times (not
             # exactly 1 even when renormalised, in float32).
             out = out + (route.weights.to(out.dtype).sum(-1, keepdim=True) - 1) * bias
-        down_in = self.lora_dropout(hidden).to(self.lora_A[layout.down].dtype)
-        down_delta = self._slot_delta(layout.down, down_in, slot_experts, weights, grouping)
-        out = out + down_delta.view(tokens, top_k, -1).sum(dim=1).to(out.dtype)
+        down_in = self.lora_dropout(hidden.to(dtype))
+        down_delta = self._grouped(layout.down, down_in, route.indices, route.weights, grouping,
+                                   rows="slot", per_slot=False)
+        out = out + down_delta.to(out.dtype)
         if route.residual is not None:
             out = out + route.residual.to(out.dtype)
         if layout.style == "plain" and hasattr(base, "dropout"):
             out = base.dropout(out)
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _grouped(self, name: str, rows_x: torch.Tensor, indices: torch.Tensor,
+                 weights: torch.Tensor | None, grouping: torch.Tensor, rows: str, per_slot: bool
+                 ) -> torch.Tensor:
+        return moe_lora_slots_delta(rows_x, self.lora_A[name], self.lora_B[name], indices,
+                                    weights, self.scale, grouping, rows=rows, per_slot=per_slot,
+                                    kernel=self.kernel)
 
     def extra_repr(self) -> str:
         return f"site={self.site.index}, style={self.layout.style}"
@@ -224,7 +249,7 @@ def inject_moe_lora_blocks(
             continue
         hidden = linear_features(getattr(mlp, layout.first[0]))[0]
         layer = int(_LAYER_INDEX.search(name + ".").group(1))
-        site = RoutingSite(len(sites), layer, "mlp", name, hidden, hidden)
+        site = RoutingSite(len(sites), layer, site_kind(name, config), name, hidden, hidden)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child,
                 MoELoraBlock(mlp, layout, site, config, routing))

@@ -21,8 +21,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
 
 def pack_shrink(lora_A: nn.Parameter, router_weight: nn.Parameter | None) -> int:
     """Make ``lora_A`` (and ``router_weight`` when it can share it: same dtype and device) views

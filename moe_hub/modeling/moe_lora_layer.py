@@ -17,8 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .moe_lora_fused import HALF_DTYPES, gated_expand, pack_shrink, packed_weight, packed_width
-from .moe_lora_ops import moe_lora_delta, needs_grouping
+from .moe_lora_fused import gated_expand, pack_shrink, packed_weight, packed_width
+from .moe_lora_ops import (
+    HALF_DTYPES,
+    expert_compute_dtype,
+    moe_lora_delta,
+    needs_grouping,
+    shared_cast,
+)
 from .routing import (
     ROUTERS,
     RoutingContext,
@@ -26,6 +32,7 @@ from .routing import (
     context_scope,
     current_context,
     float32_parameters,
+    without_autocast,
 )
 
 try:
@@ -136,13 +143,18 @@ class MoELoraLinear(nn.Module):
         packed = self._packed_for_inference(x)
         if packed is not None:
             return self._packed_forward(flat, result, packed, ctx)
-        route = self.router(flat, ctx, self)
+        with without_autocast(flat.device):
+            route = self.router(flat, ctx, self)
         ctx.record(self.site, route)
+        # The experts' operand dtype (16-bit under autocast or on a 16-bit base); the cast is
+        # keyed by x itself, so the sites that read this x share one copy.
+        dtype = expert_compute_dtype(x, self.lora_A.dtype)
+        flat = shared_cast(x, dtype).reshape(-1, self.site.in_features)
         if self.training:
             flat = self.lora_dropout(flat)
         delta = moe_lora_delta(
-            flat.to(self.lora_A.dtype), self.lora_A, self.lora_B, route.indices, route.weights,
-            self.scale, kernel=self.kernel,
+            flat, self.lora_A, self.lora_B, route.indices, route.weights, self.scale,
+            kernel=self.kernel,
         )
         if route.residual is not None:
             delta = delta + route.residual.to(delta.dtype)
@@ -244,6 +256,16 @@ def candidate_linear_names(model: nn.Module) -> list[str]:
     return names
 
 
+def site_kind(name: str, config: Any) -> str:
+    """The kind of the site at module ``name``: its path inside the decoder layer
+    (``self_attn.q_proj``, GPT-2's ``attn.c_proj`` vs ``mlp.c_proj``), or its last name for
+    checkpoints saved before kinds were paths (``config.site_keys == "name"``)."""
+    match = _LAYER_INDEX.search(name + ".")
+    if getattr(config, "site_keys", "path") == "name" or match is None:
+        return name.rsplit(".", 1)[-1]
+    return (name + ".")[match.end():-1]
+
+
 def inject_moe_lora(model: nn.Module, config: Any, routing: RoutingHolder) -> list[RoutingSite]:
     """Replace every targeted linear of ``model`` in place; return the routing sites in order."""
     targets = find_target_linears(model, config.target_modules)
@@ -258,7 +280,7 @@ def inject_moe_lora(model: nn.Module, config: Any, routing: RoutingHolder) -> li
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child_name)
         d_in, d_out = linear_features(base)
-        site = RoutingSite(index, layer, child_name, name, d_in, d_out)
+        site = RoutingSite(index, layer, site_kind(name, config), name, d_in, d_out)
         setattr(parent, child_name, MoELoraLinear(base, site, config, routing))
         sites.append(site)
     return sites

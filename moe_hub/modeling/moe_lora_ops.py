@@ -11,11 +11,22 @@ Two torch forms (see KERNELS.md in the project docs for the cost model):
   expert once, one GEMM pair per expert over only its rows.
 Both are differentiable by autograd (x, A, B and the routing weights); the Triton kernels in
 ``moe_lora_triton`` implement the same signature with hand-written backward.
+
+Precision: the master adapters are fp32 (finetune makes them so); the op computes with 16-bit
+operands when there is a 16-bit dtype to use (the autocast dtype, else a 16-bit x's own dtype),
+casting A and B once per call, with fp32 accumulation (CPU and CUDA matmuls, the Triton kernels),
+and returns the gradients of A and B in their master dtype. It keeps x for backward in that
+16-bit dtype: the very tensor the base linear keeps, or one cast shared by every site that reads
+the same x (``shared_cast``). Autocast does not reach into a custom op, so the casts are explicit
+here and the op runs with autocast off.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 # The kernel file always ships (and imports triton only if it can), so one of these succeeds.
 try:  # inside a checkpoint the kernel file sits beside this one
@@ -36,6 +47,46 @@ MASKED_DENSE_MAX_COLUMNS = 512
 BROADCAST_MAX_TOKENS = 64
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def expert_compute_dtype(x: torch.Tensor, master_dtype: torch.dtype) -> torch.dtype:
+    """The operand dtype of the expert op: the autocast dtype inside an autocast region (for
+    fp32/16-bit x), else x's own dtype when it is 16-bit (the base computes in it), else the
+    adapters' dtype."""
+    device = x.device.type
+    if x.dtype in (torch.float32, *HALF_DTYPES) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype if x.dtype in HALF_DTYPES else master_dtype
+
+
+#: x -> {(dtype, version, grad mode): cast}. Keyed weakly by the tensor's identity: an entry
+#: lives as long as its source tensor, and the cast holds no reference back to it.
+_CASTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def shared_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, one copy per input tensor: q/k/v (and gate/up) read the same hidden
+    states, and each site's op keeps its operand for backward, so per-site casts would keep
+    three copies of x."""
+    if x.dtype == dtype:
+        return x
+    if torch.compiler.is_compiling():  # the compiler dedupes the casts itself
+        return x.to(dtype)
+    key = (dtype, x._version, torch.is_grad_enabled())
+    casts = _CASTS.get(x)
+    if casts is None or key not in casts:
+        casts = {key: x.to(dtype)}  # older versions of x are stale: drop them
+        _CASTS[x] = casts
+    return casts[key]
+
+
+def autocast_off(device: torch.device) -> AbstractContextManager:
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
+
+
 def moe_lora_delta(
     x: torch.Tensor,
     lora_A: torch.Tensor,
@@ -51,10 +102,17 @@ def moe_lora_delta(
     ``kernel``: ``auto`` uses Triton on CUDA tensors when it is installed, ``triton`` insists on
     it, ``torch`` forces the reference path. ``grouping``: ``group_by_expert(indices, E)``, for
     callers that apply one routing decision to several sites (computed here when needed).
+    The result is in the compute dtype (``expert_compute_dtype``); gradients of ``lora_A`` /
+    ``lora_B`` come back in their own (master) dtype.
     """
-    if kernel == "triton" or (kernel == "auto" and triton_supported(x)):
-        return triton_moe_lora_delta(x, lora_A, lora_B, indices, weights, scale, grouping)
-    return torch_moe_lora_delta(x, lora_A, lora_B, indices, weights, scale, grouping)
+    dtype = expert_compute_dtype(x, lora_A.dtype)
+    x = shared_cast(x, dtype)
+    with autocast_off(x.device):
+        if kernel == "triton" or (kernel == "auto" and triton_supported(x)):
+            # The op casts the masters once per call and returns their gradients in fp32.
+            return triton_moe_lora_delta(x, lora_A, lora_B, indices, weights, scale, grouping)
+        return torch_moe_lora_delta(x, lora_A.to(dtype), lora_B.to(dtype), indices, weights,
+                                    scale, grouping)
 
 
 def needs_grouping(num_experts: int, rank: int) -> bool:
@@ -95,20 +153,114 @@ def masked_dense_delta(x, lora_A, lora_B, indices, weights, scale):
 
 
 def grouped_delta(x, lora_A, lora_B, indices, weights, scale, grouping):
-    num_tokens, top_k = indices.shape
+    return grouped_slots_delta(x, lora_A, lora_B, grouping, weights, indices.shape[1], scale)
+
+
+def moe_lora_slots_delta(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor | None,
+    scale: float,
+    grouping: torch.Tensor,
+    rows: str = "token",
+    per_slot: bool = False,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """``grouped_slots_delta`` (see there) on the Triton kernels where ``kernel`` picks them,
+    else in torch. ``x`` is already in the compute dtype; ``indices`` [T, k]."""
+    with autocast_off(x.device):
+        if kernel == "triton" or (kernel == "auto" and triton_supported(x)):
+            if weights is None:
+                weights = torch.ones(indices.shape, dtype=torch.float32, device=x.device)
+            return triton_moe_lora_delta(x, lora_A, lora_B, indices, weights, scale, grouping,
+                                         x_per_slot=rows == "slot", y_per_slot=per_slot)
+        return grouped_slots_delta(x, lora_A, lora_B, grouping, weights, indices.shape[1], scale,
+                                   rows=rows, per_slot=per_slot)
+
+
+def grouped_slots_delta(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    grouping: torch.Tensor,
+    weights: torch.Tensor | None,
+    top_k: int,
+    scale: float,
+    rows: str = "token",
+    per_slot: bool = False,
+) -> torch.Tensor:
+    """The grouped form over (token, slot) pairs, each expert's LoRA only on its own pairs.
+
+    ``grouping`` = ``group_by_expert(indices, E)`` for indices [T, k]; slot = t * k + j.
+    ``rows``: ``token`` reads x [T, d_in] at row t for every slot of t (the shrink x A_e runs
+    once per (token, chosen expert), no k copies of x), ``slot`` reads x [T * k, d_in] per slot.
+    ``per_slot``: the output is [T * k, d_out] per slot instead of [T, d_out] summed over the k
+    slots. ``weights`` [T, k] or None (weight 1). Keeps only x, the small rank-space values s
+    and the order for backward (gathered rows are re-gathered there, never saved); the weight
+    gradients accumulate in fp32 and come back in the adapters' dtype.
+    """
     num_experts = lora_A.shape[0]
-    order, counts = grouping[:-num_experts], grouping[-num_experts:].tolist()
-    token_of_slot = order // top_k
-    slot_weight = weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
-    out = x.new_zeros(num_tokens, lora_B.shape[-1])
+    return _GroupedSlots.apply(
+        x, lora_A, lora_B, weights, grouping[:-num_experts], grouping[-num_experts:].tolist(),
+        top_k, float(scale), rows == "slot", per_slot,
+    )
+
+
+class _GroupedSlots(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, weights, order, counts, top_k, scale, slot_rows,
+                per_slot):
+        A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        num_slots = order.numel()
+        w = None if weights is None else weights.reshape(-1).to(x.dtype)
+        shrunk = x.new_empty(num_slots, A.shape[-1])
+        out = x.new_zeros(num_slots if per_slot else num_slots // top_k, B.shape[-1])
+        for expert, slots in _expert_segments(order, counts):
+            values = x[slots if slot_rows else slots // top_k] @ A[expert]
+            shrunk[slots] = values
+            if w is not None:
+                values = values * w[slots, None]
+            out.index_add_(0, slots if per_slot else slots // top_k, values @ B[expert])
+        ctx.save_for_backward(x, lora_A, lora_B, weights, order, shrunk)
+        ctx.setup = (counts, top_k, scale, slot_rows, per_slot)
+        return out * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, lora_A, lora_B, weights, order, shrunk = ctx.saved_tensors
+        counts, top_k, scale, slot_rows, per_slot = ctx.setup
+        A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        grad_out = grad_out.to(x.dtype)
+        w = None if weights is None else weights.reshape(-1).to(x.dtype)
+        acc = torch.float32 if x.dtype in HALF_DTYPES else x.dtype  # fp32 accumulators
+        grad_x = torch.zeros(x.shape, dtype=acc, device=x.device)
+        grad_A = torch.zeros(lora_A.shape, dtype=acc, device=x.device)
+        grad_B = torch.zeros(lora_B.shape, dtype=acc, device=x.device)
+        grad_w = None if w is None else torch.zeros(order.numel(), dtype=acc, device=x.device)
+        for expert, slots in _expert_segments(order, counts):
+            rows = slots if slot_rows else slots // top_k
+            dy = grad_out[slots if per_slot else slots // top_k]
+            u = (dy @ B[expert].t()) * scale  # c dy B_e^T, rank space
+            values = shrunk[slots]
+            if w is not None:
+                grad_w[slots] = (u.to(acc) * values.to(acc)).sum(-1)
+                u = u * w[slots, None]
+                values = values * w[slots, None]
+            grad_x.index_add_(0, rows, (u @ A[expert].t()).to(acc))
+            grad_A[expert] = (x[rows].t() @ u).to(acc)
+            grad_B[expert] = (values.t() @ dy).to(acc) * scale
+        if grad_w is not None:
+            grad_w = grad_w.view(weights.shape).to(weights.dtype)
+        return (grad_x.to(x.dtype), grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype), grad_w,
+                None, None, None, None, None, None)
+
+
+def _expert_segments(order: torch.Tensor, counts: list[int]):
+    """(expert, its slot ids) for every expert with at least one slot."""
     start = 0
     for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        rows = token_of_slot[start : start + count]
-        contribution = ((x[rows] @ lora_A[expert]) * slot_weight[start : start + count]) @ lora_B[
-            expert
-        ]
-        out = out.index_add(0, rows, contribution)
+        if count:
+            yield expert, order[start:start + count]
         start += count
-    return out * scale

@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .router_rmoe import gru_step
-from .routing import Router, RouterOutput, RoutingContext, RoutingSite, register_router
+from .routing import (
+    Router,
+    RouterOutput,
+    RoutingContext,
+    RoutingSite,
+    float32_linear,
+    register_router,
+)
 
 
 @register_router
@@ -60,15 +67,14 @@ class GraphMoERouter(Router):
             nn.init.normal_(self.message_weight, mean=0.0, std=std)
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext, experts: Any) -> RouterOutput:
-        x32 = x.float()
-        base_logits = F.linear(x32, self.weight.float())
+        base_logits = float32_linear(x, self.weight)
         indices, weights = self.select(base_logits)
         step_logits, step_indices = [base_logits], [indices]
         if self.steps > 1:
             lora_A = experts.input_lora_A() if hasattr(experts, "input_lora_A") else experts.lora_A
-            activations = torch.einsum("td,edr->ter", x32, lora_A.float())  # once, all steps
+            activations = torch.einsum("td,edr->ter", x.float(), lora_A.float())  # once, all steps
             cell = ctx.shared[self.name]
-            message = x32.new_zeros(x32.shape[0], cell.hidden_size)
+            message = base_logits.new_zeros(x.shape[0], cell.hidden_size)
             for _ in range(1, self.steps):
                 gates = torch.zeros_like(base_logits).scatter(1, indices, weights)
                 combined = torch.einsum("te,ter->tr", gates, activations)

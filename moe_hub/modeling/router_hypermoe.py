@@ -20,8 +20,17 @@ unique sets as "experts" (no d x m matrix per token is ever built). The module i
 generated LoRA, no ReLU or biases between A and B) so that the same kernel serves it. The
 unselected set comes from hard indices: that path sends the gate no gradient (as in the paper).
 
+Losses it trains with: the task loss (through the renormalised top-k weights and the generated
+module) plus ``hypermoe_cv`` = sum over sites of ``cv_loss_coef`` (0.01) * (cv^2(importance) +
+cv^2(load)). Summed, not averaged: the reference adds each layer's loss to the total
+(``moe_loss += loss`` over GPT-2's blocks). The Switch load-balancing loss is computed and reported
+(``aux_losses["load_balance"]``) but not added (``load_balance = False``): the reference balances
+with the cv^2 loss alone, and ``router_aux_loss_coef`` does not apply to this router. The
+reference has one routed MLP per layer (``--granularity block`` here); per-linear routing has
+several sites per layer, each adding its term: lower ``cv_loss_coef`` to keep a layer's weight.
+
 The supplementary module (``HyperSupplement`` per site + ``HyperNetwork`` shared) is reused by
-the RMoE router's ``hyper: true`` composition.
+the RMoE router's ``hyper: true`` composition (which keeps RMoE's Switch loss and has no cv loss).
 """
 
 from __future__ import annotations
@@ -34,7 +43,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .moe_lora_ops import moe_lora_delta
-from .routing import Router, RouterOutput, RoutingContext, RoutingSite, register_router
+from .routing import (
+    Router,
+    RouterOutput,
+    RoutingContext,
+    RoutingSite,
+    float32_linear,
+    register_router,
+)
 
 HYPER_DEFAULTS = {
     "embed_dim": 128,  # expert embedding / hypernetwork width (reference 128)
@@ -55,7 +71,8 @@ class HyperNetwork(nn.Module):
         super().__init__()
         width, site_dim = int(options["embed_dim"]), int(options["site_embed_dim"])
         self.rank = int(options["hyper_rank"])
-        # Site identity = layer embedding + module-kind embedding (kinds in first-seen order).
+        # Site identity = layer embedding + module-kind embedding (kinds in first-seen order; a
+        # kind is the module's path inside its layer, so GPT-2's attn.c_proj and mlp.c_proj differ).
         self.kinds = list(dict.fromkeys(site.kind for site in sites))
         self.layer_embedding = nn.Parameter(torch.empty(max(s.layer for s in sites) + 1, site_dim))
         self.kind_embedding = nn.Parameter(torch.empty(len(self.kinds), site_dim))
@@ -172,6 +189,7 @@ def smooth_load(clean: torch.Tensor, noisy: torch.Tensor, std: torch.Tensor, top
 @register_router
 class HyperMoERouter(Router):
     name = "hypermoe"
+    load_balance = False  # balanced by its own cv^2 loss, as in the reference
     defaults: ClassVar[dict[str, Any]] = {
         **HYPER_DEFAULTS, "noise_epsilon": 0.01, "cv_loss_coef": 0.01
     }
@@ -193,17 +211,16 @@ class HyperMoERouter(Router):
         self.hyper.reset_parameters()
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext, experts: Any) -> RouterOutput:
-        x32 = x.float()
-        clean = F.linear(x32, self.weight.float())
+        clean = float32_linear(x, self.weight)
         noisy_training = self.training and self.top_k < self.num_experts
         if noisy_training:
-            std = F.softplus(F.linear(x32, self.noise_weight.float())) + float(
+            std = F.softplus(float32_linear(x, self.noise_weight)) + float(
                 self.options["noise_epsilon"])
             logits = clean + torch.randn_like(clean) * std
         else:
             logits = clean
         indices, weights = self.select(logits)
-        mask = ctx.flat_mask(x.shape[0])
+        mask = ctx.site_mask(x.shape[0])
         gates = torch.zeros_like(logits).scatter(1, indices, weights)
         keep = torch.ones(x.shape[0], 1, device=x.device) if mask is None else \
             mask.to(x.device, torch.float32).unsqueeze(-1)
@@ -214,7 +231,7 @@ class HyperMoERouter(Router):
             load = ((gates > 0).float() * keep).sum(0)
         losses = {"hypermoe_cv": float(self.options["cv_loss_coef"])
                   * (cv_squared(importance) + cv_squared(load))}
-        residual = self.hyper(x32, indices, ctx.shared[self.name])
+        residual = self.hyper(x.float(), indices, ctx.shared[self.name])
         return RouterOutput(indices=indices, weights=weights, logits=logits, losses=losses,
                             residual=residual)
 

@@ -8,13 +8,19 @@ Implements (ROUTERS.md, "rmoe"), at routing site i of a chain:
 then softmax over all E -> top-k -> renormalise; the experts still process x_i.
 
 The recurrence runs across DEPTH, per token (never across the tokens of a sequence, so KV-cached
-generation is unaffected). Chains follow the module kind: with per-linear routing the q_proj sites
-of all layers form one chain, the k_proj sites another, ... (never q -> k -> v inside a layer:
-same input, arbitrary order); with block routing the one MLP site per layer forms the chain
-(the paper's layout). The carried state is never detached. It is stored in the per-forward
-``RoutingContext`` under this site's index, and read from the previous site of the chain, so a
-layer recomputed by (non-reentrant) gradient checkpointing reads exactly the h_{i-1} it read the
-first time.
+generation is unaffected). Chains follow the site kind, the module's path inside its decoder layer:
+with per-linear routing the self_attn.q_proj sites of all layers form one chain, the
+self_attn.k_proj sites another, ... (never q -> k -> v inside a layer: same input, arbitrary
+order; GPT-2's attn.c_proj and mlp.c_proj are two chains); with block routing the one MLP site
+per layer forms the chain (the paper's layout). The carried state is never detached. It is
+stored in the per-forward ``RoutingContext`` under this site's index, and read from the
+previous site of the chain, so a layer recomputed by (non-reentrant) gradient checkpointing reads
+exactly the h_{i-1} it read the first time.
+
+Losses it trains with: the task loss through the renormalised top-k weights, the Switch
+load-balancing loss over all sites' logits (``router_aux_loss_coef``, 0.001 as in the RMoE
+config) and, when ``router_z_loss_coef`` > 0, the z-loss. Gradients of a site's losses reach every
+earlier site of its chain through the carried state.
 
 Options (``router_config``): ``hidden_size`` p (128, the paper's main pretraining run),
 ``recurrent`` (False: h_{i-1} = 0 everywhere, the paper's "NP" ablation), ``init_std``, and
@@ -31,7 +37,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .router_hypermoe import HYPER_DEFAULTS, HyperNetwork, HyperSupplement
-from .routing import Router, RouterOutput, RoutingContext, RoutingSite, register_router
+from .routing import (
+    Router,
+    RouterOutput,
+    RoutingContext,
+    RoutingSite,
+    float32_linear,
+    register_router,
+)
 
 
 def gru_step(cell: nn.GRUCell, inputs: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
@@ -53,6 +66,16 @@ class RecurrentRouter(Router):
     defaults: ClassVar[dict[str, Any]] = {
         "hidden_size": 128, "recurrent": True, "init_std": 0.02, "hyper": False, **HYPER_DEFAULTS
     }
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        super().validate_options(options)
+        idle = sorted(set(options) & set(HYPER_DEFAULTS)) if not options.get("hyper") else []
+        if idle:
+            raise ValueError(
+                f"router option {', '.join(map(repr, idle))} of 'rmoe' applies only with "
+                f"hyper=true: add --hyper (or --router-opt hyper=true), or drop the option"
+            )
 
     def __init__(self, site: RoutingSite, config: Any) -> None:
         super().__init__(site, config)
@@ -104,14 +127,13 @@ class RecurrentRouter(Router):
         return state.to(like.device)
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext, experts: Any) -> RouterOutput:
-        x32 = x.float()
         shared = ctx.shared[self.name]
-        projected = F.linear(x32, self.input_proj.float())
+        projected = float32_linear(x, self.input_proj)
         state = gru_step(shared["gru"], projected, self.previous_state(ctx, projected))
         ctx.state[self.state_key(self.site.index)] = state
         logits = F.linear(state, self.output_proj.float())
         indices, weights = self.select(logits)
         residual = None
         if self.hyper is not None:
-            residual = self.hyper(x32, indices, shared["hyper"])
+            residual = self.hyper(x.float(), indices, shared["hyper"])
         return RouterOutput(indices=indices, weights=weights, logits=logits, residual=residual)

@@ -12,10 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .routing import Router, RouterOutput, RoutingContext, RoutingSite, register_router
+from .routing import (
+    Router,
+    RouterOutput,
+    RoutingContext,
+    RoutingSite,
+    float32_linear,
+    register_router,
+)
 
 
 @register_router
@@ -32,7 +38,7 @@ class TopKRouter(Router):
         nn.init.normal_(self.weight, mean=0.0, std=float(self.options["init_std"]))
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext, experts: Any) -> RouterOutput:
-        return self.route_logits(F.linear(x.float(), self.weight.float()), ctx)
+        return self.route_logits(float32_linear(x, self.weight), ctx)
 
     def logits_weight(self) -> nn.Parameter:
         return self.weight

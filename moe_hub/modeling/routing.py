@@ -4,7 +4,8 @@ load-balancing losses.
 A *routing site* is one place where tokens are sent to experts: a targeted linear (granularity
 ``linear``) or a decoder layer's MLP block (granularity ``block``). Every site owns a router; a
 router returns, per token, the chosen experts, their weights and the logits the auxiliary losses
-need. Routers never touch the frozen base. Their math runs in float32 whatever the model dtype.
+need. Routers never touch the frozen base. Their math runs in float32 whatever the model dtype,
+and under ``torch.autocast`` too: the sites call their router with autocast disabled.
 
 Routers whose decision depends on an earlier site (RMoE's GRU state across depth) read and write
 that state through the :class:`RoutingContext` created at every forward of the model. Values are
@@ -35,8 +36,9 @@ from torch import nn
 
 @dataclass(frozen=True)
 class RoutingSite:
-    """Where a router sits. ``index`` orders all sites by depth; ``kind`` is the module name
-    (``q_proj``, ``mlp``, ...) so that routers can chain sites of one kind across layers."""
+    """Where a router sits. ``index`` orders all sites by depth; ``kind`` is the module's path
+    inside its decoder layer (``self_attn.q_proj``, ``mlp``, GPT-2's ``attn.c_proj`` and
+    ``mlp.c_proj``), so that routers can chain sites of one kind across layers."""
 
     index: int
     layer: int
@@ -54,7 +56,8 @@ class RouterOutput:
     ``logits`` are the [T, E] router logits the load-balancing loss sees; routers that decide in
     several steps (GraphMoE) return one [T, E] tensor per step, concatenated along dim 0, with the
     matching top-k choices of every step in ``logit_indices`` ([steps * T, k]).
-    ``losses`` holds router-specific auxiliary losses (already-reduced scalars, unweighted).
+    ``losses`` holds router-specific auxiliary losses of this site (scalars, already weighted by
+    the router's own coefficient); the model sums each over all sites and adds it to the loss.
     ``residual`` is an extra [T, d_out] term added to the site's output (HyperMoE's generated
     module), or ``None``.
     """
@@ -86,21 +89,78 @@ class RoutingContext:
         self.outputs: dict[int, RouterOutput] = {}
 
     def flat_mask(self, num_tokens: int) -> torch.Tensor | None:
-        """The padding mask flattened to the ``num_tokens`` rows a site sees, or ``None``."""
-        if self.token_mask is None:
+        """The padding mask of the ``num_tokens`` rows a site sees, flattened, or ``None`` when
+        there is no mask or it does not describe those rows.
+
+        ``token_mask`` covers the tokens of this call (see :func:`call_token_mask`), which is what
+        every decoder site sees, with or without a KV cache. A site that sees other rows (a
+        cross-attention projection of encoder states, a module that selects tokens) is not
+        described by it: its rows are matched by count, never by guessing a slice."""
+        if self.token_mask is None or self.token_mask.numel() != num_tokens:
             return None
-        mask = self.token_mask
-        if mask.numel() != num_tokens:
-            # With a KV cache the mask covers past + new tokens; a site sees the new ones only.
-            batch = mask.shape[0]
-            if num_tokens % batch:
-                return None
-            mask = mask[:, -(num_tokens // batch):]
-        return mask.reshape(-1)
+        return self.token_mask.reshape(-1)
+
+    def site_mask(self, num_tokens: int) -> torch.Tensor | None:
+        """Like :meth:`flat_mask`, but all-True for a site the mask does not describe, so that
+        one such site never drops the padding mask of the others (``None`` without a mask)."""
+        mask = self.flat_mask(num_tokens)
+        if mask is None and self.token_mask is not None:
+            return torch.ones(num_tokens, dtype=torch.bool, device=self.token_mask.device)
+        return mask
 
     def record(self, site: RoutingSite, output: RouterOutput) -> None:
         # Keyed by site: a checkpointed layer's recomputation overwrites, never appends.
         self.outputs[site.index] = output
+
+
+def call_token_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor | None,
+                    inputs_embeds: torch.Tensor | None) -> torch.Tensor | None:
+    """[batch, new tokens] bool, True for real tokens, of one model call; ``None`` without a 2-D
+    padding mask (4-D custom masks route every token).
+
+    With a KV cache the mask covers past + new tokens while the decoder sees the new ones only:
+    keep the mask's last columns, as many as the call's input has tokens."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return None
+    inputs = input_ids if input_ids is not None else inputs_embeds
+    mask = attention_mask.bool()
+    if inputs is not None and inputs.dim() >= 2 and inputs.shape[0] == mask.shape[0] \
+            and inputs.shape[1] <= mask.shape[1]:
+        mask = mask[:, mask.shape[1] - inputs.shape[1]:]
+    return mask
+
+
+class _Float32Linear(torch.autograd.Function):
+    """x W^T in float32 that keeps x for backward in its OWN dtype: the 16-bit hidden states a
+    router reads are also kept by the base linear, so they cost nothing extra, while an fp32 copy
+    would cost twice their size at every site. Upcasting a 16-bit x is exact."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return x.float() @ weight.float().t()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad = grad.float()
+        with torch.autocast(grad.device.type, enabled=False):
+            grad_x = (grad @ weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+            grad_w = (grad.t() @ x.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
+def without_autocast(device: torch.device) -> AbstractContextManager:
+    """Where routers run: ``F.linear(x.float(), w.float())`` inside an autocast region still
+    computes in the autocast dtype, so sites call their router with autocast switched off."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
+
+
+def float32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits ``x W^T`` computed in float32 (the caller disables autocast)."""
+    return _Float32Linear.apply(x, weight)
 
 
 # The contexts current in this thread, one per model (keyed by the model's holder object, so
@@ -174,6 +234,9 @@ class Router(nn.Module):
     """
 
     name: ClassVar[str]
+    #: Whether the model adds the Switch load-balancing loss (``router_aux_loss_coef``) to the
+    #: training loss for this router; a router with its own balancing loss sets False.
+    load_balance: ClassVar[bool] = True
     #: Router-specific options (``router_config`` keys) with their defaults.
     defaults: ClassVar[dict[str, Any]] = {}
 
@@ -183,7 +246,26 @@ class Router(nn.Module):
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.normalize = config.normalize_expert_weights
+        type(self).validate_options(config.router_config)
         self.options = {**self.defaults, **config.router_config}
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> None:
+        """Raise ``ValueError`` (one line naming the fix) for an option this router does not
+        have or a value of the wrong type; ``defaults`` declares the options and their types."""
+        unknown = sorted(set(options) - set(cls.defaults))
+        if unknown:
+            raise ValueError(
+                f"router {cls.name!r} has no option {', '.join(map(repr, unknown))}; its options "
+                f"are {', '.join(sorted(cls.defaults)) or 'none'} (--router-opt KEY=VALUE)"
+            )
+        for key, value in options.items():
+            wanted = _OPTION_TYPES[type(cls.defaults[key])]
+            if not wanted[0](value):
+                raise ValueError(
+                    f"router option {key!r} of {cls.name!r} takes {wanted[1]}, got {value!r}: "
+                    f"pass --router-opt {key}=<{wanted[2]}>"
+                )
 
     @classmethod
     def shared_modules(cls, config: Any, sites: list[RoutingSite]) -> nn.Module | None:
@@ -222,6 +304,18 @@ class Router(nn.Module):
         weights, indices = logits.float().softmax(dim=-1).topk(self.top_k, dim=-1)
         return indices, weights
 
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Option type (from its default) -> (accepts a value?, what it takes, placeholder).
+_OPTION_TYPES: dict[type, tuple[Any, str, str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false", "true|false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", "integer"),
+    float: (_is_number, "a number", "number"),
+    str: (lambda v: isinstance(v, str), "a string", "text"),
+}
 
 ROUTERS: dict[str, type[Router]] = {}
 
