@@ -80,6 +80,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--router", default="topk")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default); 1 on a machine shared with "
+                             "other jobs, where spinning OpenMP workers wait on each other")
     parser.add_argument("--modes", default="eager,compiled",
                         help="eager: dynamic cache; compiled: static cache + torch.compile "
                              "(fullgraph) of the decode step")
@@ -90,6 +93,8 @@ def main() -> None:
     from moe_hub.convert import convert
     from moe_hub.default_model import default_model_path
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         if args.random:
