@@ -10,9 +10,11 @@ import os
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any
+from typing import Annotated, Any
 
+import click
 import typer
+from rich.markup import escape
 
 app = typer.Typer(
     name="moe-hub",
@@ -20,7 +22,25 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from moe_hub import __version__
+
+        typer.echo(f"moe-hub {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", help="Print the version and exit", callback=_print_version, is_eager=True)
+    ] = False,
+) -> None:
+    """Dense Hugging Face models -> Mixture-of-LoRA-Experts: convert, fine-tune, publish."""
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -62,8 +82,30 @@ register("finetune", finetune_command)
 register("push", push_command)
 
 
+def _escape_help(command: click.Command) -> None:
+    """Help texts show defaults as ``[nf4]``, which typer's rich formatter would read as a markup
+    tag and drop: escape every help text so it prints as written."""
+    if command.help:
+        command.help = escape(command.help)
+    for param in command.params:
+        if getattr(param, "help", None):
+            param.help = escape(param.help)
+    for sub in getattr(command, "commands", {}).values():
+        _escape_help(sub)
+
+
+def build_command() -> click.Command:
+    """The click command behind ``moe-hub`` with its help texts made markup-safe."""
+    command = typer.main.get_command(app)
+    _escape_help(command)
+    return command
+
+
 def main() -> None:
-    app()
+    from moe_hub.progress import quiet_library_notices
+
+    quiet_library_notices()
+    build_command()(prog_name="moe-hub")
 
 
 if __name__ == "__main__":

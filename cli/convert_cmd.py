@@ -42,9 +42,12 @@ def convert_command(
         "--router-opt", help="Router-specific option KEY=VALUE (repeatable)")] = None,
     hyper: Annotated[bool | None, typer.Option(
         "--hyper", help="Add HyperMoE's module built from the unselected experts")] = None,
-    experts: Annotated[int | None, typer.Option(help="Experts per routing site [8]")] = None,
+    experts: Annotated[int | None, typer.Option(
+        help="Experts per routing site [8; with --from-adapters one per adapter]")] = None,
     top_k: Annotated[int | None, typer.Option(help="Experts per token [2]")] = None,
-    rank: Annotated[int | None, typer.Option(help="LoRA rank of each expert [16]")] = None,
+    rank: Annotated[int | None, typer.Option(
+        help="LoRA rank of each expert [16; with --from-adapters the largest adapter rank]")
+    ] = None,
     alpha: Annotated[float | None, typer.Option(help="LoRA alpha [2 * rank]")] = None,
     dropout: Annotated[float | None, typer.Option(help="LoRA dropout [0.05]")] = None,
     targets: Annotated[str | None, typer.Option(
@@ -62,6 +65,12 @@ def convert_command(
         "--adapter-only", help="Store experts + routers only; the base loads from BASE")] = None,
     overwrite: Annotated[bool | None, typer.Option(
         "--overwrite", help="Replace OUT if it exists")] = None,
+    from_adapters: Annotated[str | None, typer.Option(
+        help="Comma-separated PEFT LoRA adapters (directories or Hub ids) trained on BASE: "
+             "adapter i becomes expert i")] = None,
+    skip_adapter_base_check: Annotated[bool, typer.Option(
+        "--skip-adapter-base-check",
+        help="Accept adapters whose base_model_name_or_path names another model")] = False,
     config: Annotated[Path | None, typer.Option(
         help="YAML or JSON file with any of these options (flags win)")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
@@ -76,6 +85,9 @@ def convert_command(
         "revision": revision, "allow_pickle": allow_pickle, "adapter_only": adapter_only,
         "overwrite": overwrite,
         "targets": [t.strip() for t in targets.split(",") if t.strip()] if targets else None,
+        "from_adapters": [a.strip() for a in from_adapters.split(",") if a.strip()]
+        if from_adapters else None,
+        "check_adapter_base": False if skip_adapter_base_check else None,
     }
     given = {key: value for key, value in given.items() if value is not None}
     router_config = parse_router_options(router_opt)

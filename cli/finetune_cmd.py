@@ -17,6 +17,9 @@ def finetune_command(
         help="Training data: .jsonl/.json/.csv/.parquet file, Hub dataset id, or 'default' (the "
              "shipped multi-task chat set)")] = "default",
     quantize: Annotated[str | None, typer.Option(help="nf4, fp4, int8 or none [nf4]")] = None,
+    train: Annotated[str | None, typer.Option(
+        help="What to train: all, experts, or routers (e.g. routing over frozen adapters) [all]")
+    ] = None,
     double_quant: Annotated[bool | None, typer.Option(
         help="Quantize the 4-bit quantization constants too [on]")] = None,
     compute_dtype: Annotated[str | None, typer.Option(
@@ -72,7 +75,8 @@ def finetune_command(
     from moe_hub.finetune import FinetuneOptions, finetune
 
     given: dict[str, Any] = {
-        "quantize": quantize, "double_quant": double_quant, "compute_dtype": compute_dtype,
+        "quantize": quantize, "train": train, "double_quant": double_quant,
+        "compute_dtype": compute_dtype,
         "eval_data": eval_data, "eval_split": eval_split, "max_length": max_length,
         "packing": packing, "completion_only": completion_only, "lr": lr, "epochs": epochs,
         "max_steps": max_steps, "batch_size": batch_size, "grad_accum": grad_accum,
@@ -88,7 +92,10 @@ def finetune_command(
     given = {key: value for key, value in given.items() if value is not None}
     options = FinetuneOptions.from_file(config, **given) if config else \
         FinetuneOptions.from_dict(given)
-    metrics = finetune(checkpoint, data, out, options, progress=progress)
+    from moe_hub.progress import third_party_progress
+
+    with third_party_progress(progress):
+        metrics = finetune(checkpoint, data, out, options, progress=progress)
     if not progress:
         typer.echo(json.dumps({k: v for k, v in metrics.items()
                                if isinstance(v, int | float | str)}, indent=2))

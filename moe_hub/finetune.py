@@ -40,6 +40,7 @@ from .options_file import read_options_file
 from .routing_stats import HEATMAP_FILE, STATS_FILE, RoutingStats
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
+TRAIN_CHOICES = ("all", "experts", "routers")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISIONS = ("bf16", "fp16", "fp32")
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -58,6 +59,7 @@ class FinetuneOptions:
     """
 
     quantize: str = "nf4"
+    train: str = "all"  # all, experts (LoRA pairs) or routers (with their shared modules)
     double_quant: bool = True
     compute_dtype: str = "auto"  # auto: the precision's dtype (bfloat16, float16 or float32)
     eval_data: str | None = None
@@ -127,12 +129,19 @@ class FinetuneOptions:
         if self.quantize not in QUANTIZATIONS:
             raise MoEHubError(f"unknown quantization {self.quantize!r}: pass --quantize one of "
                               f"{', '.join(QUANTIZATIONS)}")
+        if self.train not in TRAIN_CHOICES:
+            raise MoEHubError(f"unknown --train {self.train!r}: pass one of "
+                              f"{', '.join(TRAIN_CHOICES)}")
         if self.compute_dtype != "auto" and self.compute_dtype not in COMPUTE_DTYPES:
             raise MoEHubError(f"unknown compute dtype {self.compute_dtype!r}: pass auto, "
                               f"{', '.join(COMPUTE_DTYPES)}")
         for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise MoEHubError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.max_steps == 0 or self.max_steps < -1:
+            # TrainingArguments reads 0 as "no limit" and still takes a step: refuse it.
+            raise MoEHubError(f"max_steps must be at least 1 (got {self.max_steps}); omit it to "
+                              f"train for --epochs")
         if self.max_steps < 1 and self.epochs <= 0:
             raise MoEHubError("nothing to train: pass epochs > 0 or max_steps >= 1")
         if self.lr <= 0:
@@ -239,14 +248,20 @@ def load_for_training(checkpoint: str | os.PathLike, options: FinetuneOptions) -
         model.config.router_aux_loss_coef = float(options.aux_loss_coef)
     if options.z_loss_coef is not None:
         model.config.router_z_loss_coef = float(options.z_loss_coef)
-    prepare_for_training(model)
+    prepare_for_training(model, options.train)
     return model
 
 
-def prepare_for_training(model: Any) -> list[str]:
-    """Freeze the base, make adapters fp32 and trainable, disable the bnb CPU repacking; return
-    the trainable parameter names."""
+def is_expert_parameter(name: str) -> bool:
+    """Expert (LoRA pair) tensors, as opposed to routers and their shared modules."""
+    return ".lora_" in name
+
+
+def prepare_for_training(model: Any, train: str = "all") -> list[str]:
+    """Freeze the base, make adapters fp32 and the ``train`` group of them (``all``, ``experts``
+    or ``routers``) trainable, disable the bnb CPU repacking; return the trainable names."""
     adapters = set(model.adapter_parameter_names())
+    trainable = set()
     for name, param in model.named_parameters():
         if name in adapters:
             if type(param) is not torch.nn.Parameter:
@@ -254,7 +269,10 @@ def prepare_for_training(model: Any) -> list[str]:
                                   f"the checkpoint's code is not a moe-hub model")
             if param.dtype != torch.float32:
                 param.data = param.data.float()
-            param.requires_grad_(True)
+            wanted = train == "all" or (train == "experts") == is_expert_parameter(name)
+            param.requires_grad_(wanted)
+            if wanted:
+                trainable.add(name)
         else:
             param.requires_grad_(False)
     try:
@@ -269,7 +287,7 @@ def prepare_for_training(model: Any) -> list[str]:
     model.config.output_router_logits = True
     model.config.use_cache = False
     model.train()
-    return sorted(adapters)
+    return sorted(trainable)
 
 
 def adapter_state(model: Any) -> dict[str, torch.Tensor]:
@@ -632,5 +650,5 @@ def _print_summary(metrics: dict[str, Any], output: Path, progress: bool) -> Non
         f"[green]fine-tuned[/green] {', '.join(parts)}; wrote {output}")
 
 
-__all__ = ["QUANTIZATIONS", "FinetuneOptions", "finetune", "load_for_training",
+__all__ = ["QUANTIZATIONS", "TRAIN_CHOICES", "FinetuneOptions", "finetune", "load_for_training",
            "prepare_for_training"]

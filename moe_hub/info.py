@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import ADAPTER_WEIGHTS, require_checkpoint
+from .safetensors_io import read_header, tensor_names
 
 
 def checkpoint_info(path: str | Path) -> dict[str, Any]:
@@ -18,16 +20,20 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
     config = MoELoraConfig.from_pretrained(path)
     model = model_skeleton(config)
     adapter_names = set(model.adapter_parameter_names())
-    total = sum(p.numel() for p in model.parameters())  # tied parameters are counted once
+    tied = set(model.tied_parameter_names())
+    # The meta skeleton holds a tied head as its own parameter: count it once, as loading does.
+    total = sum(p.numel() for n, p in model.named_parameters() if n not in tied)
     added = sum(p.numel() for n, p in model.named_parameters() if n in adapter_names)
     files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file()}
-    adapter_bytes = files.get(ADAPTER_WEIGHTS, 0)
-    base_bytes = sum(size for name, size in files.items()
-                     if name.endswith(".safetensors") and name != ADAPTER_WEIGHTS)
+    tensors = _stored_tensors(path, adapter_names)
+    adapter_bytes = sum(t.nbytes for t in tensors if t.adapter)
+    base_bytes = sum(t.nbytes for t in tensors if not t.adapter)
     return {
         "path": str(path),
         "base": config.base_model_name_or_path,
         "base_revision": config.base_model_revision,
+        # The Hub model a GGUF base was made from, when conversion could tell.
+        "base_origin": getattr(config, "base_model_origin", None),
         "architecture": config.text_config.model_type,
         "format": "adapter-only" if config.adapter_only else "full",
         "router": config.router,
@@ -40,14 +46,63 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "dropout": config.lora_dropout,
         "targets": config.target_modules or sorted({s.kind for s in model.routing_sites}),
         "routing_sites": len(model.routing_sites),
+        "router_steps": _router_steps(config, model.routing_sites),
         "parameters": {"total": total, "trainable": added, "added": added,
                        "base": total - added},
         "bytes": {"base_weights": base_bytes, "adapters": adapter_bytes,
                   "full_checkpoint_estimate": base_bytes + adapter_bytes if base_bytes else None,
                   "all_files": sum(files.values())},
         "files": files,
-        "fine_tuned": (path / "moe_hub_training.json").is_file(),
+        "fine_tuned": (path / "moe_hub_training.json").is_file() or _experts_trained(path,
+                                                                                     tensors),
     }
+
+
+def _router_steps(config: Any, sites: list) -> str | None:
+    """GraphMoE: which sites refine over several steps and which run one (others: None)."""
+    if config.router != "graphmoe":
+        return None
+    from .modeling.router_graphmoe import steps_summary
+
+    return steps_summary(config, sites)
+
+
+@dataclass(frozen=True)
+class _StoredTensor:
+    name: str
+    file: Path
+    nbytes: int
+    adapter: bool
+
+
+def _stored_tensors(path: Path, adapter_names: set[str]) -> list[_StoredTensor]:
+    """Every tensor in the folder's safetensors files, from their headers, whatever the file
+    layout (moe-hub's split files, or one file written by ``save_pretrained`` after a Trainer
+    run); a tensor is an adapter when the model names it one or it sits in the adapter file."""
+    found = []
+    for file in sorted(path.glob("*.safetensors")):
+        header, _ = read_header(file)
+        for name in tensor_names(header):
+            begin, end = header[name]["data_offsets"]
+            adapter = name in adapter_names or file.name == ADAPTER_WEIGHTS
+            found.append(_StoredTensor(name, file, end - begin, adapter))
+    return found
+
+
+def _experts_trained(path: Path, tensors: list[_StoredTensor]) -> bool:
+    """True when some expert's B is non-zero: conversion writes every B as zeros, so any other
+    value means training (by moe-hub or by the user's own loop) changed the experts."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for tensor in tensors:
+        if tensor.adapter and tensor.name.rpartition(".")[2].startswith("lora_B"):
+            by_file.setdefault(tensor.file, []).append(tensor.name)
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt") as handle:
+            if any(bool(handle.get_tensor(name).any()) for name in names):
+                return True
+    return False
 
 
 def _size(num: float) -> str:
@@ -69,7 +124,8 @@ def render_info(info: dict[str, Any]) -> None:
     params = info["parameters"]
     rows = [
         ("base", f"{info['base']}" + (f" @ {info['base_revision']}" if info["base_revision"]
-                                       else "")),
+                                       else "")
+         + (f" (a GGUF of {info['base_origin']})" if info.get("base_origin") else "")),
         ("architecture", info["architecture"]),
         ("format", info["format"]),
         ("router", f"{info['router']} {json.dumps(info['router_config'])}"
@@ -79,6 +135,7 @@ def render_info(info: dict[str, Any]) -> None:
         ("rank / alpha / dropout", f"{info['rank']} / {info['alpha']:g} / {info['dropout']:g}"),
         ("targets", ", ".join(info["targets"])),
         ("routing sites", str(info["routing_sites"])),
+        *([("graphmoe steps", info["router_steps"])] if info.get("router_steps") else []),
         ("parameters", f"total {params['total']:,}  trainable {params['trainable']:,}  added "
                        f"{params['added']:,} ({100 * params['added'] / params['total']:.2f}%)"),
         ("base weights", _size(info["bytes"]["base_weights"])),

@@ -32,8 +32,9 @@ TEMPLATE_NAME = "moe_lora.md.jinja"
 
 # A Hub id is "name" or "namespace/name"; anything else (paths, .gguf files) is not metadata.
 _HUB_ID = re.compile(r"^(?:[\w.-]{1,96}/)?[\w.-]{1,96}$")
-
-
+# Config attributes recorded when the base was a GGUF file (see moe_hub/gguf_source.py).
+_ORIGIN_KEY = "base_model_origin"
+_LICENSE_KEY = "base_model_license"
 
 
 def looks_like_hub_id(name: str | None) -> bool:
@@ -111,14 +112,55 @@ def _training_datasets(record: dict[str, Any]) -> list[str]:
     return unique
 
 
+_SOURCE_KEYS = ("path", "name", "dataset", "file", "data")
+
+
+def _public_name(value: Any) -> str:
+    """A data source as a public card may show it: Hub ids and the shipped set as they are, a
+    local file by its name only (its folder says nothing to a reader and may be private)."""
+    text = str(value)
+    if text == "default":
+        return "`default` (moe-hub's shipped multi-task chat set)"
+    if looks_like_hub_id(text) and not Path(text).suffix:
+        return f"[`{text}`](https://huggingface.co/datasets/{text})"
+    return f"`{Path(text).name}` (local file)"
+
+
 def _describe_data(data: Any) -> str | None:
     if data is None:
         return None
     if isinstance(data, dict):
-        return ", ".join(f"{key}: `{value}`" for key, value in data.items())
+        return ", ".join(
+            f"{key}: {_public_name(value) if key in _SOURCE_KEYS else f'`{value}`'}"
+            for key, value in data.items())
     if isinstance(data, list):
-        return ", ".join(f"`{item}`" for item in data)
-    return f"`{data}`"
+        return ", ".join(_public_name(item) for item in data)
+    return _public_name(data)
+
+
+def format_value(value: Any) -> str:
+    """A table cell: floats to 4 significant digits (losses, rates), lists element-wise."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {format_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _card_base(config: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(Hub id the checkpoint derives from, shown name of its base). A GGUF base derives from
+    the model its metadata (or moe-hub's embedded default) names; a local folder is shown by its
+    name only."""
+    base = config.get("base_model_name_or_path")
+    if looks_like_hub_id(base):
+        return base, base
+    origin = config.get(_ORIGIN_KEY)
+    shown = Path(str(base)).name if base else None
+    return (origin if looks_like_hub_id(origin) else None), shown
 
 
 def checkpoint_card_data(
@@ -128,15 +170,15 @@ def checkpoint_card_data(
     license: str | None = None,
 ) -> ModelCardData:
     """Hub metadata for a checkpoint described by ``config`` (and its training record)."""
-    base = config.get("base_model_name_or_path")
+    hub_base, _ = _card_base(config)
     router = str(config.get("router") or "topk")
     tags = ["moe", "lora", "moe-lora", "moe-hub", router, "custom_code"]
     extra: dict[str, Any] = {}
-    if looks_like_hub_id(base):
+    if hub_base:
         extra["base_model_relation"] = "adapter" if config.get("adapter_only") else "finetune"
     datasets = _training_datasets(training) if training else []
     return ModelCardData(
-        base_model=base if looks_like_hub_id(base) else None,
+        base_model=hub_base,
         library_name="transformers",
         license=license,
         tags=tags,
@@ -163,13 +205,17 @@ def render_model_card(
     revision = config.get("base_model_revision")
     if license is None:
         # A re-render (after fine-tuning, before a push) keeps the license found at conversion.
-        license = base_license(base, revision) or license_from_readme(path / README_FILE)
+        license = config.get(_LICENSE_KEY) or base_license(base, revision) \
+            or license_from_readme(path / README_FILE)
     card_data = checkpoint_card_data(config, training, license=license)
     text_config = config.get("text_config") or {}
     architectures = text_config.get("architectures") or []
     arch = architectures[0] if architectures else text_config.get("model_type", "dense")
-    base_label = base or "the dense base model"
-    base_link = f"https://huggingface.co/{base}" if looks_like_hub_id(base) else "#"
+    hub_base, shown_base = _card_base(config)
+    base_label = shown_base or "the dense base model"
+    base_link = f"https://huggingface.co/{hub_base}" if hub_base else None
+    # A GGUF base is a quantised copy of hub_base: name both.
+    base_origin = hub_base if hub_base and hub_base != shown_base else None
     repo_id = repo_id or path.resolve().name
     training = training or {}
     template = resources.files("moe_hub.model_cards").joinpath(TEMPLATE_NAME).read_text("utf-8")
@@ -182,25 +228,52 @@ def render_model_card(
         adapter_only=bool(config.get("adapter_only")),
         base_label=base_label,
         base_link=base_link,
+        base_origin=base_origin,
         base_revision=revision,
         arch=arch,
         router=config.get("router", "topk"),
-        router_config=config.get("router_config") or {},
+        router_config={k: format_value(v) for k, v in (config.get("router_config") or {}).items()},
         num_experts=config.get("num_experts"),
         top_k=config.get("num_experts_per_tok"),
         routing_granularity=config.get("routing_granularity", "linear"),
         lora_rank=config.get("lora_rank"),
-        lora_alpha=config.get("lora_alpha"),
-        lora_dropout=config.get("lora_dropout"),
+        lora_alpha=format_value(config.get("lora_alpha")),
+        lora_dropout=format_value(config.get("lora_dropout")),
         target_modules=", ".join(f"`{m}`" for m in target_modules) if target_modules else "default",
         fine_tuned=bool(training),
         data=_describe_data(training.get("data")),
         steps=training.get("steps") or training.get("global_step"),
-        hyperparameters=training.get("hyperparameters") or {},
-        metrics=training.get("metrics") or training.get("final_metrics") or {},
-        expert_load=training.get("expert_load") or training.get("expert_load_stats") or {},
+        hyperparameters=_formatted(training.get("hyperparameters"), drop_paths=True),
+        metrics=_formatted(training.get("metrics") or training.get("final_metrics")),
+        expert_load=_formatted(training.get("expert_load") or training.get("expert_load_stats")),
         heatmap=HEATMAP_FILE if (path / HEATMAP_FILE).is_file() else None,
+        source_adapters=_source_adapters(config),
     )
+
+
+def _source_adapters(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The PEFT adapters the experts were built from: Hub ids become links, local directories
+    appear by name only."""
+    rows = []
+    for entry in config.get("source_adapters") or []:
+        hub_id = entry.get("hub_id")
+        rows.append({**entry, "link": f"https://huggingface.co/{hub_id}" if hub_id else None,
+                     "targets": ", ".join(f"`{t}`" for t in entry.get("target_modules") or [])})
+    return rows
+
+
+def _formatted(table: dict[str, Any] | None, drop_paths: bool = False) -> dict[str, str]:
+    """``table`` with display-ready values; with ``drop_paths`` local paths (eval data, a
+    tokenizer folder) are shown by name only."""
+    shown = {}
+    for key, value in (table or {}).items():
+        if value is None:
+            continue
+        if drop_paths and isinstance(value, str) and (os.sep in value or Path(value).exists()) \
+                and not looks_like_hub_id(value):
+            value = Path(value).name
+        shown[key] = format_value(value)
+    return shown
 
 
 def write_model_card(

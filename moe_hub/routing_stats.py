@@ -101,33 +101,96 @@ def _balance(load: torch.Tensor, experts: int) -> float:
     return float(-(p * p.log()).sum()) / math.log(experts)
 
 
+def site_grid(site_names: list[str]) -> tuple[list[str], list[int], dict[str, tuple[int, int]]]:
+    """Lay routing sites out as (kind, layer): kinds are the last name component (``q_proj``,
+    ``mlp``, ...) in first-seen order, layers the first integer component. Returns (kinds,
+    layers, site name -> (kind index, layer row)); a site without a layer number gets its own
+    row after the numbered layers."""
+    kinds: list[str] = []
+    numbered: dict[str, int | None] = {}
+    for name in site_names:
+        kind = name.rsplit(".", 1)[-1]
+        if kind not in kinds:
+            kinds.append(kind)
+        layer = next((int(part) for part in name.split(".") if part.isdigit()), None)
+        numbered[name] = layer
+    layers = sorted({layer for layer in numbered.values() if layer is not None})
+    extra = max(layers, default=-1) + 1
+    row_of = {layer: row for row, layer in enumerate(layers)}
+    cells = {}
+    for name, layer in numbered.items():
+        if layer is None:
+            layer, extra = extra, extra + 1
+            row_of[layer] = len(layers)
+            layers.append(layer)
+        cells[name] = (kinds.index(name.rsplit(".", 1)[-1]), row_of[layer])
+    return kinds, layers, cells
+
+
 def write_heatmap(loads: torch.Tensor, site_names: list[str], path: Path) -> Path | None:
-    """A PNG of the [sites, experts] load fractions; None when there is nothing to draw."""
+    """A PNG of the [sites, experts] loads: one panel per module kind (layers down, experts
+    across) coloured by load relative to an even share (1 = balanced, red = over-used, blue =
+    under-used), and a last panel with each layer's balance (normalised entropy) per kind.
+    None when there is nothing to draw."""
     if loads.numel() == 0:
         return None
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on training machines
     import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
 
     sites, experts = loads.shape
-    height = min(2.0 + 0.18 * sites, 40.0)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * experts + 3.0), height))
-    image = ax.imshow(loads.numpy(), aspect="auto", cmap="viridis", vmin=0.0,
-                      vmax=max(float(loads.max()), 1.0 / experts))
-    ax.set_xlabel("expert")
-    ax.set_ylabel("routing site")
-    ax.set_xticks(range(experts))
-    # Label at most ~40 sites so that big models stay readable.
-    step = max(1, math.ceil(sites / 40))
-    ax.set_yticks(range(0, sites, step))
-    ax.set_yticklabels([site_names[i] for i in range(0, sites, step)], fontsize=6)
-    ax.set_title("Share of routed tokens per expert")
-    fig.colorbar(image, ax=ax, label="load")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    kinds, layers, cells = site_grid(site_names)
+    grid = torch.full((len(kinds), len(layers), experts), float("nan"), dtype=torch.float64)
+    balance = torch.full((len(kinds), len(layers)), float("nan"), dtype=torch.float64)
+    for name, load in zip(site_names, loads.to(torch.float64)):
+        kind, row = cells[name]
+        grid[kind, row] = load * experts
+        balance[kind, row] = _balance(load, experts)
+    top = max(2.0, float(torch.nan_to_num(grid, nan=0.0).max()))
+
+    panel_height = min(max(2.5, 0.16 * len(layers) + 1.2), 12.0)
+    panel_width = max(1.4, 0.22 * experts + 0.6)
+    fig, axes = plt.subplots(
+        1, len(kinds) + 1, figsize=(panel_width * (len(kinds) + 1.4) + 1.0, panel_height),
+        sharey=True, squeeze=False, gridspec_kw={"width_ratios": [1] * len(kinds) + [1.4]})
+    axes = axes[0]
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=top)
+    image = None
+    for index, kind in enumerate(kinds):
+        ax = axes[index]
+        image = ax.imshow(grid[index].numpy(), aspect="auto", cmap="RdBu_r", norm=norm,
+                          interpolation="nearest")
+        ax.set_title(kind, fontsize=10)
+        ax.set_xticks(range(experts))
+        ax.set_xticklabels([str(e) if experts <= 16 or e % 4 == 0 else "" for e in
+                            range(experts)], fontsize=7)
+        ax.set_xlabel("expert", fontsize=8)
+    step = max(1, math.ceil(len(layers) / 16))
+    axes[0].set_yticks(range(0, len(layers), step))
+    axes[0].set_yticklabels([str(layers[i]) for i in range(0, len(layers), step)], fontsize=8)
+    axes[0].set_ylabel("layer")
+
+    ax = axes[-1]
+    rows = torch.arange(len(layers)).numpy()
+    for index, kind in enumerate(kinds):
+        ax.plot(balance[index].numpy(), rows, marker="o", markersize=2.5, linewidth=1,
+                label=kind)
+    ax.set_xlim(0.0, 1.02)
+    ax.set_xlabel("balance (entropy / log E)", fontsize=8)
+    ax.set_title("balance per layer", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=6, loc="lower left", frameon=False)
+
+    mean_balance = float(torch.nanmean(balance))
+    fig.suptitle(f"Routed tokens per expert relative to an even share (1 = balanced); "
+                 f"{sites} sites, {experts} experts, mean balance {mean_balance:.2f}",
+                 fontsize=10)
+    fig.colorbar(image, ax=list(axes[:-1]), label="load / even share", fraction=0.04, pad=0.02)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-__all__ = ["HEATMAP_FILE", "STATS_FILE", "RoutingStats", "write_heatmap"]
+__all__ = ["HEATMAP_FILE", "STATS_FILE", "RoutingStats", "site_grid", "write_heatmap"]

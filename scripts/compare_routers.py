@@ -1,18 +1,30 @@
-"""Compare routers on the real SmolLM2-135M-Instruct and the shipped multi-task dataset.
+"""Compare plain LoRA and the routers on tasks that conflict inside one shared adapter.
 
-Every method gets the same trainable-parameter budget (the topk model's adapter count: each other
-router's LoRA rank, and the plain LoRA's rank, is the one whose count comes closest), the same
-data split, steps, batch size, learning rate and seed. Reported per method: held-out LM loss
-(router auxiliary losses excluded, padding and prompt tokens excluded) and the expert-load
-entropy on the held-out set (normalised: 1 = every expert equally used, 0 = collapse), mean over
-routing sites.
+Data: the shipped conflict set (scripts/make_conflict_dataset.py): six tasks over the same kind
+of input (a list of words) with answers that differ in skill and format. Every method trains on
+conflict.jsonl with an NF4 base (the embedded SmolLM2-135M-Instruct GGUF, dequantized once, then
+loaded 4-bit like ``moe-hub finetune --quantize nf4``) and is scored on conflict_eval.jsonl:
+held-out LM loss on the answer tokens and per-task exact match of the answer.
 
-    python scripts/compare_routers.py --out runs/compare --steps 200
-    python scripts/compare_routers.py --out /tmp/smoke --steps 2 --eval-rows 8   # a smoke run
+Exact match is the teacher-forced argmax of every answer token and of the end-of-sequence token:
+that is exactly "greedy decoding from the prompt writes the answer and stops", in one forward.
 
-Plain LoRA is peft's ``LoraConfig`` on the same linears; MoE-LoRA models are made with
-``moe_hub.convert`` and trained with ``moe_hub.finetune`` (unquantized base by default so that all
-methods see the same base; pass ``--quantize nf4`` for the QLoRA-style setting).
+Methods: plain LoRA (peft, every decoder linear) at the trainable budget of topk at linear
+granularity (``lora-budget``) and at the experts' rank (``lora-rank``); topk, rmoe, hypermoe,
+graphmoe (mode=refine) and graphmoe-message (mode=message), each at ``linear`` and ``block``
+granularity, each router's rank matched to topk's adapter count at that granularity. Same data,
+order (per seed), steps, batch, learning rate and schedule for all; several seeds, mean and
+standard deviation; training-loss curves as a PNG.
+
+    python scripts/compare_routers.py --out runs/compare --quick     # every method, a check
+    python scripts/compare_routers.py --out runs/compare             # the full run
+    python scripts/compare_routers.py --out runs/compare --methods topk/linear graphmoe/block \\
+        --seeds 0 1 2 --steps 150                                    # a subset, longer
+    python scripts/compare_routers.py --out runs/compare --report    # table + plot from results
+
+Results go to <out>/compare_routers.json after every run (an interrupted run keeps what
+finished; a rerun skips methods and seeds already there), the table to compare_routers.md and
+the curves to compare_routers.png.
 """
 
 from __future__ import annotations
@@ -21,30 +33,41 @@ import argparse
 import json
 import math
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-ROUTER_OPTIONS = {
+ROUTERS: dict[str, tuple[str, dict[str, Any]]] = {
     # Router widths sized for a 576-wide model so routers stay a small part of the budget.
-    "topk": {},
-    "rmoe": {"hidden_size": 32},
-    "hypermoe": {"embed_dim": 32, "hyper_rank": 4},
-    "graphmoe": {"steps": 2, "message_size": 16},
+    "topk": ("topk", {}),
+    "rmoe": ("rmoe", {"hidden_size": 32}),
+    "hypermoe": ("hypermoe", {"embed_dim": 32, "hyper_rank": 4}),
+    "graphmoe": ("graphmoe", {"mode": "refine", "steps": 2, "message_size": 16}),
+    "graphmoe-message": ("graphmoe", {"mode": "message", "steps": 2, "message_size": 16}),
 }
-METHODS = ["base", "lora", *ROUTER_OPTIONS]
+GRANULARITIES = ("linear", "block")
+LORA_METHODS = ("lora-budget", "lora-rank")
+METHODS = [*LORA_METHODS, *(f"{r}/{g}" for r in ROUTERS for g in GRANULARITIES)]
+# Sized from a measured training step of topk/linear on the NF4 base, one thread, no other load:
+# about 6 CPU seconds (3 on a float32 base), plus about 70 CPU seconds a run for conversion,
+# 4-bit loading and scoring (README, "Router comparison").
+QUICK = {"steps": 6, "seeds": [0], "eval_per_task": 5}
+FULL = {"steps": 60, "seeds": [0, 1, 2], "eval_per_task": 30}
 
 
-def moe_adapter_count(text_config: Any, router: str, rank: int, args: argparse.Namespace) -> int:
+def moe_adapter_count(text_config: Any, method: str, rank: int, args: argparse.Namespace) -> int:
     """Trainable parameters of a MoE-LoRA model, counted on the meta device (no memory)."""
     from moe_hub.modeling import MoELoraConfig, MoELoraForCausalLM
 
+    router, granularity = method.split("/")
+    name, options = ROUTERS[router]
     config = MoELoraConfig(
-        text_config=text_config.to_dict(), router=router, router_config=ROUTER_OPTIONS[router],
+        text_config=text_config.to_dict(), router=name, router_config=options,
         num_experts=args.experts, num_experts_per_tok=args.top_k, lora_rank=rank,
-        routing_granularity=args.granularity,
+        routing_granularity=granularity,
     )
     with torch.device("meta"):
         model = MoELoraForCausalLM(config)
@@ -52,70 +75,131 @@ def moe_adapter_count(text_config: Any, router: str, rank: int, args: argparse.N
     return sum(params[name].numel() for name in model.adapter_parameter_names())
 
 
-def lora_rank_for(text_config: Any, budget: int) -> tuple[int, int]:
-    """Rank (and count) of a plain LoRA on every decoder linear closest to ``budget``."""
+def lora_count_per_rank(text_config: Any) -> int:
+    """Trainable parameters per unit of rank of a plain LoRA on every decoder linear."""
     from transformers import AutoModelForCausalLM
 
     from moe_hub.modeling.moe_lora_layer import find_target_linears, linear_features
 
     with torch.device("meta"):
         dense = AutoModelForCausalLM.from_config(text_config)
-    per_rank = sum(sum(linear_features(dense.get_submodule(name)))
-                   for name, _ in find_target_linears(dense, None))
-    rank = max(1, round(budget / per_rank))
-    return rank, rank * per_rank
+    return sum(sum(linear_features(dense.get_submodule(name)))
+               for name, _ in find_target_linears(dense, None))
 
 
-def matched_ranks(text_config: Any, args: argparse.Namespace) -> dict[str, tuple[int, int]]:
-    budget = moe_adapter_count(text_config, "topk", args.rank, args)
-    ranks = {"topk": (args.rank, budget)}
-    for router in ROUTER_OPTIONS:
-        if router == "topk":
+def matched_ranks(text_config: Any, methods: list[str],
+                  args: argparse.Namespace) -> dict[str, tuple[int, int]]:
+    """(rank, trainable parameters) of every method: routers match topk at their granularity,
+    lora-budget matches topk/linear, lora-rank uses the experts' rank."""
+    ranks: dict[str, tuple[int, int]] = {}
+    budgets = {g: moe_adapter_count(text_config, f"topk/{g}", args.rank, args)
+               for g in GRANULARITIES}
+    for method in methods:
+        if method in LORA_METHODS:
+            per_rank = lora_count_per_rank(text_config)
+            rank = (max(1, round(budgets["linear"] / per_rank)) if method == "lora-budget"
+                    else args.rank)
+            ranks[method] = (rank, rank * per_rank)
             continue
+        budget = budgets[method.split("/")[1]]
         # The count is affine in the rank (experts scale with it, routers barely or not).
-        one, two = (moe_adapter_count(text_config, router, r, args) for r in (1, 2))
+        one, two = (moe_adapter_count(text_config, method, r, args) for r in (1, 2))
         best = max(1, round((budget - one) / (two - one)) + 1)
-        ranks[router] = (best, moe_adapter_count(text_config, router, best, args))
-    ranks["lora"] = lora_rank_for(text_config, budget)
-    ranks["base"] = (0, 0)
+        ranks[method] = (best, moe_adapter_count(text_config, method, best, args))
     return ranks
 
 
+def eval_examples(tokenizer: Any, per_task: int, max_length: int) -> list[tuple[str, dict]]:
+    """The first ``per_task`` held-out rows of every task, tokenized as training tokenizes."""
+    from moe_hub.data import tokenize_row
+
+    rows = [json.loads(line) for line in conflict_path("conflict_eval.jsonl").open()]
+    taken: dict[str, int] = {}
+    examples = []
+    for index, row in enumerate(rows):
+        if taken.get(row["task"], 0) >= per_task:
+            continue
+        taken[row["task"]] = taken.get(row["task"], 0) + 1
+        example = tokenize_row(row, index, tokenizer, "prompt_completion", True, max_length)
+        examples.append((row["task"], example))
+    return examples
+
+
+def conflict_path(name: str) -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("moe_hub.datasets").joinpath(name)))
+
+
 @torch.no_grad()
-def evaluate(model: Any, dataset: Any, collator: Any, batch_size: int) -> dict[str, float]:
-    """Mean LM loss per supervised token and the mean normalised expert-load entropy."""
+def evaluate(model: Any, examples: list[tuple[str, dict]], collator: Any,
+             batch_size: int) -> dict[str, Any]:
+    """Held-out loss per answer token, exact match per task, expert-load entropy (MoE)."""
+    was_training = model.training
     model.eval()
     total_loss, total_tokens, counts = 0.0, 0, None
-    rows = list(dataset)
-    for start in range(0, len(rows), batch_size):
-        batch = collator(rows[start:start + batch_size])
-        is_moe = hasattr(model, "routing_sites")
+    hits: dict[str, list[bool]] = {}
+    is_moe = hasattr(model, "routing_sites")
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        batch = collator([example for _, example in chunk])
         kwargs = {"output_router_logits": True} if is_moe else {}
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     **kwargs)
         logits = out.logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(
+        scored = labels != -100
+        total_loss += torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-            reduction="sum")
-        total_loss += loss.item()
-        total_tokens += int((labels != -100).sum())
-        if is_moe:
+            reduction="sum").item()
+        total_tokens += int(scored.sum())
+        right = (logits.argmax(-1) == labels) | ~scored
+        for (task, _), row_right in zip(chunk, right.all(dim=1).tolist(), strict=True):
+            hits.setdefault(task, []).append(row_right)
+        if is_moe and out.expert_counts is not None:
             step = out.expert_counts.double()
             counts = step if counts is None else counts + step
-    result = {"eval_loss": total_loss / max(total_tokens, 1), "eval_tokens": total_tokens}
+    model.train(was_training)
+    accuracy = {task: sum(v) / len(v) for task, v in sorted(hits.items())}
+    result: dict[str, Any] = {
+        "eval_loss": total_loss / max(total_tokens, 1), "eval_tokens": total_tokens,
+        "accuracy": accuracy, "mean_accuracy": sum(accuracy.values()) / len(accuracy),
+    }
     if counts is not None:
         load = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
         entropy = -(load * load.clamp_min(1e-12).log()).sum(dim=1) / math.log(load.shape[1])
         result["load_entropy"] = float(entropy.mean())
-        result["min_site_entropy"] = float(entropy.min())
     return result
 
 
-def load_dense(dense: Path) -> Any:
-    from transformers import AutoModelForCausalLM
+def recorder(examples: list[tuple[str, dict]], collator: Any, batch_size: int) -> Any:
+    """A Trainer callback keeping the loss curve, the step time and the final evaluation."""
+    from transformers import TrainerCallback
 
-    return AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+    class Recorder(TrainerCallback):
+        def __init__(self) -> None:
+            self.curve: list[tuple[int, float]] = []
+            self.metrics: dict[str, Any] = {}
+            self.started = self.cpu_started = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started, self.cpu_started = time.perf_counter(), time.process_time()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.curve.append((state.global_step, float(logs["loss"])))
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            steps = max(state.global_step, 1)
+            seconds = time.perf_counter() - self.started
+            # CPU seconds of every thread: what a step costs with the cores to itself (wall time
+            # on a shared machine measures the other jobs as much as this one).
+            cpu = time.process_time() - self.cpu_started
+            self.metrics = evaluate(model, examples, collator, batch_size)
+            self.metrics["seconds_per_step"] = round(seconds / steps, 3)
+            self.metrics["cpu_seconds_per_step"] = round(cpu / steps, 3)
+
+    return Recorder()
 
 
 def dequantize_once(gguf: Path, target: Path) -> Path:
@@ -134,112 +218,226 @@ def dequantize_once(gguf: Path, target: Path) -> Path:
     return target
 
 
-def train_lora(dense: Path, rank: int, prepared: Any, collator: Any, args: argparse.Namespace,
-               out: Path) -> Any:
+def train_lora(dense: Path, rank: int, seed: int, args: argparse.Namespace, callback: Any,
+               workdir: Path) -> None:
+    """peft LoRA on every decoder linear of the (NF4) base, trained as finetune trains."""
+    import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 
+    from moe_hub.data import PadCollator, pad_token_id, prepare_data
+    from moe_hub.finetune import _training_arguments, quantization_config
     from moe_hub.modeling.moe_lora_layer import find_target_linears
 
-    model = load_dense(dense)
+    options = training_options(args, seed)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(
+        dense, dtype=torch.float32, quantization_config=quantization_config(options))
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):  # as finetune: no in-place CPU repacking
+            module.support_avx512bf16_for_cpu = False
     targets = sorted({name.rsplit(".", 1)[-1] for name, _ in find_target_linears(model, None)})
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05,
                                              target_modules=targets, task_type="CAUSAL_LM"))
-    training = TrainingArguments(
-        output_dir=str(out / "lora-run"), max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
-        lr_scheduler_type="cosine", warmup_steps=0.03, seed=args.seed, data_seed=args.seed,
-        logging_steps=max(1, args.steps // 10), save_strategy="no", report_to="none",
-        use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
-    )
+    tokenizer = AutoTokenizer.from_pretrained(dense)
+    prepared = prepare_data(str(conflict_path("conflict.jsonl")), tokenizer,
+                            max_length=args.max_length, seed=seed)
+    training = _training_arguments(options, workdir / "lora-run", False, False)
     Trainer(model=model, args=training, train_dataset=prepared.train,
-            data_collator=collator).train()
-    return model
+            data_collator=PadCollator(pad_token_id(tokenizer)), callbacks=[callback]).train()
+
+
+def training_options(args: argparse.Namespace, seed: int) -> Any:
+    from moe_hub.finetune import FinetuneOptions
+
+    return FinetuneOptions(quantize=args.quantize, max_steps=args.steps, batch_size=args.batch_size,
+                           lr=args.lr, seed=seed, max_length=args.max_length,
+                           logging_steps=args.log_every, save_steps=10 ** 9, overwrite=True)
+
+
+def train_moe(dense: Path, method: str, rank: int, seed: int, args: argparse.Namespace,
+              callback: Any, workdir: Path) -> None:
+    from dataclasses import asdict
+
+    from moe_hub.convert import convert
+    from moe_hub.finetune import finetune
+
+    router, granularity = method.split("/")
+    name, options = ROUTERS[router]
+    init = convert(dense, workdir / "init", router=name, router_config=options,
+                   experts=args.experts, top_k=args.top_k, rank=rank, granularity=granularity,
+                   seed=seed, overwrite=True, progress=False)
+    finetune(init, str(conflict_path("conflict.jsonl")), workdir / "trained",
+             callbacks=[callback], progress=False, **asdict(training_options(args, seed)))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
-    from moe_hub.convert import convert
-    from moe_hub.data import PadCollator, default_dataset_path, pad_token_id, prepare_data
+    from moe_hub.data import PadCollator, pad_token_id
     from moe_hub.default_model import default_model_path
-    from moe_hub.finetune import finetune
-    from moe_hub.modeling import MoELoraForCausalLM
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    results_file = out / "compare_routers.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {"runs": {}}
     dense = dequantize_once(default_model_path(), out / "dense")
     text_config = AutoConfig.from_pretrained(dense).get_text_config()
     tokenizer = AutoTokenizer.from_pretrained(dense)
-    data = args.data or str(default_dataset_path())
-    prepared = prepare_data(data, tokenizer, max_length=args.max_length, eval_split=args.eval_split,
-                            seed=args.seed)
-    eval_set = prepared.eval.select(range(min(args.eval_rows, len(prepared.eval))))
+    examples = eval_examples(tokenizer, args.eval_per_task, args.max_length)
     collator = PadCollator(pad_token_id(tokenizer))
-    ranks = matched_ranks(text_config, args)
-    results: dict[str, Any] = {"settings": vars(args), "methods": {}}
-    for method in args.methods:
-        rank, params = ranks[method]
-        started = time.perf_counter()
-        torch.manual_seed(args.seed)
-        if method == "base":  # the untrained dense model, for reference
-            model = load_dense(dense)
-        elif method == "lora":
-            model = train_lora(dense, rank, prepared, collator, args, out)
-        else:
-            checkpoint = convert(dense, out / f"{method}-init", router=method,
-                                 router_config=ROUTER_OPTIONS[method], experts=args.experts,
-                                 top_k=args.top_k, rank=rank, granularity=args.granularity,
-                                 seed=args.seed, overwrite=True, progress=False)
-            trained = out / f"{method}-trained"
-            finetune(checkpoint, data, trained, quantize=args.quantize, max_steps=args.steps,
-                     batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                     max_length=args.max_length, eval_split=args.eval_split, overwrite=True,
-                     progress=False)
-            model = MoELoraForCausalLM.from_pretrained(trained, dtype=torch.float32)
-        metrics = evaluate(model, eval_set, collator, args.batch_size)
-        metrics.update(rank=rank, trainable_params=params,
-                       seconds=round(time.perf_counter() - started, 1))
-        results["methods"][method] = metrics
-        print(json.dumps({method: metrics}), flush=True)
-        del model
-    if not args.keep:
+    ranks = matched_ranks(text_config, args.methods, args)
+    results["settings"] = {k: v for k, v in vars(args).items() if k != "report"}
+    for seed in args.seeds:
         for method in args.methods:
-            for suffix in ("init", "trained"):
-                shutil.rmtree(out / f"{method}-{suffix}", ignore_errors=True)
-        shutil.rmtree(out / "lora-run", ignore_errors=True)
-    (out / "compare_routers.json").write_text(json.dumps(results, indent=2) + "\n")
+            key = f"{method}@{seed}"
+            if key in results["runs"]:
+                continue
+            rank, params = ranks[method]
+            workdir = out / "work"
+            started, cpu_started = time.perf_counter(), time.process_time()
+            callback = recorder(examples, collator, args.eval_batch_size)
+            if method in LORA_METHODS:
+                train_lora(dense, rank, seed, args, callback, workdir)
+            else:
+                train_moe(dense, method, rank, seed, args, callback, workdir)
+            shutil.rmtree(workdir, ignore_errors=True)
+            entry = {"method": method, "seed": seed, "rank": rank, "trainable_params": params,
+                     "steps": args.steps, "curve": callback.curve, **callback.metrics,
+                     "seconds": round(time.perf_counter() - started, 1),
+                     "cpu_seconds": round(time.process_time() - cpu_started, 1)}
+            results["runs"][key] = entry
+            results_file.write_text(json.dumps(results, indent=1) + "\n")
+            print(json.dumps({k: v for k, v in entry.items() if k != "curve"}), flush=True)
     return results
 
 
-def print_table(results: dict[str, Any]) -> None:
-    print(f"{'method':<10} {'rank':>4} {'params':>10} {'eval loss':>10} {'entropy':>8} "
-          f"{'seconds':>8}")
-    for method, m in results["methods"].items():
-        entropy = f"{m['load_entropy']:.3f}" if "load_entropy" in m else "-"
-        print(f"{method:<10} {m['rank']:>4} {m['trainable_params']:>10} {m['eval_loss']:>10.4f} "
-              f"{entropy:>8} {m['seconds']:>8}")
+def summarise(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per method: mean and standard deviation over its seeds."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for entry in results["runs"].values():
+        by_method.setdefault(entry["method"], []).append(entry)
+    rows = []
+    for method in [m for m in METHODS if m in by_method]:
+        runs = by_method[method]
+        tasks = sorted(runs[0]["accuracy"])
+
+        def stat(values: list[float]) -> tuple[float, float]:
+            return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1
+                                              else float("nan"))
+
+        rows.append({
+            "method": method, "rank": runs[0]["rank"], "params": runs[0]["trainable_params"],
+            "seeds": len(runs), "steps": runs[0]["steps"],
+            "loss": stat([r["eval_loss"] for r in runs]),
+            "accuracy": stat([r["mean_accuracy"] for r in runs]),
+            "tasks": {t: statistics.fmean(r["accuracy"][t] for r in runs) for t in tasks},
+            "entropy": (statistics.fmean(r["load_entropy"] for r in runs)
+                        if "load_entropy" in runs[0] else None),
+            "seconds_per_step": statistics.fmean(r["seconds_per_step"] for r in runs),
+            "cpu_seconds_per_step": statistics.fmean(r["cpu_seconds_per_step"] for r in runs),
+            "cpu_seconds": statistics.fmean(r["cpu_seconds"] for r in runs),
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    tasks = list(rows[0]["tasks"]) if rows else []
+    head = ["method", "rank", "trainable params", "seeds", "held-out loss", "exact match",
+            *tasks, "load entropy", "CPU s/step", "CPU s/run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def pm(pair: tuple[float, float], digits: int) -> str:
+        mean, std = pair
+        return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
+
+    for r in rows:
+        cells = [r["method"], str(r["rank"]), f"{r['params']:,}", str(r["seeds"]),
+                 pm(r["loss"], 3), pm(r["accuracy"], 3),
+                 *(f"{r['tasks'][t]:.2f}" for t in tasks),
+                 "-" if r["entropy"] is None else f"{r['entropy']:.2f}",
+                 f"{r['cpu_seconds_per_step']:.1f}", f"{r['cpu_seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(results: dict[str, Any], path: Path) -> None:
+    """Training loss against step, mean over seeds, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, dict[int, list[float]]] = {}
+    for entry in results["runs"].values():
+        points = curves.setdefault(entry["method"], {})
+        for step, loss in entry["curve"]:
+            points.setdefault(step, []).append(loss)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, granularity in zip(axes, GRANULARITIES, strict=True):
+        for method in METHODS:
+            if method not in curves or not (method in LORA_METHODS
+                                            or method.endswith("/" + granularity)):
+                continue
+            steps = sorted(curves[method])
+            style = "--" if method in LORA_METHODS else "-"
+            ax.plot(steps, [statistics.fmean(curves[method][s]) for s in steps], style,
+                    label=method.split("/")[0])
+        ax.set_title(f"routers at {granularity} granularity (plain LoRA dashed)")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+    axes[0].set_ylabel("training loss (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(out: Path) -> None:
+    results = json.loads((out / "compare_routers.json").read_text())
+    table = markdown_table(summarise(results))
+    (out / "compare_routers.md").write_text(table)
+    plot_curves(results, out / "compare_routers.png")
+    print(table)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="working directory for results")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"every method, {QUICK['steps']} steps, one seed, "
+                             f"{QUICK['eval_per_task']} held-out rows per task (a check)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--eval-per-task", type=int, default=None)
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=8, help="the experts' rank (sets the budget)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--eval-batch-size", type=int, default=30)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--quantize", default="nf4", choices=["nf4", "none"],
+                        help="the frozen base of every method (none: float32, faster on CPU)")
+    parser.add_argument("--log-every", type=int, default=5, help="steps per curve point")
+    parser.add_argument("--report", action="store_true",
+                        help="only write the table and plot from the results already there")
+    args = parser.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    for name in ("steps", "seeds", "eval_per_task"):
+        if getattr(args, name) is None:
+            setattr(args, name, preset[name])
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="working directory for checkpoints/results")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--data", default=None, help="dataset (default: the shipped one)")
-    parser.add_argument("--granularity", default="linear", choices=["linear", "block"])
-    parser.add_argument("--experts", type=int, default=4)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--rank", type=int, default=8, help="topk's LoRA rank (sets the budget)")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--eval-split", type=float, default=0.1)
-    parser.add_argument("--eval-rows", type=int, default=10_000)
-    parser.add_argument("--quantize", default="none", choices=["none", "nf4", "fp4", "int8"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
-    print_table(run(parser.parse_args()))
+    args = parse_args()
+    if not args.report:
+        run(args)
+    report(Path(args.out))
 
 
 if __name__ == "__main__":

@@ -151,7 +151,8 @@ def test_options_from_yaml_file_and_info(tmp_path: Path, tiny_dense: Path) -> No
     added = 2 * ((3 * 64 * 2 + 3 * 2 * 64 + 3 * 64) + (3 * 64 * 2 + 3 * 2 * 32 + 3 * 64))
     assert info["parameters"]["added"] == added
     assert info["parameters"]["total"] == dense_params + added
-    assert info["bytes"]["adapters"] == (out / ADAPTER_WEIGHTS).stat().st_size
+    # Tensor bytes (fp32 adapters), not the file size with its header.
+    assert info["bytes"]["adapters"] == 4 * added < (out / ADAPTER_WEIGHTS).stat().st_size
 
 
 def test_dtype_option_converts_base_weights(tmp_path: Path, tiny_dense: Path) -> None:

@@ -129,7 +129,8 @@ def test_sigint_while_writing_leaves_nothing(tmp_path: Path) -> None:
         "    time.sleep(0.5)\n"
         "    return real(*a, **k)\n"
         "io.rewrite_shard = slow\n"
-        "import moe_hub.convert as c; c.rewrite_shard = slow\n"
+        "import importlib; c = importlib.import_module('moe_hub.convert')\n"
+        "c.rewrite_shard = slow\n"
         "from moe_hub.cli.app import main; import sys\n"
         f"sys.argv = ['moe-hub', 'convert', {str(dense)!r}, {str(out)!r}, '--no-progress']\n"
         "main()\n"
@@ -138,7 +139,8 @@ def test_sigint_while_writing_leaves_nothing(tmp_path: Path) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        staging = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+        staging = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")
+                   and p.name.endswith(".partial")]
         if staging and list(staging[0].glob("model-*.safetensors")):
             break
         time.sleep(0.05)

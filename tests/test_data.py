@@ -164,3 +164,33 @@ def test_default_dataset_is_shipped_and_regenerates_identically(tok):
     capital = next(r for r in rows if r["task"] == "capital")
     country = capital["messages"][0]["content"].removeprefix("What is the capital of ")[:-1]
     assert script.CAPITALS[country] == capital["messages"][1]["content"]
+
+
+def test_every_bad_row_is_named_and_csv_cells_stay_text(tmp_path, tok):
+    """Arithmetic answers such as 46 are text in a CSV (not numbers refused as "no usable
+    completion" at row 0), and the error lists the rows that really are bad."""
+    lines = ["prompt,completion"] + [f"{i} + {i} =,{2 * i + 40}" for i in range(8)]
+    lines[4] = "1 + 2 =,"  # row 3: empty completion
+    lines[6] = "2 + 2 =,"  # row 5
+    path = tmp_path / "sums.csv"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(MoEHubError) as caught:
+        prepare_data(path, tok, max_length=32)
+    message = str(caught.value)
+    assert "2 of 8 rows" in message
+    assert "row 3 has no usable 'completion'" in message
+    assert "row 5 has no usable 'completion'" in message
+    assert "row 0" not in message
+
+    lines[4], lines[6] = "1 + 2 =,NA", "2 + 2 =,007"
+    path.write_text("\n".join(lines) + "\n")
+    prepared = prepare_data(path, tok, max_length=32, completion_only=True)
+    completions = [trained_text(tok, ex) for ex in prepared.train]
+    assert completions[0] == "40</s>" and completions[3] == "NA</s>"
+    assert completions[5] == "007</s>"
+
+    # In JSON a number is its own text too; a missing value is still refused by row.
+    rows = [{"prompt": f"{i}+{i}=", "completion": 2 * i} for i in range(4)]
+    rows[2]["completion"] = None
+    with pytest.raises(MoEHubError, match=r"1 of 4 rows .*\(row 2 has no usable 'completion'"):
+        prepare_data(write_jsonl(tmp_path / "n.jsonl", rows), tok, max_length=32)

@@ -1,8 +1,8 @@
 """Fine-tuning tiny random Llama checkpoints on real bitsandbytes NF4 bases on the CPU.
 
 Tolerances: the same computation repeated (reloads, resume, checkpointing) agrees to float32
-rounding (relative 1e-5); a 2-process gloo run matches a single process with the same global batch
-to relative 1e-4 (all-reduce sums in another order); the NF4 base against the original-precision
+rounding (relative 1e-5); a 2-process gloo run, router loss on, matches a single process with the
+same global batch (all-reduce sums in another order); the NF4 base against the original-precision
 base differs by the quantization error (bound stated where checked).
 """
 
@@ -17,7 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_finetune import tiny_checkpoint
+from helpers_finetune import (
+    assert_grads_match,
+    per_step_expected_grads,
+    step_recorder,
+    tiny_checkpoint,
+)
 from safetensors.torch import load_file
 from transformers import BitsAndBytesConfig, TrainerCallback
 
@@ -261,17 +266,23 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(tmp_path):
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
     ckpt = tiny_checkpoint(tmp_path, dropout=0.0)  # dropout masks differ per process
     data = write_data(tmp_path / "d.jsonl")
-    # The load-balancing loss is a non-linear function of the batch, so each process's half
-    # batch gives another value than the whole: leave it out to compare the LM training exactly.
-    common = dict(max_steps=4, save_steps=100, aux_loss_coef=0.0,
-                  **{**FAST, "batch_size": 2, "lr": 1e-2})
+    # The router loss is on, at a weight where it matters. The load balance is a non-linear
+    # function of its micro-batch, so both runs use one-row micro-batches: each optimizer step
+    # then holds the same four micro-batches (4 accumulated in one process, 2 x 2 over two).
+    # No clipping, so that the recorded first-step gradients are the ones the optimizer uses.
+    common = dict(max_steps=4, save_steps=100, aux_loss_coef=1.0,
+                  training_args={"max_grad_norm": 0.0}, **{**FAST, "batch_size": 1, "lr": 1e-2})
     script = tmp_path / "ddp.py"
     script.write_text(textwrap.dedent(f"""
-        import json, os
+        import json, os, sys
+        sys.path.insert(0, {str(REPO / "tests")!r})
+        from helpers_finetune import step_recorder
         from moe_hub.finetune import finetune
+        rank = int(os.environ["RANK"])
+        recorder = step_recorder({str(tmp_path)!r} + f"/step1-rank{{rank}}.pt")
         metrics = finetune({str(ckpt)!r}, {str(data)!r}, {str(tmp_path / "ddp")!r},
-                           **{common!r})
-        if int(os.environ["RANK"]) == 0:
+                           grad_accum=2, callbacks=[recorder], **{common!r})
+        if rank == 0:
             with open({str(tmp_path / "ddp.json")!r}, "w") as f:
                 json.dump({{**metrics, "world": int(os.environ["WORLD_SIZE"])}}, f)
     """))
@@ -282,8 +293,19 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = json.loads((tmp_path / "ddp.json").read_text())
     assert ddp["world"] == 2
-    single = finetune(ckpt, data, tmp_path / "single", **{**common, "batch_size": 4})
+    recorder = step_recorder()
+    single = finetune(ckpt, data, tmp_path / "single", grad_accum=4, callbacks=[recorder],
+                      **common)
     assert single["global_step"] == ddp["global_step"] == 4
+    # First step: both runs saw the same four rows and get the per-step definition's gradient
+    # (tests/test_aux_loss_scale.py), which an independent computation gives.
+    ranks = [torch.load(tmp_path / f"step1-rank{r}.pt") for r in range(2)]
+    ddp_rows = sorted(tuple(b["input_ids"][0].tolist()) for r in ranks for b in r["batches"])
+    assert ddp_rows == sorted(tuple(b["input_ids"][0].tolist()) for b in recorder.batches)
+    assert len(set(ddp_rows)) == 4
+    want = per_step_expected_grads(ckpt, [b for r in ranks for b in r["batches"]], 1.0)
+    assert_grads_match(ranks[0]["grads"], want)
+    assert_grads_match(recorder.grads, want)
     # Same batches, same math; only float32 reduction order differs, and Adam's normalised first
     # steps amplify it on near-zero gradients (measured 4e-4 relative on the final loss).
     assert abs(ddp["final_loss"] - single["final_loss"]) <= 2e-3 * abs(single["final_loss"])

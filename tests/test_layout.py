@@ -150,3 +150,20 @@ def test_auto_model_holds_the_tree_minus_the_head(tmp_path: Path) -> None:
     assert not any(n.startswith("lm_head") for n in names)
     causal = {n for n, _ in MoELoraForCausalLM.from_pretrained(out).named_parameters()}
     assert names == causal - {"lm_head.weight"}
+
+
+def test_base_saved_from_the_bare_backbone_converts(tmp_path: Path) -> None:
+    """Older GPT-2 checkpoints name their tensors h.0... (saved from GPT2Model)."""
+    dense_dir = save_tiny_dense(tmp_path / "dense", "gpt2")
+    shard = dense_dir / "model.safetensors"
+    with safe_open(shard, "pt") as f:
+        tensors = {k.removeprefix("transformer."): f.get_tensor(k) for k in f.keys()}
+    assert "h.0.attn.c_attn.weight" in tensors and "lm_head.weight" not in tensors
+    save_file(tensors, shard, metadata={"format": "pt"})
+    out = convert(dense_dir, tmp_path / "moe", **SMALL)
+    assert "model.h.0.attn.c_attn.base_layer.weight" in _names(out)
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir).eval()
+    moe = MoELoraForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        assert (moe(ids).logits - dense(ids).logits).abs().max() < 1e-5

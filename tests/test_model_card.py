@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -156,3 +157,58 @@ def test_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=f"{TRAINING_FILE} is not valid JSON"):
         write_model_card(checkpoint)
     assert sorted(p.name for p in checkpoint.iterdir()) == ["config.json", TRAINING_FILE]
+
+
+def test_gguf_base_card_names_its_origin_and_no_local_paths(tmp_path: Path) -> None:
+    """A checkpoint converted from a GGUF links the Hub model the GGUF was made from (recorded
+    at conversion) instead of `(#)`, carries its license, and a fine-tuned card shows a local
+    data file by its name only, with short numbers."""
+    checkpoint = _checkpoint_config(
+        tmp_path / "smol-moe", base_model_name_or_path="SmolLM2-135M-Instruct.Q4_1.gguf",
+        base_model_revision=None, base_model_origin=HUB_BASE, base_model_license="apache-2.0")
+    record = {
+        "data": str(tmp_path / "home" / "me" / "secret-project" / "train.jsonl"),
+        "steps": 30,
+        "hyperparameters": {"lr": 0.0002, "eval_data": str(tmp_path / "home" / "eval.jsonl")},
+        "final_metrics": {"train_loss": 1.7123456789012345, "global_step": 30},
+        "expert_load_stats": {"overall_load": [0.12345678901, 0.87654321099]},
+    }
+    (checkpoint / TRAINING_FILE).write_text(json.dumps(record))
+    card = ModelCard.load(write_model_card(checkpoint))
+    data = card.data.to_dict()
+    assert data["base_model"] == HUB_BASE and data["license"] == "apache-2.0"
+    text = card.text
+    assert "(#)" not in text
+    assert f"`SmolLM2-135M-Instruct.Q4_1.gguf`, a GGUF copy of [{HUB_BASE}]" \
+           f"(https://huggingface.co/{HUB_BASE})" in text
+    assert "Data: `train.jsonl` (local file)" in text
+    assert str(tmp_path) not in text and "secret-project" not in text
+    assert "| train_loss | 1.712 |" in text and "[0.1235, 0.8765]" in text
+    assert not re.search(r"\d\.\d{6,}", text)
+
+
+def test_gguf_metadata_gives_origin_and_license(tmp_path: Path) -> None:
+    """general.source.url / general.license of a real GGUF header (written by the gguf
+    package) are what conversion records; the embedded default falls back to its known origin."""
+    from gguf import GGUFWriter
+
+    from moe_hub.gguf_source import LICENSE_KEY, ORIGIN_KEY, gguf_provenance
+
+    path = tmp_path / "model.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_string("general.source.url", "https://huggingface.co/org/original-model")
+    writer.add_string("general.license", "mit")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert gguf_provenance(path) == {ORIGIN_KEY: "org/original-model", LICENSE_KEY: "mit"}
+    bare = tmp_path / "bare.gguf"
+    writer = GGUFWriter(str(bare), "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert gguf_provenance(bare) == {}
+    assert gguf_provenance(bare, default_model=True) == {ORIGIN_KEY: HUB_BASE,
+                                                         LICENSE_KEY: "apache-2.0"}

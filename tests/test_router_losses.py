@@ -286,7 +286,7 @@ def test_one_undescribed_site_does_not_unmask_the_others() -> None:
         logits = torch.randn(rows[site.index], 4, generator=generator)
         top, chosen = logits.topk(2, dim=-1)
         ctx.record(site, RouterOutput(chosen, top.softmax(-1), logits))
-    losses, counts, _ = model._router_summary(ctx)
+    losses, counts, _ = model._router_summary(ctx, torch.device("cpu"))
     assert counts.sum(1).tolist() == [8 * 2, 7 * 2, 8 * 2]
     keep = torch.cat([mask.reshape(-1), torch.ones(7, dtype=torch.bool), mask.reshape(-1)])
     logits = torch.cat([ctx.outputs[i].logits for i in range(3)])

@@ -27,7 +27,9 @@ ROUTER_CONFIGS = {
     "rmoe": ("rmoe", {"hidden_size": 16}),
     "rmoe-hyper": ("rmoe", {"hidden_size": 16, "hyper": True, "embed_dim": 16}),
     "hypermoe": ("hypermoe", {"embed_dim": 16}),
-    "graphmoe": ("graphmoe", {"steps": 3, "message_size": 8}),
+    "graphmoe": ("graphmoe", {"mode": "refine", "steps": 3, "message_size": 8}),
+    # Reading B, spelled as every config written before ``mode`` existed (no ``mode`` key).
+    "graphmoe-message": ("graphmoe", {"steps": 3, "message_size": 8}),
 }
 GRANULARITIES = ["linear", "block"]
 CASES = [(r, g) for r in ROUTER_CONFIGS for g in GRANULARITIES]
@@ -357,10 +359,12 @@ def test_hypermoe_noisy_gating_only_in_training() -> None:
 
 # 4. GraphMoE
 
+@pytest.mark.parametrize("mode", ["refine", "message"])
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_graphmoe_one_step_is_exactly_topk(granularity: str) -> None:
+def test_graphmoe_one_step_is_exactly_topk(granularity: str, mode: str) -> None:
     topk = perturb(build("topk", granularity, seed=4)).train()
-    graph = build("graphmoe", granularity, seed=9, router_config={"steps": 1}).train()
+    graph = build("graphmoe", granularity, seed=9,
+                  router_config={"mode": mode, "steps": 1}).train()
     graph.load_state_dict(topk.state_dict(), strict=True)
     tokens = ids()
     out_topk = topk(tokens, labels=tokens)
@@ -371,6 +375,7 @@ def test_graphmoe_one_step_is_exactly_topk(granularity: str) -> None:
 
 
 def _graph_site(steps: int) -> MoELoraLinear:
+    # No ``mode``: a config in the format written before reading A existed, i.e. reading B.
     model = perturb(build("graphmoe", "linear", router_config={"steps": steps,
                                                                "message_size": 8}))
     return model, next(m for m in model.modules() if isinstance(m, MoELoraLinear))
@@ -421,13 +426,198 @@ def test_graphmoe_cost_grows_linearly_with_steps() -> None:
 
 
 def test_graphmoe_task_loss_reaches_the_message_path() -> None:
-    model = perturb(build("graphmoe", "linear", output_router_logits=False)).train()
+    model = perturb(build("graphmoe-message", "linear", output_router_logits=False)).train()
     tokens = ids()
     model(tokens, labels=tokens).loss.backward()
     cell = model.moe_shared["graphmoe"]
     assert cell.weight_ih.grad.abs().sum() > 0
     layer = next(m for m in model.modules() if isinstance(m, MoELoraLinear))
     assert layer.router.message_weight.grad.abs().sum() > 0
+
+
+def _refine_reference(site: nn.Module, cell: nn.GRUCell, x: torch.Tensor, steps: int,
+                      top_k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Reading A written out per token and per expert in float64, from the site's parameters:
+    u_0 = x; logits_t = u_{t-1} W_g + m_{t-1} U_g; u_t = u_{t-1} + E_t(u_{t-1});
+    m_t = GRU(sum_j g_j u_{t-1} A_j, m_{t-1}); output f(x) + u_T - x."""
+    router, scale = site.router, site.scale
+    block = isinstance(site, MoELoraBlock)
+
+    def linear(name: str, expert: int | None, u: torch.Tensor) -> torch.Tensor:
+        frozen = site.base_layer.get_submodule(name) if block else site.base_layer
+        y = u @ frozen.weight.T + (frozen.bias if frozen.bias is not None else 0)
+        if expert is None:
+            return y
+        a = site.lora_A[name] if block else site.lora_A
+        b = site.lora_B[name] if block else site.lora_B
+        return y + scale * (u @ a[expert]) @ b[expert]
+
+    def mlp(expert: int | None, u: torch.Tensor) -> torch.Tensor:
+        act = site.base_layer.act_fn
+        hidden = act(linear("gate_proj", expert, u)) * linear("up_proj", expert, u)
+        return linear("down_proj", expert, hidden)
+
+    def frozen(u):
+        return mlp(None, u) if block else linear("", None, u)
+
+    def routed(expert, u):
+        return mlp(expert, u) if block else linear("", expert, u)
+
+    input_a = site.lora_A["up_proj"] if block else site.lora_A
+    u, state, all_logits = x, torch.zeros(x.shape[0], cell.hidden_size, dtype=x.dtype), []
+    for step in range(steps):
+        logits = u @ router.weight.T
+        if step:
+            logits = logits + state @ router.message_weight.T
+        all_logits.append(logits)
+        probs, chosen = logits.softmax(-1).topk(top_k, dim=-1)
+        gates = probs / probs.sum(-1, keepdim=True)
+        change = torch.zeros_like(u)
+        message = torch.zeros(x.shape[0], input_a.shape[-1], dtype=x.dtype)
+        for t in range(x.shape[0]):
+            for j in range(top_k):
+                e = int(chosen[t, j])
+                change[t] = change[t] + gates[t, j] * (routed(e, u[t:t + 1])[0]
+                                                      - frozen(u[t:t + 1])[0])
+                message[t] = message[t] + gates[t, j] * (u[t] @ input_a[e])
+        state = cell(message, state)
+        u = u + change
+    return frozen(x) + u - x, all_logits
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_graphmoe_refine_matches_a_float64_reference_with_gradients(granularity: str) -> None:
+    steps = 3
+    model = perturb(build("graphmoe", granularity)).double().train()
+    site = next(m for m in model.modules() if isinstance(m, MoELoraLinear | MoELoraBlock)
+                and m.site.kind in ("self_attn.o_proj", "mlp") and m.site.layer == 1)
+    cell = model.moe_shared["graphmoe"]
+    ref_cell = nn.GRUCell(cell.input_size, cell.hidden_size).double()
+    ref_cell.load_state_dict(cell.state_dict())
+    x = torch.randn(7, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    out = site(x)
+    expected, logits = _refine_reference(site, ref_cell, x, steps, 2)
+    # Router math runs in float32: the float64 model agrees to float32 rounding of the gates.
+    assert rel_err(out, expected) < 1e-5
+    # Every step's gate, the shared cell, U_g and the experts get the reference's gradient:
+    # nothing on the way (state, refined input) is detached.
+    probe = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    names = ["router.weight", "router.message_weight", "lora_A", "lora_B"]
+    params = dict(site.named_parameters())
+    tensors = [p for n, p in params.items() if any(n.startswith(k) for k in names)]
+    tensors += list(cell.parameters())
+    got = torch.autograd.grad((out * probe).sum(), tensors)
+    want = torch.autograd.grad((expected * probe).sum(),
+                               tensors[:-4] + list(ref_cell.parameters()))
+    for g, w in zip(got, want, strict=True):
+        assert w.abs().sum() > 0
+        assert rel_err(g, w) < 1e-4
+    assert len(logits) == steps
+
+
+def test_graphmoe_refine_records_every_step_and_refines_only_square_sites() -> None:
+    model = perturb(build("graphmoe", "linear")).eval()
+    tokens = ids()
+    with torch.no_grad():
+        out = model(tokens, output_router_logits=True)
+    routers = {m.site.kind: m.router for m in model.modules() if isinstance(m, MoELoraLinear)}
+    refining = {kind for kind, r in routers.items() if r.refines}
+    # 64 -> 64; k/v (GQA), gate/up, down are not square
+    assert refining == {"self_attn.q_proj", "self_attn.o_proj"}
+    assert all((r.message_weight is None) == (kind not in refining) for kind, r in routers.items())
+    steps = [logits.shape[0] // tokens.numel() for logits in out.router_logits]
+    kinds = [site.kind for site in model.routing_sites]
+    assert steps == [3 if kind in refining else 1 for kind in kinds]
+
+
+def test_graphmoe_refine_cost_grows_linearly_with_steps_at_square_sites_only() -> None:
+    flops: dict[tuple[str, int], int] = {}
+    x = torch.randn(1, 16, 64)
+    for steps in (1, 2, 3, 5):
+        model = perturb(build("graphmoe", "block",
+                              router_config={"mode": "refine", "steps": steps}))
+        layers = {"mlp": next(m for m in model.modules() if isinstance(m, MoELoraBlock))}
+        model = perturb(build("graphmoe", "linear",
+                              router_config={"mode": "refine", "steps": steps}))
+        for m in model.modules():
+            kind = m.site.kind.rsplit(".", 1)[-1] if isinstance(m, MoELoraLinear) else None
+            if kind in ("o_proj", "k_proj"):
+                layers.setdefault(kind, m)
+        for kind, layer in layers.items():
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                layer(x)
+            flops[kind, steps] = counter.get_total_flops()
+    for kind in ("mlp", "o_proj"):
+        per_step = flops[kind, 3] - flops[kind, 2]
+        assert per_step > 0 and flops[kind, 5] - flops[kind, 3] == 2 * per_step
+        assert flops[kind, 2] - flops[kind, 1] >= per_step  # step 2 also starts the GRU state
+    assert flops["k_proj", 1] == flops["k_proj", 5]  # 64 -> 32: one step whatever steps says
+
+
+def test_graphmoe_config_without_mode_stays_reading_b(tmp_path: Path) -> None:
+    """A checkpoint written before ``mode`` existed (no ``mode`` in router_config) loads into the
+    message reading with every parameter it has, and computes what mode=message computes."""
+    dense = save_tiny_dense(tmp_path / "dense")
+    fresh = convert(dense, tmp_path / "new", router="graphmoe",
+                    router_config={"steps": 3, "message_size": 8}, experts=4, top_k=2, rank=4,
+                    dropout=0.0, progress=False)
+    assert json.loads((fresh / "config.json").read_text())["router_config"]["mode"] == "refine"
+    # Today's format: what convert wrote before this change, router_config without ``mode``.
+    convert(dense, tmp_path / "old", router="graphmoe",
+            router_config={"mode": "message", "steps": 3, "message_size": 8}, experts=4,
+            top_k=2, rank=4, dropout=0.0, progress=False)
+    trained = perturb(AutoModelForCausalLM.from_pretrained(tmp_path / "old",
+                                                           trust_remote_code=True))
+    trained.save_pretrained(tmp_path / "old")
+    config_file = tmp_path / "old" / "config.json"
+    saved = json.loads(config_file.read_text())
+    del saved["router_config"]["mode"]
+    config_file.write_text(json.dumps(saved))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "old", trust_remote_code=True).eval()
+    assert "mode" not in loaded.config.router_config
+    state = trained.state_dict()
+    explicit = build("graphmoe", "linear",
+                     router_config={"mode": "message", "steps": 3, "message_size": 8},
+                     lora_dropout=0.05, lora_alpha=8.0).eval()
+    explicit.load_state_dict(state, strict=True)
+    refine = build("graphmoe", "linear").eval()
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # fewer message weights
+        refine.load_state_dict(state, strict=True)
+    tokens = ids()
+    with torch.no_grad():
+        want = explicit(tokens).logits
+        assert torch.equal(loaded(tokens).logits, want)
+        assert rel_err(want, AutoModelForCausalLM.from_pretrained(
+            dense).eval()(tokens).logits) > 1e-3  # the experts (B perturbed) change the output
+    assert {m.router.mode for m in loaded.modules() if hasattr(m, "router")} == {"message"}
+
+
+def test_graphmoe_info_names_the_sites_that_refine(tmp_path: Path) -> None:
+    from moe_hub.info import checkpoint_info
+
+    dense = save_tiny_dense(tmp_path / "dense")
+    steps = {}
+    for name, granularity, options in (("linear", "linear", {}), ("block", "block", {}),
+                                       ("message", "linear", {"mode": "message"})):
+        out = convert(dense, tmp_path / name, router="graphmoe",
+                      router_config={"steps": 3, **options}, granularity=granularity,
+                      experts=4, rank=4, progress=False)
+        steps[name] = checkpoint_info(out)["router_steps"]
+    assert steps["linear"] == ("refine: 3 steps at self_attn.o_proj, self_attn.q_proj (4 "
+                               "sites); 1 step at mlp.down_proj, mlp.gate_proj, mlp.up_proj, "
+                               "self_attn.k_proj, self_attn.v_proj (input width != output width)")
+    assert steps["block"] == "refine: 3 steps at mlp (2 sites)"
+    assert steps["message"] == "message: 3 routing steps at every site, experts run once"
+    topk = convert(dense, tmp_path / "topk", experts=4, rank=4, progress=False)
+    assert checkpoint_info(topk)["router_steps"] is None
+
+
+def test_graphmoe_refine_router_alone_says_how_to_call_it() -> None:
+    model = build("graphmoe", "linear")
+    layer = next(m for m in model.modules() if isinstance(m, MoELoraLinear)
+                 and m.site.kind == "self_attn.o_proj")
+    with pytest.raises(RuntimeError, match="call the site module"):
+        layer.router(torch.randn(3, 64), RoutingContext(None, model.moe_shared), layer)
 
 
 # 5. gradient checkpointing, padding, dtypes, block numerics
@@ -450,7 +640,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads(router: str,
     calls = []
     for module in model.modules():
         if hasattr(module, "router") and hasattr(module, "site"):
-            module.router.register_forward_hook(lambda *args: calls.append(1))
+            # A pre-hook: non-reentrant recomputation stops as soon as every saved tensor is
+            # back, which can be inside the last router of a layer (GraphMoE refine, block).
+            module.router.register_forward_pre_hook(lambda *args: calls.append(1))
     model.gradient_checkpointing_enable()
     ckpt, ckpt_grads = _loss_and_grads(model, tokens)
     sites = len(model.routing_sites)
@@ -572,6 +764,8 @@ def test_block_mode_rejects_unknown_mlp_shapes() -> None:
 def test_router_options_are_validated() -> None:
     with pytest.raises(ValueError, match="steps >= 1"):
         build("graphmoe", router_config={"steps": 0})
+    with pytest.raises(ValueError, match="mode=refine or mode=message"):
+        build("graphmoe", router_config={"mode": "graph"})
     with pytest.raises(ValueError, match="unknown router"):
         MoELoraForCausalLM(MoELoraConfig(text_config=tiny_config("llama").to_dict(),
                                          router="nope"))

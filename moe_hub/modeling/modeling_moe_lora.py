@@ -8,12 +8,14 @@ Module tree (transformers' convention, so that TRL, PEFT and accelerate find wha
 the dense model is built with ``AutoModelForCausalLM.from_config(config.text_config)`` and every
 targeted linear inside it is replaced by a ``MoELoraLinear``; its decoder backbone (the module its
 ``base_model_prefix`` names: ``model``, GPT-2's ``transformer``, GPT-NeoX's ``gpt_neox``) is then
-registered here as ``self.model`` and its LM head as ``self.lm_head``. Parameter names are
-``model.<backbone name>`` and ``lm_head.*`` for every architecture, with ``.base_layer`` inserted
-for targeted linears, and ``moe_shared.<router>.*`` for modules all sites share. The dense causal
-LM object itself is kept unregistered, only to run its forward (loss, ``logits_to_keep``, logit
-softcapping and other per-architecture quirks stay the library's): its submodules are the very
-objects registered here, so ``.to()``, quantization, hooks and loading act on them.
+registered here as ``self.model`` and its LM head as ``self.lm_head`` (a head nested in another
+module, as BERT's ``cls.predictions.decoder``, stays in that module, registered under its own
+name). Parameter names are ``model.<backbone name>`` and ``lm_head.*``, with ``.base_layer``
+inserted for targeted linears, and ``moe_shared.<router>.*`` for modules all sites share. The
+dense causal LM object itself is kept unregistered, only to run its forward (loss,
+``logits_to_keep``, logit softcapping and other per-architecture quirks stay the library's): its
+submodules are the very objects registered here, so ``.to()``, quantization, hooks and loading act
+on them.
 
 Checkpoints written before this layout (``config.checkpoint_layout`` 1: the whole causal LM under
 ``model.``, e.g. ``model.model.layers.0...``, ``model.lm_head.weight``) load through a key mapping
@@ -30,6 +32,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
@@ -63,6 +66,9 @@ except ImportError:  # pragma: no cover - older 5.x: initialize_weights guards o
 
 __all__ = ["MoELoraForCausalLM", "MoELoraModel", "MoELoraPreTrainedModel"]
 
+#: Class names device_map must not split (see MoELoraPreTrainedModel.__init__).
+_NO_SPLIT_ROUTING_MODULES = ("MoELoraLinear", "MoELoraBlock", "HyperNetwork")
+
 # transformers 5.24 renamed the outputs' ``past_key_values`` field to ``cache``.
 _OUTPUT_CACHE_FIELD = next(
     (f.name for f in fields(MoeCausalLMOutputWithPast) if f.name in ("cache", "past_key_values")),
@@ -94,7 +100,7 @@ class MoELoraPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
     # Routers (and their shared modules) compute in float32 whatever dtype the model loads in.
     _keep_in_fp32_modules_strict = ["router", "moe_shared"]
-    #: Whether this class registers the dense model's LM head (``lm_head``).
+    #: Whether this class registers the dense model's LM head (and what holds it).
     _keeps_head = True
 
     def __init__(self, config: MoELoraConfig) -> None:
@@ -109,11 +115,15 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         config.text_config = dense.config
         self.moe_shared = nn.ModuleDict()
         self._routing = RoutingHolder(self.moe_shared)
+        #: dense name prefix -> this model's (``model``, ``lm_head``; other children keep theirs)
+        self._dense_prefixes = _dense_prefixes(dense)
+        #: this model's name of the child that is or holds the LM head
+        self._head_prefix = self._dense_prefixes[_head_path(dense).partition(".")[0]]
         block = config.routing_granularity == "block"
         inject = inject_moe_lora_blocks if block else inject_moe_lora
-        # Sites are found (and named, and matched against target patterns) in the dense model's
-        # own module names, as in every checkpoint so far.
-        self.routing_sites = inject(dense, config, self._routing)
+        # Target patterns match the dense model's own module names, as in every checkpoint so
+        # far; sites are named as this model's modules are.
+        self.routing_sites = inject(dense, config, self._routing, site_name=self._from_dense)
         for module in dense.modules():
             if isinstance(module, Router):
                 module.connect(self.routing_sites)
@@ -129,37 +139,31 @@ class MoELoraPreTrainedModel(PreTrainedModel):
     def _adopt(self, dense: PreTrainedModel) -> None:
         """Register ``dense``'s backbone as ``self.model`` and its head as ``self.lm_head``."""
         backbone = dense.base_model
-        if backbone is dense:
-            raise ValueError(f"{type(dense).__name__} names no decoder backbone "
-                             f"(base_model_prefix {dense.base_model_prefix!r}): not supported")
-        head = dense.get_output_embeddings()
-        module_names = {id(m): n for n, m in dense.named_modules()}
-        if head is None or id(head) not in module_names:
-            raise ValueError(f"{type(dense).__name__} has no LM head: not a causal LM")
-        if next(dense.named_parameters(recurse=False), None) is not None or \
-                next(dense.named_buffers(recurse=False), None) is not None:
-            raise ValueError(f"{type(dense).__name__} keeps tensors outside its backbone and "
-                             f"head: not supported")
-        # dense name prefix -> this model's prefix (other children of the causal LM keep theirs).
-        self._dense_prefixes = {dense.base_model_prefix: "model", module_names[id(head)]: "lm_head"}
         self.model = backbone
-        if self._keeps_head:
-            self.lm_head = head
         for name, child in dense.named_children():
-            if child is backbone or child is head or not any(True for _ in child.state_dict()):
+            holds_tensors = next(iter(child.parameters()), None) is not None or \
+                next(iter(child.buffers()), None) is not None
+            ours = self._dense_prefixes[name]
+            if child is backbone or not holds_tensors or (ours == self._head_prefix
+                                                           and not self._keeps_head):
+                continue
+            if ours == "lm_head":
+                self.lm_head = child
                 continue
             if hasattr(self, name):
                 raise ValueError(f"{type(dense).__name__}.{name} clashes with "
                                  f"{type(self).__name__}.{name}")
             self.add_module(name, child)
-            self._dense_prefixes[name] = name
         # Unregistered: its forward is reused, its tensors are the ones registered above.
         self.__dict__["_dense"] = dense
         _route_backbone_calls(backbone, self._routing)
         tied = getattr(dense, "all_tied_weights_keys", None) or {}
         mapped = {self._from_dense(k): self._from_dense(v) for k, v in tied.items()}
         self._tied_weights_keys = {k: v for k, v in mapped.items() if k and v}
-        self._no_split_modules = list(getattr(dense, "_no_split_modules", None) or [])
+        # device_map keeps each of these whole on one device: a routed site reads its experts'
+        # banks and router together, the hypernetwork its trunk and heads.
+        self._no_split_modules = [*(getattr(dense, "_no_split_modules", None) or []),
+                                  *_NO_SPLIT_ROUTING_MODULES]
         self._cache_argument = _cache_argument(dense)
 
     @property
@@ -172,15 +176,9 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         class does not hold it: the head of ``MoELoraModel``)."""
         first, _, rest = name.partition(".")
         prefix = self._dense_prefixes.get(first)
-        if prefix is None or (prefix == "lm_head" and not self._keeps_head):
+        if prefix is None or (prefix == self._head_prefix and not self._keeps_head):
             return None
         return f"{prefix}.{rest}" if rest else prefix
-
-    def legacy_key_mapping(self) -> dict[str, str]:
-        """``key_mapping`` from checkpoint layout 1 (the whole dense causal LM under ``model.``)
-        to this model's names."""
-        return {f"^model\\.{re.escape(dense)}\\.": f"{ours}."
-                for dense, ours in self._dense_prefixes.items()}
 
     def _init_weights(self, module: nn.Module) -> None:
         # Adapters and shared routing modules follow their own rule (initialize_weights); the
@@ -282,7 +280,10 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         the layout before this one (renamed while loading, saved in the current layout)."""
         config = kwargs.get("config")
         if not isinstance(config, PretrainedConfig):  # the Auto classes always pass one
-            config = _load_config(cls, pretrained_model_name_or_path, kwargs)
+            config = cls.config_class.from_pretrained(
+                pretrained_model_name_or_path,
+                **{k: kwargs[k] for k in (*_HUB_KWARGS, "revision", "subfolder") if k in kwargs},
+            )
         _require_moe_config(config, pretrained_model_name_or_path)
         legacy = _legacy_key_mapping(config)
         if getattr(config, "adapter_only", False):
@@ -301,8 +302,9 @@ class MoELoraPreTrainedModel(PreTrainedModel):
             adapters = set(self.adapter_parameter_names())
             loading_info.missing_keys = {k for k in loading_info.missing_keys if k not in adapters}
         if not self._keeps_head:
+            head = self._head_prefix + "."
             loading_info.unexpected_keys = {k for k in loading_info.unexpected_keys
-                                            if not k.startswith("lm_head.")}
+                                            if not k.startswith(head)}
 
     def _routing_scope(self, attention_mask: torch.Tensor | None, input_ids: Any = None,
                        inputs_embeds: Any = None):
@@ -310,28 +312,37 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         return self._routing.begin(call_token_mask(attention_mask, input_ids, inputs_embeds))
 
     def _router_summary(
-        self, ctx: RoutingContext
+        self, ctx: RoutingContext, device: torch.device
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple]:
-        """Auxiliary losses over every site's decisions, padding excluded, each site once."""
+        """Auxiliary losses over every site's decisions, padding excluded, each site once.
+
+        Sites may sit on different devices (``device_map`` across GPUs): every per-site tensor
+        is moved to ``device`` (where the LM loss is) before they are combined. The moves are
+        differentiable, so each router still gets its gradient on its own device.
+        """
         outputs = [ctx.outputs[i] for i in sorted(ctx.outputs)]
-        if not outputs:
-            zero = torch.zeros((), device=self.device)
-            return {"load_balance": zero}, torch.zeros(0, self.config.num_experts), ()
         num_experts = self.config.num_experts
+        if not outputs:
+            zero = torch.zeros((), device=device)
+            return {"load_balance": zero}, torch.zeros(0, num_experts, device=device), ()
         logits, indices, masks, counts = [], [], [], []
         router_losses: dict[str, list[torch.Tensor]] = {}
         for out in outputs:
             tokens = out.indices.shape[0]
             mask = ctx.site_mask(tokens)
+            mask = None if mask is None else mask.to(device)
             steps = out.logits.shape[0] // tokens
-            logits.append(out.logits)
-            indices.append(out.balance_indices)
+            logits.append(out.logits.to(device))
+            indices.append(out.balance_indices.to(device))
             if mask is not None:
                 masks.append(mask.repeat(steps))
-            chosen = out.indices if mask is None else out.indices[mask]
-            counts.append(torch.bincount(chosen.reshape(-1), minlength=num_experts))
+            # One-hot sums, not bincount over masked rows: no host synchronisation on a GPU.
+            chosen = F.one_hot(out.indices.to(device), num_experts)
+            if mask is not None:
+                chosen = chosen * mask.view(-1, 1, 1)
+            counts.append(chosen.sum(dim=(0, 1)))
             for name, value in out.losses.items():
-                router_losses.setdefault(name, []).append(value)
+                router_losses.setdefault(name, []).append(value.to(device))
         all_logits = torch.cat(logits)
         mask = torch.cat(masks) if len(masks) == len(outputs) else None
         losses = {
@@ -448,14 +459,32 @@ class MoELoraModel(MoELoraPreTrainedModel):
 
 class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
     """Causal LM with MoE-LoRA experts; loss = LM loss + weighted router losses when
-    ``output_router_logits`` and ``labels`` are given (as in Mixtral)."""
+    ``output_router_logits`` and ``labels`` are given (as in Mixtral).
+
+    The router losses are defined per optimizer step. A plain call (no ``num_items_in_batch``)
+    adds ``aux = coef * load_balance (+ z-loss and router losses)`` of this batch. When
+    ``num_items_in_batch`` N is given (transformers' Trainer passes it because ``forward``
+    accepts ``**kwargs``; the LM loss is then summed over this micro-batch's label tokens and
+    divided by N, the label tokens of the whole optimizer step), the aux term is weighted by this
+    micro-batch's share of those tokens, ``n / N`` (n: labels != -100 after the causal shift, or
+    of ``shift_labels``). Trainer then skips its division by the gradient-accumulation steps and,
+    with ``average_tokens_across_devices`` (N counted over all processes), multiplies the loss by
+    the world size W while DDP averages gradients over W. Summed over the micro-batches and
+    averaged over the processes, the aux term is therefore ``sum_m (n_m / N) aux_m``: the
+    token-weighted mean of the micro-batch aux losses, whatever grad_accum and W are. Without
+    that weight it would grow as grad_accum x W. With ``average_tokens_across_devices=False``
+    N is each process's own count and nothing is multiplied: the aux term is then the mean over
+    processes of each one's token-weighted mean, exactly as the LM loss is (read from Trainer's
+    source; the tests cover the default).
+    """
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
+        return self.dense_model.get_output_embeddings()
 
     def set_output_embeddings(self, value: nn.Module) -> None:
-        self.lm_head = value
         self.dense_model.set_output_embeddings(value)
+        if self._head_prefix == "lm_head":
+            self.lm_head = value
 
     def forward(
         self,
@@ -493,10 +522,15 @@ class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
             )
             loss, aux_loss, aux_losses, counts, router_logits = out.loss, None, None, None, None
             if output_router_logits:
-                aux_losses, counts, router_logits = self._router_summary(ctx)
+                aux_losses, counts, router_logits = self._router_summary(ctx, out.logits.device)
                 aux_loss = aux_losses["load_balance"]
                 if loss is not None:
-                    loss = loss + self._weighted_aux_loss(aux_losses).to(loss.device)
+                    weighted = self._weighted_aux_loss(aux_losses).to(loss.device)
+                    num_items = kwargs.get("num_items_in_batch")
+                    if num_items is not None:
+                        weighted = weighted * loss_token_share(
+                            labels, kwargs.get("shift_labels"), num_items, loss.device)
+                    loss = loss + weighted
             # Drop the recorded decisions; the routing state stays with the context, which lives
             # as long as a checkpointed recomputation may need it.
             ctx.outputs.clear()
@@ -514,31 +548,40 @@ class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
         return output if return_dict else output.to_tuple()
 
 
+def loss_token_share(
+    labels: torch.Tensor | None, shift_labels: torch.Tensor | None, num_items: Any,
+    device: torch.device,
+) -> torch.Tensor:
+    """This micro-batch's loss tokens over ``num_items`` (the optimizer step's, as Trainer counts
+    them: ``labels[..., 1:] != -100``, or ``shift_labels`` when the collator provides them)."""
+    targets = shift_labels if shift_labels is not None else (
+        None if labels is None else labels[..., 1:])
+    if targets is None:
+        raise ValueError("num_items_in_batch was passed without labels or shift_labels: the "
+                         "router losses can't be weighted by this batch's share of the tokens")
+    tokens = targets.ne(-100).sum().to(device, torch.float32)
+    total = torch.as_tensor(num_items, device=device, dtype=torch.float32)
+    return tokens / total.clamp_min(1.0)
+
+
 ADAPTER_WEIGHTS = "moe_adapters.safetensors"
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "token")
 
 
-def _load_config(cls: type, path: Any, kwargs: dict[str, Any]) -> MoELoraConfig:
-    hub = {k: kwargs[k] for k in (*_HUB_KWARGS, "revision", "subfolder") if k in kwargs}
-    try:
-        return cls.config_class.from_pretrained(path, **hub)
-    except OSError as err:
-        if "config.json" not in str(err):
-            raise
-        raise OSError(f"{path} is not a moe-hub checkpoint (no config.json): pass a directory or "
-                      f"Hub repo written by `moe-hub convert`") from None
-
-
 def _require_moe_config(config: PretrainedConfig, path: Any) -> None:
-    """One clear error for a directory that holds some other model (a dense checkpoint)."""
-    model_type = getattr(config, "model_type", None)
-    if model_type != MoELoraConfig.model_type or getattr(config, "text_config", None) is None:
-        found = config.to_dict().get("architectures") or model_type
+    """One clear error for a directory that holds some other model (a dense checkpoint) or none
+    (the config class then reads an empty config)."""
+    if getattr(config, "text_config", None) is not None:
+        return
+    architectures = getattr(config, "architectures", None)
+    if architectures:
         raise ValueError(
-            f"{path} is not a moe-hub checkpoint (its config describes {found}): load it with "
-            f"AutoModelForCausalLM.from_pretrained, or convert it first with "
-            f"`moe-hub convert {path} OUT`"
+            f"{path} is not a moe-hub checkpoint (its config.json describes "
+            f"{', '.join(architectures)}): load it with AutoModelForCausalLM.from_pretrained, or "
+            f"convert it first with `moe-hub convert {path} OUT`"
         )
+    raise ValueError(f"{path} is not a moe-hub checkpoint (no moe-hub config.json): pass a "
+                     f"directory or Hub repo written by `moe-hub convert`")
 
 
 def _legacy_key_mapping(config: MoELoraConfig) -> dict[str, str]:
@@ -549,12 +592,35 @@ def _legacy_key_mapping(config: MoELoraConfig) -> dict[str, str]:
         return {}
     with torch.device("meta"), _no_init_weights():
         dense = AutoModelForCausalLM.from_config(config.text_config)
+    return {f"^model\\.{re.escape(old)}\\.": f"{new}."
+            for old, new in _dense_prefixes(dense).items()}
+
+
+def _dense_prefixes(dense: PreTrainedModel) -> dict[str, str]:
+    """First name component in the dense causal LM -> in this model's tree: its backbone
+    becomes ``model``, its head ``lm_head``, other children keep their names."""
+    backbone = dense.base_model
+    if backbone is dense:
+        raise ValueError(f"{type(dense).__name__} names no decoder backbone "
+                         f"(base_model_prefix {dense.base_model_prefix!r}): not supported")
+    head_name = _head_path(dense)
+    if next(dense.named_parameters(recurse=False), None) is not None or \
+            next(dense.named_buffers(recurse=False), None) is not None:
+        raise ValueError(f"{type(dense).__name__} keeps tensors outside its submodules: "
+                         f"not supported")
+    prefixes = {name: name for name, _ in dense.named_children()}
+    prefixes[dense.base_model_prefix] = "model"
+    if "." not in head_name:  # a head nested in another child stays there, under its name
+        prefixes[head_name] = "lm_head"
+    return prefixes
+
+
+def _head_path(dense: PreTrainedModel) -> str:
     head = dense.get_output_embeddings()
-    head_name = next(name for name, module in dense.named_modules() if module is head)
-    prefixes = {dense.base_model_prefix: "model", head_name: "lm_head"}
-    for name, _ in dense.named_children():
-        prefixes.setdefault(name, name)
-    return {f"^model\\.{re.escape(old)}\\.": f"{new}." for old, new in prefixes.items()}
+    path = next((n for n, m in dense.named_modules() if head is not None and m is head), None)
+    if not path:
+        raise ValueError(f"{type(dense).__name__} has no LM head: not a causal LM")
+    return path
 
 
 def _rename(name: str, mapping: dict[str, str]) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,13 @@ from .moe_lora_ops import (
     moe_lora_slots_delta,
     shared_cast,
 )
-from .routing import ROUTERS, RoutingSite, float32_parameters, without_autocast
+from .routing import (
+    ROUTERS,
+    ParameterBank,
+    RouterOutput,
+    RoutingSite,
+    float32_parameters,
+)
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -127,8 +134,9 @@ class MoELoraBlock(nn.Module):
         self.kernel = config.expert_kernel
         self._routing = routing
         experts, rank = config.num_experts, config.lora_rank
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
+        # Read with ``fetch`` (``self.lora_A.fetch(name)``): offloaded banks load only when called.
+        self.lora_A = ParameterBank()
+        self.lora_B = ParameterBank()
         for name in (*layout.first, layout.down):
             d_in, d_out = linear_features(getattr(base_layer, name))
             self.lora_A[name] = nn.Parameter(torch.empty(experts, d_in, rank))
@@ -147,15 +155,28 @@ class MoELoraBlock(nn.Module):
 
     def input_lora_A(self) -> torch.Tensor:
         """[E, d_in, r] of the linear that reads the block input (routers reuse x A_e)."""
-        return self.lora_A[self.layout.first[-1]]
+        return self.lora_A.fetch(self.layout.first[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base, layout = self.base_layer, self.layout
         flat = x.reshape(-1, self.site.in_features)
         ctx = self._routing.current()
-        with without_autocast(flat.device):
-            route = self.router(flat, ctx, self)
+
+        def step(inputs: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+            # The first step reads x itself (one cast shared with the sites that read x).
+            return self.mixture(x if inputs is flat else inputs, route)
+
+        route, out = self.router.run(flat, ctx, self, step)
         ctx.record(self.site, route)
+        if route.residual is not None:
+            out = out + route.residual.to(out.dtype)
+        if self.layout.style == "plain" and hasattr(self.base_layer, "dropout"):
+            out = self.base_layer.dropout(out)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def mixture(self, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+        """sum_j g_j MLP_{e_j}(x) for ``x`` [..., d_in] under ``route``: [T, d_out]."""
+        base, layout = self.base_layer, self.layout
+        flat = x.reshape(-1, self.site.in_features)
         tokens, top_k = route.indices.shape
         experts = self.input_lora_A().shape[0]
         # Every linear of the block applies this one decision: sort the (token, slot) pairs by
@@ -173,39 +194,48 @@ class MoELoraBlock(nn.Module):
             return (frozen.unsqueeze(1) + delta.view(tokens, top_k, -1).to(frozen.dtype)
                     ).view(tokens * top_k, -1)
 
-        act = getattr(base, layout.act)
-        if layout.style == "gated":
-            hidden = act(first("gate_proj")) * first("up_proj")
-        elif layout.style == "fused":
-            gate, up = first("gate_up_proj").chunk(2, dim=-1)
-            hidden = up * act(gate)
-        else:
-            hidden = act(first("c_fc"))
+        hidden = self._activate(first)
         weights = route.weights.reshape(-1, 1)
         mixed = (hidden * weights.to(hidden.dtype)).view(tokens, top_k, -1).sum(dim=1)
         down = base.get_submodule(layout.down)
-        out = down(mixed)
-        bias = getattr(down, "bias", None)
-        if bias is not None:
+        if getattr(down, "bias", None) is None:
+            out = down(mixed)
+        else:
             # down(sum g h) carries the bias once; the expert sum carries it sum(g) times (not
-            # exactly 1 even when renormalised, in float32).
-            out = out + (route.weights.to(out.dtype).sum(-1, keepdim=True) - 1) * bias
+            # exactly 1 even when renormalised, in float32): down((sum g h) / sum g) * sum g does.
+            # The bias is never read outside down's own call, where an offloaded (device_map)
+            # weight exists only.
+            total = route.weights.to(mixed.dtype).sum(-1, keepdim=True)
+            out = down(mixed / total)
+            out = out * total.to(out.dtype)
         down_in = self.lora_dropout(hidden.to(dtype))
         down_delta = self._grouped(layout.down, down_in, route.indices, route.weights, grouping,
                                    rows="slot", per_slot=False)
-        out = out + down_delta.to(out.dtype)
-        if route.residual is not None:
-            out = out + route.residual.to(out.dtype)
-        if layout.style == "plain" and hasattr(base, "dropout"):
-            out = base.dropout(out)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out + down_delta.to(out.dtype)
+
+    def _activate(self, first: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The MLP's hidden activation from ``first(name)``, the output of each first linear."""
+        act = getattr(self.base_layer, self.layout.act)
+        if self.layout.style == "gated":
+            return act(first("gate_proj")) * first("up_proj")
+        if self.layout.style == "fused":
+            gate, up = first("gate_up_proj").chunk(2, dim=-1)
+            return up * act(gate)
+        return act(first("c_fc"))
+
+    def frozen_output(self, flat: torch.Tensor) -> torch.Tensor:
+        """The frozen MLP alone on ``flat`` [T, d_in] (no experts, no output dropout): the part
+        of ``mixture`` that is not the experts' change (GraphMoE's refinement subtracts it)."""
+        base = self.base_layer
+        hidden = self._activate(lambda name: base.get_submodule(name)(flat))
+        return base.get_submodule(self.layout.down)(hidden)
 
     def _grouped(self, name: str, rows_x: torch.Tensor, indices: torch.Tensor,
                  weights: torch.Tensor | None, grouping: torch.Tensor, rows: str, per_slot: bool
                  ) -> torch.Tensor:
-        return moe_lora_slots_delta(rows_x, self.lora_A[name], self.lora_B[name], indices,
-                                    weights, self.scale, grouping, rows=rows, per_slot=per_slot,
-                                    kernel=self.kernel)
+        lora_A, lora_B = self.lora_A.fetch(name), self.lora_B.fetch(name)
+        return moe_lora_slots_delta(rows_x, lora_A, lora_B, indices, weights, self.scale,
+                                    grouping, rows=rows, per_slot=per_slot, kernel=self.kernel)
 
     def extra_repr(self) -> str:
         return f"site={self.site.index}, style={self.layout.style}"
@@ -221,7 +251,8 @@ def _unsupported_mlp(name: str, mlp: nn.Module) -> ValueError:
 
 
 def inject_moe_lora_blocks(
-    model: nn.Module, config: Any, routing: RoutingHolder
+    model: nn.Module, config: Any, routing: RoutingHolder,
+    site_name: Callable[[str], str] = str,
 ) -> list[RoutingSite]:
     """Route every decoder MLP block of ``model`` and give other targeted linears a plain LoRA.
 
@@ -249,7 +280,8 @@ def inject_moe_lora_blocks(
             continue
         hidden = linear_features(getattr(mlp, layout.first[0]))[0]
         layer = int(_LAYER_INDEX.search(name + ".").group(1))
-        site = RoutingSite(len(sites), layer, site_kind(name, config), name, hidden, hidden)
+        site = RoutingSite(len(sites), layer, site_kind(name, config), site_name(name), hidden,
+                           hidden)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child,
                 MoELoraBlock(mlp, layout, site, config, routing))

@@ -70,16 +70,18 @@ def packed_weight(lora_A: torch.Tensor, width: int) -> torch.Tensor:
     return lora_A.as_strided((lora_A.shape[1], width), (width, 1))
 
 
-def gated_expand(result: torch.Tensor, shrunk: torch.Tensor, lora_B: torch.Tensor,
+def gated_expand(result: torch.Tensor | None, shrunk: torch.Tensor, lora_B: torch.Tensor,
                  indices: torch.Tensor, weights: torch.Tensor, scale: float) -> torch.Tensor:
     """``result`` [T, d_out] + scale * sum_j w_j (x A_{e_j}) B_{e_j}, with every expert's rank-r
-    values ``shrunk`` [T, E*r] given: gated in rank space, then one matmul (fused with the add
-    when the dtypes allow)."""
+    values ``shrunk`` [T, E*r] given: gated in rank space, then one matmul, fused with the add
+    when the dtypes allow. ``result`` None: the experts' part alone, in ``lora_B``'s dtype."""
     tokens = shrunk.shape[0]
     experts, rank, d_out = lora_B.shape
     gate = shrunk.new_zeros(tokens, experts).scatter_(1, indices, weights.to(shrunk.dtype))
     gated = (shrunk.view(tokens, experts, rank) * gate.unsqueeze(-1)).view(tokens, -1)
     b_cat = lora_B.reshape(experts * rank, d_out)
+    if result is None:
+        return (gated.to(b_cat.dtype) @ b_cat) * scale
     if gated.dtype == b_cat.dtype == result.dtype:
         return torch.addmm(result, gated, b_cat, alpha=scale)
     return result + ((gated.to(b_cat.dtype) @ b_cat) * scale).to(result.dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,12 +27,13 @@ from .moe_lora_ops import (
 )
 from .routing import (
     ROUTERS,
+    Router,
+    RouterOutput,
     RoutingContext,
     RoutingSite,
     context_scope,
     current_context,
     float32_parameters,
-    without_autocast,
 )
 
 try:
@@ -142,23 +143,30 @@ class MoELoraLinear(nn.Module):
         flat = x.reshape(-1, self.site.in_features)
         packed = self._packed_for_inference(x)
         if packed is not None:
-            return self._packed_forward(flat, result, packed, ctx)
-        with without_autocast(flat.device):
-            route = self.router(flat, ctx, self)
+            return self._packed_forward(x, flat, result, packed, ctx)
+
+        def step(inputs: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+            # The first step reads x itself (one cast shared with the sites that read x).
+            return self.expert_delta(x if inputs is flat else inputs, route)
+
+        route, delta = self.router.run(flat, ctx, self, step)
         ctx.record(self.site, route)
+        if route.residual is not None:
+            delta = delta + route.residual.to(delta.dtype)
+        return result + delta.view(result.shape).to(result.dtype)
+
+    def expert_delta(self, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+        """The experts' part of the output for ``x`` [..., d_in] under ``route``: [T, d_out]."""
         # The experts' operand dtype (16-bit under autocast or on a 16-bit base); the cast is
         # keyed by x itself, so the sites that read this x share one copy.
         dtype = expert_compute_dtype(x, self.lora_A.dtype)
         flat = shared_cast(x, dtype).reshape(-1, self.site.in_features)
         if self.training:
             flat = self.lora_dropout(flat)
-        delta = moe_lora_delta(
+        return moe_lora_delta(
             flat, self.lora_A, self.lora_B, route.indices, route.weights, self.scale,
             kernel=self.kernel,
         )
-        if route.residual is not None:
-            delta = delta + route.residual.to(delta.dtype)
-        return result + delta.view(result.shape).to(result.dtype)
 
     def _packed_for_inference(self, x: torch.Tensor) -> torch.Tensor | None:
         """P [d_in, E*r (+E)] when the packed path applies: no autograd, no dropout, no
@@ -173,30 +181,42 @@ class MoELoraLinear(nn.Module):
             return None
         return packed_weight(self.lora_A, width)
 
-    def _packed_forward(self, flat: torch.Tensor, result: torch.Tensor, packed: torch.Tensor,
-                        ctx: RoutingContext) -> torch.Tensor:
+    def _packed_forward(self, x: torch.Tensor, flat: torch.Tensor, result: torch.Tensor,
+                        packed: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         """The decode path: one matmul over x for every expert's shrink (and the router logits
         when the router weight is packed with A), gating in rank space, one expand into the
         base output."""
         experts, _, rank = self.lora_A.shape
         columns = experts * rank
-        fused_router = packed.shape[1] > columns
+        fused_router = packed.shape[1] > columns and type(self.router).run is Router.run
         # Router logits are float32 (routers' contract): a 16-bit packed weight is read in fp32.
         compute = torch.float32 if fused_router and packed.dtype in HALF_DTYPES else packed.dtype
         if flat.dtype in HALF_DTYPES and not fused_router:
             compute = flat.dtype  # the generic op's operand dtype for 16-bit activations
         shrunk = flat.to(compute) @ packed.to(compute)
+        out = result.reshape(-1, result.shape[-1])
         if fused_router:
             route = self.router.route_logits(shrunk[:, columns:].float(), ctx)
-        else:
-            route = self.router(flat, ctx, self)
+            ctx.record(self.site, route)
+            if route.residual is not None:
+                out = out + route.residual.to(out.dtype)
+            out = gated_expand(out, shrunk[:, :columns], self.lora_B, route.indices,
+                               route.weights, self.scale)
+            return out.view(result.shape)
+
+        def step(inputs: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+            # Routers that re-run the experts on a refined input (GraphMoE) get the generic op
+            # for those steps; the step on x itself reads the packed shrink.
+            if inputs is not flat:
+                return self.expert_delta(inputs, route)
+            return gated_expand(None, shrunk[:, :columns], self.lora_B, route.indices,
+                                route.weights, self.scale)
+
+        route, delta = self.router.run(flat, ctx, self, step)
         ctx.record(self.site, route)
-        out = result.reshape(-1, result.shape[-1])
         if route.residual is not None:
-            out = out + route.residual.to(out.dtype)
-        out = gated_expand(out, shrunk[:, :columns], self.lora_B, route.indices, route.weights,
-                           self.scale)
-        return out.view(result.shape)
+            delta = delta + route.residual.to(delta.dtype)
+        return result + delta.view(result.shape).to(result.dtype)
 
     def extra_repr(self) -> str:
         experts, d_in, rank = self.lora_A.shape
@@ -266,8 +286,12 @@ def site_kind(name: str, config: Any) -> str:
     return (name + ".")[match.end():-1]
 
 
-def inject_moe_lora(model: nn.Module, config: Any, routing: RoutingHolder) -> list[RoutingSite]:
-    """Replace every targeted linear of ``model`` in place; return the routing sites in order."""
+def inject_moe_lora(
+    model: nn.Module, config: Any, routing: RoutingHolder,
+    site_name: Callable[[str], str] = str,
+) -> list[RoutingSite]:
+    """Replace every targeted linear of ``model`` in place; return the routing sites in order.
+    Targets match ``model``'s module names; ``site_name`` turns one into the name a site shows."""
     targets = find_target_linears(model, config.target_modules)
     if not targets:
         raise ValueError(
@@ -280,7 +304,7 @@ def inject_moe_lora(model: nn.Module, config: Any, routing: RoutingHolder) -> li
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child_name)
         d_in, d_out = linear_features(base)
-        site = RoutingSite(index, layer, site_kind(name, config), name, d_in, d_out)
+        site = RoutingSite(index, layer, site_kind(name, config), site_name(name), d_in, d_out)
         setattr(parent, child_name, MoELoraLinear(base, site, config, routing))
         sites.append(site)
     return sites

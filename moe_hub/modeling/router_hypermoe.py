@@ -36,6 +36,7 @@ the RMoE router's ``hyper: true`` composition (which keeps RMoE's Switch loss an
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -44,6 +45,7 @@ from torch import nn
 
 from .moe_lora_ops import moe_lora_delta
 from .routing import (
+    ParameterBank,
     Router,
     RouterOutput,
     RoutingContext,
@@ -78,8 +80,9 @@ class HyperNetwork(nn.Module):
         self.kind_embedding = nn.Parameter(torch.empty(len(self.kinds), site_dim))
         self.trunk_weight = nn.Parameter(torch.empty(width, width + site_dim))
         self.trunk_bias = nn.Parameter(torch.empty(width))
-        self.head_a_weight, self.head_a_bias = nn.ParameterDict(), nn.ParameterDict()
-        self.head_b_weight, self.head_b_bias = nn.ParameterDict(), nn.ParameterDict()
+        # Banks (ParameterDicts read with fetch) so that offloaded heads are loaded when read.
+        self.head_a_weight, self.head_a_bias = ParameterBank(), ParameterBank()
+        self.head_b_weight, self.head_b_bias = ParameterBank(), ParameterBank()
         self.shapes: dict[str, tuple[int, int]] = {}
         for site in sites:
             key = _shape_key(site)
@@ -110,17 +113,20 @@ class HyperNetwork(nn.Module):
             nn.init.zeros_(self.head_b_weight[key])
             nn.init.zeros_(self.head_b_bias[key])
 
-    def generate(
+    def forward(
         self, summary: torch.Tensor, site: RoutingSite
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-rank modules A [n, d_in, r_h], B [n, r_h, d_out] for ``summary`` [n, width]."""
+        """Low-rank modules A [n, d_in, r_h], B [n, r_h, d_out] for ``summary`` [n, width], on
+        this module's device (called as a module, so that ``device_map`` hooks fire)."""
         kind = self.kinds.index(site.kind)
         site_vec = (self.layer_embedding[site.layer] + self.kind_embedding[kind]).float()
         inputs = torch.cat([summary, site_vec.expand(summary.shape[0], -1)], dim=-1)
         hidden = F.relu(F.linear(inputs, self.trunk_weight.float(), self.trunk_bias.float()))
         key = _shape_key(site)
-        a = F.linear(hidden, self.head_a_weight[key].float(), self.head_a_bias[key].float())
-        b = F.linear(hidden, self.head_b_weight[key].float(), self.head_b_bias[key].float())
+        heads = (self.head_a_weight, self.head_a_bias, self.head_b_weight, self.head_b_bias)
+        a_weight, a_bias, b_weight, b_bias = (head.fetch(key).float() for head in heads)
+        a = F.linear(hidden, a_weight, a_bias)
+        b = F.linear(hidden, b_weight, b_bias)
         return (a.view(-1, site.in_features, self.rank), b.view(-1, self.rank, site.out_features))
 
 
@@ -147,9 +153,16 @@ class HyperSupplement(nn.Module):
         nn.init.zeros_(self.mlp_in_bias)
         nn.init.zeros_(self.mlp_out_bias)
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, hyper: HyperNetwork) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, indices: torch.Tensor, hyper: HyperNetwork) -> torch.Tensor:
+        # The shared hypernetwork reaches forward as its bound __call__: accelerate's hooks
+        # (device_map) move every argument that has a ``to``, which a bound method lacks, and
+        # torch.compile traces it like the module call it is (a ModuleRef breaks its guards).
+        return super().__call__(x, indices, hyper.__call__)
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor,
+                hyper: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """The generated module's output [T, d_out] for tokens ``x`` [T, d_in] routed to
-        ``indices`` [T, k]."""
+        ``indices`` [T, k]; ``hyper`` calls the shared hypernetwork."""
         num_experts = self.expert_embedding.shape[0]
         chosen = indices.sort(dim=-1).values
         # The module depends only on the token's set: generate it once per distinct set.
@@ -160,7 +173,9 @@ class HyperSupplement(nn.Module):
         summary = unselected @ self.expert_embedding.float()
         hidden = F.relu(F.linear(summary, self.mlp_in_weight.float(), self.mlp_in_bias.float()))
         summary = F.linear(hidden, self.mlp_out_weight.float(), self.mlp_out_bias.float())
-        lora_a, lora_b = hyper.generate(summary, self.site)
+        # The hypernetwork may sit on another device (device_map): its hook moves the summary
+        # there, the generated module comes back to this site's device.
+        lora_a, lora_b = (t.to(x.device) for t in hyper(summary, self.site))
         ones = torch.ones(x.shape[0], 1, device=x.device)
         return moe_lora_delta(x.float(), lora_a, lora_b, set_of_token.view(-1, 1), ones,
                               self.scale, kernel="torch")

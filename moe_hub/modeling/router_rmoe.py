@@ -47,17 +47,35 @@ from .routing import (
 )
 
 
-def gru_step(cell: nn.GRUCell, inputs: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-    """One step of ``cell`` in float32 whatever dtype the cell was cast to (torch's GRU cell
-    equations: reset r, update z, candidate n)."""
-    gi = F.linear(inputs, cell.weight_ih.float(), cell.bias_ih.float())
-    gh = F.linear(state, cell.weight_hh.float(), cell.bias_hh.float())
-    i_r, i_z, i_n = gi.chunk(3, dim=-1)
-    h_r, h_z, h_n = gh.chunk(3, dim=-1)
-    reset = torch.sigmoid(i_r + h_r)
-    update = torch.sigmoid(i_z + h_z)
-    candidate = torch.tanh(i_n + reset * h_n)
-    return (1 - update) * candidate + update * state
+class Float32GRUCell(nn.GRUCell):
+    """torch's GRU cell (same parameters and state-dict names: weight_ih, weight_hh, bias_ih,
+    bias_hh) computing in float32 whatever dtype it was cast to and whatever autocast is active
+    (reset r, update z, candidate n, as torch's GRUCell).
+
+    Shared by every site, so it is always reached through a module call (``gru_step``): under
+    ``device_map`` accelerate's hook then moves the inputs to the cell's device, and with CPU or
+    disk offload loads its weights, which are meta tensors outside the call.
+    """
+
+    def forward(self, inputs: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        if state is None:
+            state = inputs.new_zeros(inputs.shape[0], self.hidden_size, dtype=torch.float32)
+        with torch.autocast(inputs.device.type, enabled=False):
+            inputs, state = inputs.float(), state.float()
+            gi = F.linear(inputs, self.weight_ih.float(), self.bias_ih.float())
+            gh = F.linear(state, self.weight_hh.float(), self.bias_hh.float())
+            i_r, i_z, i_n = gi.chunk(3, dim=-1)
+            h_r, h_z, h_n = gh.chunk(3, dim=-1)
+            reset = torch.sigmoid(i_r + h_r)
+            update = torch.sigmoid(i_z + h_z)
+            candidate = torch.tanh(i_n + reset * h_n)
+            return (1 - update) * candidate + update * state
+
+
+def gru_step(cell: nn.Module, inputs: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """One step of the shared ``cell`` (a :class:`Float32GRUCell`), returned on ``inputs``'s
+    device (the calling site's: the cell may sit on another one)."""
+    return cell(inputs, state).to(inputs.device)
 
 
 @register_router
@@ -93,7 +111,7 @@ class RecurrentRouter(Router):
     def shared_modules(cls, config: Any, sites: list[RoutingSite]) -> nn.Module:
         options = {**cls.defaults, **config.router_config}
         hidden = int(options["hidden_size"])
-        shared = nn.ModuleDict({"gru": nn.GRUCell(hidden, hidden)})
+        shared = nn.ModuleDict({"gru": Float32GRUCell(hidden, hidden)})
         if options["hyper"]:
             shared["hyper"] = HyperNetwork(sites, options)
         return shared

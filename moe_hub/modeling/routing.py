@@ -60,6 +60,8 @@ class RouterOutput:
     the router's own coefficient); the model sums each over all sites and adds it to the loss.
     ``residual`` is an extra [T, d_out] term added to the site's output (HyperMoE's generated
     module), or ``None``.
+    ``output`` is the site's expert output when the router ran the experts itself (GraphMoE's
+    refinement steps), else ``None``.
     """
 
     indices: torch.Tensor
@@ -68,6 +70,7 @@ class RouterOutput:
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     residual: torch.Tensor | None = None
     logit_indices: torch.Tensor | None = None
+    output: torch.Tensor | None = None
 
     @property
     def balance_indices(self) -> torch.Tensor:
@@ -221,6 +224,59 @@ def _stacked(outer: AbstractContextManager, inner: AbstractContextManager) -> It
         yield
 
 
+class ModuleRef:
+    """A module passed as a call argument to another module (a site's experts to its router, the
+    shared hypernetwork to a site's part of it).
+
+    accelerate's hooks (``device_map``) move every call argument that has a ``to`` method to the
+    called module's execution device: a module argument would be moved whole, in place, and an
+    offloaded one (meta tensors) can't be moved at all. The reference forwards attribute access
+    and calls to the module and has no ``to``.
+    """
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __getattr__(self, name: str) -> Any:
+        # "module" unset (copy, pickle) must not recurse into itself.
+        if name in ("to", "module"):
+            raise AttributeError(f"ModuleRef has no {name!r}: it is never moved")
+        return getattr(self.module, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+def module_ref(value: Any) -> Any:
+    return ModuleRef(value) if isinstance(value, nn.Module) else value
+
+
+class ParameterBank(nn.ParameterDict):
+    """A ParameterDict read through ``bank.fetch(key)`` in forward code.
+
+    With CPU or disk offload, accelerate keeps a module's weights on the meta device and loads
+    them only while that module is being called; a ParameterDict is never called, so ``bank[key]``
+    would read a meta tensor. ``fetch`` calls the bank when accelerate hooked it (the tensor
+    returned stays valid after the hook offloads the bank again) and indexes it otherwise (a
+    module call costs ~5 us). State-dict names are those of a ParameterDict.
+    """
+
+    __call__ = nn.Module.__call__  # ParameterDict refuses calls
+
+    def forward(self, key: str) -> torch.Tensor:
+        return self[key]
+
+    def fetch(self, key: str) -> torch.Tensor:
+        return self(key) if getattr(self, "_hf_hook", None) is not None else self[key]
+
+
+#: ``expert_step(inputs, decision)``: a site's expert part (its output minus the frozen base) on
+#: ``inputs`` [T, d_in] under one routing decision, [T, d_out].
+ExpertStep = Callable[[torch.Tensor, RouterOutput], torch.Tensor]
+
+
 class Router(nn.Module):
     """Base class of the routers. A subclass sets ``name`` and implements :meth:`forward`.
 
@@ -239,6 +295,9 @@ class Router(nn.Module):
     load_balance: ClassVar[bool] = True
     #: Router-specific options (``router_config`` keys) with their defaults.
     defaults: ClassVar[dict[str, Any]] = {}
+    #: Options written into every newly converted config, where they differ from what a config
+    #: without the key means (an old checkpoint keeps computing what it computed).
+    recorded_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, site: RoutingSite, config: Any) -> None:
         super().__init__()
@@ -278,9 +337,15 @@ class Router(nn.Module):
     def reset_parameters(self) -> None:
         raise NotImplementedError
 
+    def __call__(self, x: torch.Tensor, ctx: RoutingContext, experts: Any = None,
+                 *args: Any, **kwargs: Any) -> RouterOutput:
+        # The experts module reaches forward as a ModuleRef, untouched by accelerate's hooks.
+        return super().__call__(x, ctx, module_ref(experts), *args, **kwargs)
+
     def forward(self, x: torch.Tensor, ctx: RoutingContext, experts: Any) -> RouterOutput:
         """Route ``x`` [T, d_in]. ``experts`` is the site's expert module (its ``lora_A``,
-        ``lora_B`` and ``scale``), for routers that look at what the experts compute."""
+        ``lora_B`` and ``scale``), for routers that look at what the experts compute, behind a
+        :class:`ModuleRef`."""
         raise NotImplementedError
 
     def logits_weight(self) -> nn.Parameter | None:
@@ -293,6 +358,14 @@ class Router(nn.Module):
     def route_logits(self, logits: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
         """The decision for logits computed by the site (routers with a ``logits_weight``)."""
         raise NotImplementedError
+
+    def run(self, x: torch.Tensor, ctx: RoutingContext, experts: Any,
+            expert_step: ExpertStep) -> tuple[RouterOutput, torch.Tensor]:
+        """Route ``x`` and compute the site's expert part: one decision, experts run once on
+        ``x``. Routers that re-run the experts on a refined input (GraphMoE) override this."""
+        with without_autocast(x.device):
+            route = self(x, ctx, experts)
+        return route, expert_step(x, route)
 
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax over all experts, top-k, optional renormalisation over the chosen k."""

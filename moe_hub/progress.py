@@ -1,0 +1,63 @@
+"""Switching off the progress bars of the libraries moe-hub drives (``--no-progress``)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def third_party_progress(enabled: bool) -> Iterator[None]:
+    """While active and not ``enabled``, hide the bars of transformers (weight loading),
+    huggingface_hub (downloads), datasets (loading, map) and transformers' GGUF reader; the
+    previous settings come back on exit."""
+    if enabled:
+        yield
+        return
+    import datasets
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as tf_logging
+
+    restore = []
+    if tf_logging.is_progress_bar_enabled():
+        tf_logging.disable_progress_bar()
+        restore.append(tf_logging.enable_progress_bar)
+    if not hub.are_progress_bars_disabled():
+        hub.disable_progress_bars()
+        restore.append(hub.enable_progress_bars)
+    if datasets.is_progress_bar_enabled():
+        datasets.disable_progress_bars()
+        restore.append(datasets.enable_progress_bars)
+    try:
+        # The GGUF reader calls tqdm.auto directly, outside transformers' switch.
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    if gguf_utils is not None and hasattr(gguf_utils, "tqdm"):
+        original = gguf_utils.tqdm
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+        restore.append(lambda: setattr(gguf_utils, "tqdm", original))
+    try:
+        yield
+    finally:
+        for undo in reversed(restore):
+            undo()
+
+
+def quiet_library_notices() -> None:
+    """Hide library notices that ask a user for something irrelevant to moe-hub: bitsandbytes'
+    advice to install the Hub ``kernels`` package (its CPU fallback is what runs here), and
+    transformers' per-step notices that the base model's ``past_key_values`` argument is being
+    renamed to ``cache`` (a notice for the model code, not for the person running a command)."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # Both the rename notice and the "both names set" notice, which prints the whole cache.
+    warnings.filterwarnings("ignore", message=r".*`past_key_values`", category=FutureWarning)
+    logging.getLogger("transformers.utils.generic").addFilter(
+        lambda record: "are deprecated. Use `cache` instead" not in record.getMessage())
+
+
+__all__ = ["quiet_library_notices", "third_party_progress"]
