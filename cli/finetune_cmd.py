@@ -94,7 +94,7 @@ def finetune_command(
         FinetuneOptions.from_dict(given)
     from moe_hub.progress import third_party_progress
 
-    with third_party_progress(progress):
+    with third_party_progress(progress, data=True):
         metrics = finetune(checkpoint, data, out, options, progress=progress)
     if not progress:
         typer.echo(json.dumps({k: v for k, v in metrics.items()

@@ -104,6 +104,11 @@ class ConvertOptions:
                               f"{', '.join(DTYPE_NAMES)}")
         if self.targets is not None and not self.targets:
             raise MoEHubError("--targets is empty: name at least one module, or omit it")
+        if self.from_adapters:
+            # Before the generic top-k check, which would blame --top-k for too few experts.
+            from .from_adapters import check_expert_count
+
+            check_expert_count(self.experts, len(self.from_adapters))
         self.model_config(None, None, None)
 
     def model_config(self, text_config: Any, base: str | None,

@@ -241,14 +241,19 @@ def read_adapters(specs: list[str], *, allow_pickle: bool = False) -> list[PeftL
     return adapters
 
 
+def check_expert_count(experts: int | None, adapters: int) -> None:
+    """Every adapter needs an expert of its own (``None``: one per adapter, the default)."""
+    if experts is not None and experts < adapters:
+        raise MoEHubError(f"--experts {experts} is fewer than the {adapters} adapters: pass "
+                          f"--experts {adapters} or more (or leave it out)")
+
+
 def resolve_options(options: Any, adapters: list[PeftLoraAdapter]) -> Any:
     """Fill ``experts`` / ``rank`` / ``targets`` (and ``top_k`` when the experts default to one
     per adapter) from the adapters, and check given values."""
     count = len(adapters)
     experts = options.experts if options.experts is not None else count
-    if experts < count:
-        raise MoEHubError(f"--experts {experts} is fewer than the {count} adapters: pass "
-                          f"--experts {count} or more (or leave it out)")
+    check_expert_count(experts, count)
     name, module, need = max(((a.name, m, p.rank) for a in adapters for m, p in a.pairs.items()),
                              key=lambda item: item[2])
     rank = options.rank if options.rank is not None else need

@@ -8,14 +8,14 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def third_party_progress(enabled: bool) -> Iterator[None]:
+def third_party_progress(enabled: bool, *, data: bool = False) -> Iterator[None]:
     """While active and not ``enabled``, hide the bars of transformers (weight loading),
-    huggingface_hub (downloads), datasets (loading, map) and transformers' GGUF reader; the
-    previous settings come back on exit."""
+    huggingface_hub (downloads), transformers' GGUF reader and, with ``data``, datasets
+    (loading, map); the previous settings come back on exit. ``data`` is for steps that load
+    data: importing datasets costs ~90 MB of memory, which conversion must not spend."""
     if enabled:
         yield
         return
-    import datasets
     import huggingface_hub.utils as hub
     from transformers.utils import logging as tf_logging
 
@@ -26,7 +26,9 @@ def third_party_progress(enabled: bool) -> Iterator[None]:
     if not hub.are_progress_bars_disabled():
         hub.disable_progress_bars()
         restore.append(hub.enable_progress_bars)
-    if datasets.is_progress_bar_enabled():
+    if data:
+        import datasets
+    if data and datasets.is_progress_bar_enabled():
         datasets.disable_progress_bars()
         restore.append(datasets.enable_progress_bars)
     try:

@@ -26,6 +26,10 @@ NOT_RUN = {
         "runs this test suite itself (what CI runs)",
     "bash scripts/test.sh                      # everything (CI)":
         "runs this test suite itself",
+    "moe-hub convert HuggingFaceTB/SmolLM2-135M-Instruct smol-mix \\":
+        "the adapter names stand for the reader's own adapters; tests/test_from_adapters.py "
+        "runs these commands on adapters trained in the test, scripts/train_task_adapters.py "
+        "on SmolLM2",
 }
 
 
