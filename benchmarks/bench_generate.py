@@ -29,9 +29,21 @@ RANDOM_SHAPES = {
 }
 
 
-def generate_seconds(model, input_ids, attention_mask, new_tokens: int) -> float:
+def compile_kwargs(device: str) -> dict:
+    """generate() arguments for the compiled mode: transformers' static cache, and its
+    decode-step compilation (``fullgraph``; CUDA graphs on a GPU via ``reduce-overhead``)."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, mode="reduce-overhead" if device.startswith("cuda")
+                           else "default")
+    config._compile_all_devices = True  # transformers compiles on accelerators only otherwise
+    return dict(cache_implementation="static", compile_config=config)
+
+
+def generate_seconds(model, input_ids, attention_mask, new_tokens: int,
+                     extra: dict | None = None) -> float:
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  use_cache=True, attention_mask=attention_mask)
+                  use_cache=True, attention_mask=attention_mask, **(extra or {}))
     if input_ids.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -42,15 +54,15 @@ def generate_seconds(model, input_ids, attention_mask, new_tokens: int) -> float
 
 
 def paired_tokens_per_second(models, input_ids, attention_mask, new_tokens: int,
-                             repeats: int) -> list[float]:
+                             repeats: int, extra: dict | None = None) -> list[float]:
     """Median tokens/s of each model, timed alternately so drifting machine load (other
-    processes, clock changes) hits every model alike."""
-    for model in models:  # warm-up
-        generate_seconds(model, input_ids, attention_mask, new_tokens)
+    processes, clock changes) hits every model alike. The warm-up run also compiles."""
+    for model in models:
+        generate_seconds(model, input_ids, attention_mask, new_tokens, extra)
     timings = [[] for _ in models]
     for _ in range(repeats):
         for model, times in zip(models, timings):
-            times.append(generate_seconds(model, input_ids, attention_mask, new_tokens))
+            times.append(generate_seconds(model, input_ids, attention_mask, new_tokens, extra))
     return [input_ids.shape[0] * new_tokens / statistics.median(times) for times in timings]
 
 
@@ -68,6 +80,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--router", default="topk")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default); 1 on a machine shared with "
+                             "other jobs, where spinning OpenMP workers wait on each other")
+    parser.add_argument("--modes", default="eager,compiled",
+                        help="eager: dynamic cache; compiled: static cache + torch.compile "
+                             "(fullgraph) of the decode step")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -75,6 +93,8 @@ def main() -> None:
     from moe_hub.convert import convert
     from moe_hub.default_model import default_model_path
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         if args.random:
@@ -93,21 +113,27 @@ def main() -> None:
         dense.to(args.device).eval()
         moe.to(args.device).eval()
         rows = []
-        for batch in (int(b) for b in args.batches.split(",")):
-            generator = torch.Generator().manual_seed(batch)
-            ids = torch.randint(10, dense.config.vocab_size, (batch, args.prompt_len),
-                                generator=generator).to(args.device)
-            mask = torch.ones_like(ids)
-            with torch.no_grad():
-                dense_tps, moe_tps = paired_tokens_per_second(
-                    [dense, moe], ids, mask, args.new_tokens, args.repeats)
-            rows.append((batch, dense_tps, moe_tps))
+        for mode in args.modes.split(","):
+            extra = compile_kwargs(args.device) if mode == "compiled" else None
+            for batch in (int(b) for b in args.batches.split(",")):
+                generator = torch.Generator().manual_seed(batch)
+                ids = torch.randint(10, dense.config.vocab_size, (batch, args.prompt_len),
+                                    generator=generator).to(args.device)
+                mask = torch.ones_like(ids)
+                with torch.no_grad():
+                    dense_tps, moe_tps = paired_tokens_per_second(
+                        [dense, moe], ids, mask, args.new_tokens, args.repeats, extra)
+                rows.append((mode, batch, dense_tps, moe_tps))
+                print(f"{mode} batch {batch}: dense {dense_tps:.1f}, moe {moe_tps:.1f} tok/s",
+                      flush=True)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"\n{base.name} on {name}, {args.dtype}, router {args.router}, prompt "
-          f"{args.prompt_len}, {args.new_tokens} new tokens, torch {torch.__version__}")
-    print(f"{'batch':>6}{'dense tok/s':>14}{'moe tok/s':>12}{'ratio':>8}")
-    for batch, dense_tps, moe_tps in rows:
-        print(f"{batch:>6}{dense_tps:>14.1f}{moe_tps:>12.1f}{moe_tps / dense_tps:>8.2f}")
+          f"{args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats}, "
+          f"torch {torch.__version__}")
+    print(f"{'mode':>9}{'batch':>6}{'dense tok/s':>14}{'moe tok/s':>12}{'ratio':>8}")
+    for mode, batch, dense_tps, moe_tps in rows:
+        print(f"{mode:>9}{batch:>6}{dense_tps:>14.1f}{moe_tps:>12.1f}"
+              f"{moe_tps / dense_tps:>8.2f}")
 
 
 if __name__ == "__main__":

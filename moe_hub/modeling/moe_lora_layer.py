@@ -17,9 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .moe_lora_ops import expert_compute_dtype, moe_lora_delta, shared_cast
+from .moe_lora_fused import gated_expand, pack_shrink, packed_weight, packed_width
+from .moe_lora_ops import (
+    HALF_DTYPES,
+    expert_compute_dtype,
+    moe_lora_delta,
+    needs_grouping,
+    shared_cast,
+)
 from .routing import (
     ROUTERS,
+    Router,
     RouterOutput,
     RoutingContext,
     RoutingSite,
@@ -100,7 +108,27 @@ class MoELoraLinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         with float32_parameters():  # routers compute in float32 whatever the default dtype
             self.router = ROUTERS[config.router](site, config)
+        self._packed_width = 0
+        self.pack_shrink()
+        self._register_state_dict_hook(_contiguous_packed_views)
         self.reset_adapter_parameters()
+
+    def pack_shrink(self) -> None:
+        """Store A (and the router weight, see ``moe_lora_fused``) as views of one [d_in,
+        E*r (+E)] tensor. Called at build, after every ``.to()``/``.float()`` and on
+        ``train()``/``eval()`` (from_pretrained ends with ``eval()``): loading and casting
+        replace the parameters' tensors."""
+        self._packed_width = pack_shrink(self.lora_A, self.router.logits_weight())
+
+    def _apply(self, fn: Any, recurse: bool = True) -> MoELoraLinear:
+        super()._apply(fn, recurse)
+        self.pack_shrink()
+        return self
+
+    def train(self, mode: bool = True) -> MoELoraLinear:
+        super().train(mode)
+        self.pack_shrink()
+        return self
 
     def reset_adapter_parameters(self) -> None:
         """LoRA init: A ~ kaiming-uniform(a=sqrt(5)) over d_in, B = 0 (starts as the base)."""
@@ -113,6 +141,9 @@ class MoELoraLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         ctx = self._routing.current()
         flat = x.reshape(-1, self.site.in_features)
+        packed = self._packed_for_inference(x)
+        if packed is not None:
+            return self._packed_forward(x, flat, result, packed, ctx)
 
         def step(inputs: torch.Tensor, route: RouterOutput) -> torch.Tensor:
             # The first step reads x itself (one cast shared with the sites that read x).
@@ -137,10 +168,70 @@ class MoELoraLinear(nn.Module):
             kernel=self.kernel,
         )
 
+    def _packed_for_inference(self, x: torch.Tensor) -> torch.Tensor | None:
+        """P [d_in, E*r (+E)] when the packed path applies: no autograd, no dropout, no
+        autocast, masked-dense regime, torch kernel, parameters still packed."""
+        experts, _, rank = self.lora_A.shape
+        width = self._packed_width
+        router_weight = self.router.logits_weight() if width > experts * rank else None
+        if (torch.is_grad_enabled() or (self.training and not isinstance(
+                self.lora_dropout, nn.Identity)) or self.kernel == "triton"
+                or torch.is_autocast_enabled(x.device.type) or needs_grouping(experts, rank)
+                or not packed_width(self.lora_A, router_weight, width)):
+            return None
+        return packed_weight(self.lora_A, width)
+
+    def _packed_forward(self, x: torch.Tensor, flat: torch.Tensor, result: torch.Tensor,
+                        packed: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        """The decode path: one matmul over x for every expert's shrink (and the router logits
+        when the router weight is packed with A), gating in rank space, one expand into the
+        base output."""
+        experts, _, rank = self.lora_A.shape
+        columns = experts * rank
+        fused_router = packed.shape[1] > columns and type(self.router).run is Router.run
+        # Router logits are float32 (routers' contract): a 16-bit packed weight is read in fp32.
+        compute = torch.float32 if fused_router and packed.dtype in HALF_DTYPES else packed.dtype
+        if flat.dtype in HALF_DTYPES and not fused_router:
+            compute = flat.dtype  # the generic op's operand dtype for 16-bit activations
+        shrunk = flat.to(compute) @ packed.to(compute)
+        out = result.reshape(-1, result.shape[-1])
+        if fused_router:
+            route = self.router.route_logits(shrunk[:, columns:].float(), ctx)
+            ctx.record(self.site, route)
+            if route.residual is not None:
+                out = out + route.residual.to(out.dtype)
+            out = gated_expand(out, shrunk[:, :columns], self.lora_B, route.indices,
+                               route.weights, self.scale)
+            return out.view(result.shape)
+
+        def step(inputs: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+            # Routers that re-run the experts on a refined input (GraphMoE) get the generic op
+            # for those steps; the step on x itself reads the packed shrink.
+            if inputs is not flat:
+                return self.expert_delta(inputs, route)
+            return gated_expand(None, shrunk[:, :columns], self.lora_B, route.indices,
+                                route.weights, self.scale)
+
+        route, delta = self.router.run(flat, ctx, self, step)
+        ctx.record(self.site, route)
+        if route.residual is not None:
+            delta = delta + route.residual.to(delta.dtype)
+        return result + delta.view(result.shape).to(result.dtype)
+
     def extra_repr(self) -> str:
         experts, d_in, rank = self.lora_A.shape
         return (f"site={self.site.index}, experts={experts}, rank={rank}, d_in={d_in}, "
                 f"d_out={self.site.out_features}")
+
+
+def _contiguous_packed_views(module: MoELoraLinear, state_dict: dict[str, Any], prefix: str,
+                             local_metadata: Any) -> None:
+    """Write A and the router weight as tensors of their own: savers want contiguous tensors
+    that share no storage (``state_dict(keep_vars=True)`` keeps the parameters themselves)."""
+    for name in (prefix + "lora_A", prefix + "router.weight"):
+        value = state_dict.get(name)
+        if value is not None and not isinstance(value, nn.Parameter):
+            state_dict[name] = value.contiguous()
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")

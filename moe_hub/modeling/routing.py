@@ -348,6 +348,17 @@ class Router(nn.Module):
         :class:`ModuleRef`."""
         raise NotImplementedError
 
+    def logits_weight(self) -> nn.Parameter | None:
+        """The [E, d_in] weight W when this router's logits are exactly ``x W^T`` and nothing
+        else reads x: the site then stores W beside its experts' A and gets the logits from its
+        shrink matmul (one pass over x), handing them to :meth:`route_logits`. None (the
+        default): the router computes its logits itself."""
+        return None
+
+    def route_logits(self, logits: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
+        """The decision for logits computed by the site (routers with a ``logits_weight``)."""
+        raise NotImplementedError
+
     def run(self, x: torch.Tensor, ctx: RoutingContext, experts: Any,
             expert_step: ExpertStep) -> tuple[RouterOutput, torch.Tensor]:
         """Route ``x`` and compute the site's expert part: one decision, experts run once on

@@ -1,0 +1,195 @@
+"""The packed shrink weight (A and the router weight in one tensor) and the decode path that reads
+it: equal to the generic path in float64 for every router, one storage (no second copy of A),
+checkpoints unchanged, static-cache and compiled generate equal to eager."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny_dense
+from safetensors import safe_open
+from test_routers import ROUTER_CONFIGS, build, ids, perturb, rel_err
+from transformers import AutoModelForCausalLM
+
+from moe_hub.convert import convert
+from moe_hub.modeling.moe_lora_layer import MoELoraLinear
+
+
+def _sites(model: torch.nn.Module) -> list[MoELoraLinear]:
+    return [m for m in model.modules() if type(m).__name__ == "MoELoraLinear"]
+
+
+def _count_packed_calls(model: torch.nn.Module) -> list[int]:
+    """Counts, per model, the site calls that took the packed path (instance-level wrap)."""
+    calls = [0]
+    for site in _sites(model):
+        inner = site._packed_forward
+
+        def counted(*args, _inner=inner, **kwargs):
+            calls[0] += 1
+            return _inner(*args, **kwargs)
+
+        site._packed_forward = counted
+    return calls
+
+
+def _assert_packed(site: MoELoraLinear, with_router: bool) -> None:
+    experts, d_in, rank = site.lora_A.shape
+    width = experts * rank + (experts if with_router else 0)
+    storage = site.lora_A.untyped_storage()
+    # One tensor of exactly d_in x width elements holds A (and W): nothing stored twice.
+    assert storage.nbytes() == d_in * width * site.lora_A.element_size()
+    if with_router:
+        weight = site.router.weight
+        assert weight.untyped_storage().data_ptr() == storage.data_ptr()
+        packed = site.lora_A.as_strided((d_in, width), (width, 1))
+        assert torch.equal(packed[:, experts * rank:], weight.t())
+        for e in range(experts):
+            assert torch.equal(packed[:, e * rank:(e + 1) * rank], site.lora_A[e])
+
+
+@pytest.mark.parametrize("router", list(ROUTER_CONFIGS))
+def test_packed_path_equals_generic_path_float64(router: str) -> None:
+    model = perturb(build(router, "linear")).double().eval()
+    tokens = ids(3, 9, seed=21)
+    reference = model(tokens).logits  # autograd on: the generic path
+    calls = _count_packed_calls(model)
+    with torch.no_grad():
+        fast = model(tokens).logits
+    assert calls[0] == len(_sites(model))  # every site took the packed path
+    with_router = router == "topk"
+    for site in _sites(model):
+        _assert_packed(site, with_router)
+    # topk: the packed matmul gives float64 logits rounded once to float32, the generic router
+    # rounds the weights and x to float32 first: routing weights agree to float32 precision
+    # (~1e-7 relative), which bounds the logits' relative error. The other routers compute their
+    # logits themselves and only the shrink is packed: float64 round-off only.
+    bound = 1e-6 if with_router else 1e-12
+    assert rel_err(fast, reference) < bound
+
+
+def test_packed_path_rounds_router_weights_like_the_router() -> None:
+    """The routing decision of the packed path is the router's: same experts, weights equal to
+    float32 precision, on tokens of a model whose router is large enough to matter."""
+    model = build("topk", "linear")
+    for site in _sites(model):
+        with torch.no_grad():
+            site.router.weight.normal_(0, 1.0)
+    model = perturb(model).eval()
+    tokens = ids(2, 11, seed=4)
+    reference = model(tokens, output_router_logits=True)
+    with torch.no_grad():
+        fast = model(tokens, output_router_logits=True)
+    for ref_logits, fast_logits in zip(reference.router_logits, fast.router_logits):
+        assert rel_err(fast_logits, ref_logits) < 1e-6
+        assert torch.equal(fast_logits.topk(2).indices, ref_logits.topk(2).indices)
+    assert rel_err(fast.logits, reference.logits) < 1e-5
+
+
+def test_16bit_packed_path_matches_float64() -> None:
+    model = perturb(build("topk", "linear")).eval()
+    reference = model.double()(ids(2, 9, seed=5)).logits
+    model = model.to(torch.bfloat16)  # _apply re-packs: A and W both bf16, one tensor
+    for site in _sites(model):
+        _assert_packed(site, with_router=True)
+    with torch.no_grad():
+        fast = model(ids(2, 9, seed=5)).logits
+    # bf16 weights and activations through 2 layers: a few bf16 epsilons (2^-8) of the logits.
+    assert rel_err(fast, reference) < 0.05
+
+
+def test_training_updates_the_packed_views_in_place() -> None:
+    """The optimizer steps A and W through their views: the packed tensor (what the decode path
+    reads) follows, and the generic and packed paths still agree after the step."""
+    model = perturb(build("topk", "linear", lora_dropout=0.0)).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    tokens = ids(2, 9, seed=6)
+    model(tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    model.eval()
+    for site in _sites(model):
+        _assert_packed(site, with_router=True)
+    reference = model.double()(tokens).logits
+    with torch.no_grad():
+        fast = model(tokens).logits
+    assert rel_err(fast, reference) < 1e-6
+
+
+@pytest.mark.parametrize("router", list(ROUTER_CONFIGS))
+def test_static_cache_generate_equals_uncached(router: str) -> None:
+    model = perturb(build(router, "linear")).eval()
+    prompt = ids(2, 7, seed=12)
+    mask = torch.ones_like(prompt)
+    with torch.no_grad():
+        uncached = model.generate(prompt, attention_mask=mask, max_new_tokens=5,
+                                  do_sample=False, use_cache=False)
+        dynamic = model.generate(prompt, attention_mask=mask, max_new_tokens=5,
+                                 do_sample=False)
+        static = model.generate(prompt, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                cache_implementation="static")
+    assert dynamic.tolist() == uncached.tolist()
+    assert static.tolist() == uncached.tolist()
+
+
+def test_checkpoint_in_todays_layout_loads_packed_and_saves_it(tmp_path: Path) -> None:
+    """Tensor names and shapes are unchanged (lora_A [E, d_in, r], router.weight [E, d_in]): a
+    checkpoint written before packing loads, is packed, and is written back the same way."""
+    dense = save_tiny_dense(tmp_path / "dense")
+    checkpoint = convert(dense, tmp_path / "moe", router="topk", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True)
+    sites = _sites(model)
+    for site in sites:
+        _assert_packed(site, with_router=True)
+    perturb(model)
+    tokens = ids(2, 8, seed=7)
+    reference = model(tokens).logits
+    with torch.no_grad():
+        fast = model(tokens).logits
+    assert rel_err(fast, reference) < 1e-5
+    model.save_pretrained(tmp_path / "saved")
+    adapters = {}
+    for shard in (tmp_path / "saved").glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            adapters.update({k: f.get_tensor(k) for k in f.keys() if "lora_A" in k
+                             or "router.weight" in k})
+    names = dict(model.named_parameters())
+    assert len(adapters) == 2 * len(sites)
+    for name, tensor in adapters.items():
+        assert torch.equal(tensor, names[name].detach())  # [E, d_in, r] and [E, d_in] as before
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, fast)
+
+
+@pytest.mark.parametrize("router", ["topk", "rmoe"])
+def test_compiled_static_cache_generate_equals_eager(router: str) -> None:
+    """Decode steps compiled whole (fullgraph: any graph break raises) through transformers'
+    own compile path, equal tokens to eager. One decoder layer keeps the trace short; the
+    eager backend checks the trace, not the code generator."""
+    from transformers import CompileConfig
+    from transformers import LlamaConfig as Config
+
+    from moe_hub.modeling import MoELoraConfig, MoELoraForCausalLM
+
+    name, router_config = ROUTER_CONFIGS[router]
+    text = Config(vocab_size=256, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=128)
+    torch.manual_seed(0)
+    model = perturb(MoELoraForCausalLM(MoELoraConfig(
+        text_config=text.to_dict(), router=name, router_config=router_config, num_experts=4,
+        num_experts_per_tok=2, lora_rank=4, lora_alpha=8, lora_dropout=0.0))).eval()
+    prompt = ids(2, 7, seed=13)
+    mask = torch.ones_like(prompt)
+    compile_config = CompileConfig(fullgraph=True, backend="eager")
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        eager = model.generate(prompt, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        compiled = model.generate(prompt, attention_mask=mask, max_new_tokens=4,
+                                  do_sample=False, cache_implementation="static",
+                                  compile_config=compile_config)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    assert compiled.tolist() == eager.tolist()
