@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import save_tiny_dense
 from safetensors import safe_open
-from test_routers import ROUTER_CONFIGS, build, ids, perturb, rel_err
+from test_routers import CASES, ROUTER_CONFIGS, build, ids, perturb, rel_err
 from transformers import AutoModelForCausalLM
 
 from moe_hub.convert import convert
@@ -50,14 +50,21 @@ def _assert_packed(site: MoELoraLinear, with_router: bool) -> None:
             assert torch.equal(packed[:, e * rank:(e + 1) * rank], site.lora_A[e])
 
 
-@pytest.mark.parametrize("router", list(ROUTER_CONFIGS))
-def test_packed_path_equals_generic_path_float64(router: str) -> None:
-    model = perturb(build(router, "linear")).double().eval()
+@pytest.mark.parametrize(("router", "granularity"), CASES)
+def test_decode_path_equals_generic_path_float64(router: str, granularity: str) -> None:
+    """Without autograd, linear sites take the packed path and blocks the masked-dense slot
+    form: the logits equal the training path's (autograd on: grouped / generic op)."""
+    model = perturb(build(router, granularity)).double().eval()
     tokens = ids(3, 9, seed=21)
     reference = model(tokens).logits  # autograd on: the generic path
     calls = _count_packed_calls(model)
     with torch.no_grad():
         fast = model(tokens).logits
+    if granularity == "block":
+        # Blocks: both forms compute in float64 end to end (the router's float32 logits are the
+        # same in both): float64 round-off only.
+        assert rel_err(fast, reference) < 1e-12
+        return
     assert calls[0] == len(_sites(model))  # every site took the packed path
     with_router = router == "topk"
     for site in _sites(model):
@@ -163,8 +170,8 @@ def test_checkpoint_in_todays_layout_loads_packed_and_saves_it(tmp_path: Path) -
         assert torch.equal(reloaded(tokens).logits, fast)
 
 
-@pytest.mark.parametrize("router", ["topk", "rmoe"])
-def test_compiled_static_cache_generate_equals_eager(router: str) -> None:
+@pytest.mark.parametrize(("router", "granularity"), CASES)
+def test_compiled_static_cache_generate_equals_eager(router: str, granularity: str) -> None:
     """Decode steps compiled whole (fullgraph: any graph break raises) through transformers'
     own compile path, equal tokens to eager. One decoder layer keeps the trace short; the
     eager backend checks the trace, not the code generator."""
@@ -179,7 +186,8 @@ def test_compiled_static_cache_generate_equals_eager(router: str) -> None:
     torch.manual_seed(0)
     model = perturb(MoELoraForCausalLM(MoELoraConfig(
         text_config=text.to_dict(), router=name, router_config=router_config, num_experts=4,
-        num_experts_per_tok=2, lora_rank=4, lora_alpha=8, lora_dropout=0.0))).eval()
+        num_experts_per_tok=2, lora_rank=4, lora_alpha=8, lora_dropout=0.0,
+        routing_granularity=granularity))).eval()
     prompt = ids(2, 7, seed=13)
     mask = torch.ones_like(prompt)
     compile_config = CompileConfig(fullgraph=True, backend="eager")
@@ -193,3 +201,32 @@ def test_compiled_static_cache_generate_equals_eager(router: str) -> None:
                                   compile_config=compile_config)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
     assert compiled.tolist() == eager.tolist()
+
+
+@pytest.mark.parametrize(("rows", "per_slot", "weighted"),
+                         [("token", True, False), ("slot", False, True), ("slot", True, True),
+                          ("token", False, True)])
+def test_masked_dense_slot_form_equals_grouped_float64(rows: str, per_slot: bool,
+                                                       weighted: bool) -> None:
+    """The block's decoding form against the grouped form it replaces, on random A, B, x and
+    routing (every expert chosen by some slot, some by none at all in the second half)."""
+    from kernels.moe_lora_triton import group_by_expert
+
+    from moe_hub.modeling.moe_lora_ops import grouped_slots_delta, masked_dense_slots_delta
+
+    g = torch.Generator().manual_seed(31)
+    tokens, top_k, experts, d_in, rank, d_out = 7, 2, 5, 12, 3, 10
+    lora_A = torch.randn(experts, d_in, rank, generator=g, dtype=torch.float64)
+    lora_B = torch.randn(experts, rank, d_out, generator=g, dtype=torch.float64)
+    x = torch.randn(tokens * (top_k if rows == "slot" else 1), d_in, generator=g,
+                    dtype=torch.float64)
+    indices = torch.stack([torch.randperm(experts - 2, generator=g)[:top_k]
+                           for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=g, dtype=torch.float64) if weighted else None
+    with torch.no_grad():
+        reference = grouped_slots_delta(x, lora_A, lora_B, group_by_expert(indices, experts),
+                                        weights, top_k, 0.5, rows=rows, per_slot=per_slot)
+        dense = masked_dense_slots_delta(x, lora_A, lora_B, indices, weights, 0.5, rows=rows,
+                                         per_slot=per_slot)
+    assert dense.shape == reference.shape
+    assert rel_err(dense, reference) < 1e-12

@@ -39,6 +39,7 @@ from .moe_lora_layer import (
 )
 from .moe_lora_ops import (
     autocast_off,
+    decoding_regime,
     expert_compute_dtype,
     group_by_expert,
     moe_lora_slots_delta,
@@ -181,7 +182,9 @@ class MoELoraBlock(nn.Module):
         experts = self.input_lora_A().shape[0]
         # Every linear of the block applies this one decision: sort the (token, slot) pairs by
         # expert once; each expert's LoRA then runs on its own pairs only (FLOPs scale with k).
-        grouping = group_by_expert(route.indices, experts)
+        # Decoding skips the sort (fixed shapes, fewer ops: see ``decoding_regime``).
+        grouping = (None if decoding_regime(tokens, self.kernel)
+                    else group_by_expert(route.indices, experts))
         dtype = expert_compute_dtype(x, self.input_lora_A().dtype)
         expert_x = self.lora_dropout(shared_cast(x, dtype).reshape(-1, self.site.in_features))
 
@@ -231,7 +234,8 @@ class MoELoraBlock(nn.Module):
         return base.get_submodule(self.layout.down)(hidden)
 
     def _grouped(self, name: str, rows_x: torch.Tensor, indices: torch.Tensor,
-                 weights: torch.Tensor | None, grouping: torch.Tensor, rows: str, per_slot: bool
+                 weights: torch.Tensor | None, grouping: torch.Tensor | None, rows: str,
+                 per_slot: bool
                  ) -> torch.Tensor:
         lora_A, lora_B = self.lora_A.fetch(name), self.lora_B.fetch(name)
         return moe_lora_slots_delta(rows_x, lora_A, lora_B, indices, weights, self.scale,

@@ -156,6 +156,47 @@ def grouped_delta(x, lora_A, lora_B, indices, weights, scale, grouping):
     return grouped_slots_delta(x, lora_A, lora_B, grouping, weights, indices.shape[1], scale)
 
 
+def decoding_regime(tokens: int, kernel: str) -> bool:
+    """Whether a block's expert op takes the masked-dense slot form: no autograd (generate,
+    ``torch.no_grad()``) and decoding-sized inputs, or anything torch.compile traces (the
+    grouped form's per-expert row counts are data-dependent shapes, which fullgraph and CUDA
+    graphs cannot take). Training keeps the grouped form and its exact FLOP count."""
+    if kernel == "triton" or torch.is_grad_enabled():
+        return False
+    return tokens <= BROADCAST_MAX_TOKENS or torch.compiler.is_compiling()
+
+
+def masked_dense_slots_delta(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor | None,
+    scale: float,
+    rows: str = "token",
+    per_slot: bool = False,
+) -> torch.Tensor:
+    """``grouped_slots_delta``'s result (same arguments, no grouping) in fixed shapes: every
+    expert's rank-r values for every row in one batched matmul reading A in place, the chosen
+    expert's slice kept per slot by a one-hot gate, one expand. E / k times the grouped FLOPs,
+    which decoding-sized inputs do not notice; no sorting, no host sync."""
+    tokens, top_k = indices.shape
+    num_experts, _, rank = lora_A.shape
+    shrunk = torch.matmul(x, lora_A.to(x.dtype))  # [E, rows, r]
+    if rows == "slot":
+        per_expert = shrunk.view(num_experts, tokens, top_k, rank).permute(1, 2, 0, 3)
+    else:
+        per_expert = shrunk.transpose(0, 1).unsqueeze(1)  # [T, 1, E, r]
+    gate = torch.nn.functional.one_hot(indices, num_experts).to(x.dtype)  # [T, k, E]
+    if weights is not None:
+        gate = gate * weights.to(x.dtype).unsqueeze(-1)
+    gated = per_expert * (gate * scale).unsqueeze(-1)  # [T, k, E, r]
+    if not per_slot:
+        gated = gated.sum(dim=1)
+    return gated.reshape(-1, num_experts * rank) @ lora_B.to(x.dtype).reshape(
+        num_experts * rank, -1)
+
+
 def moe_lora_slots_delta(
     x: torch.Tensor,
     lora_A: torch.Tensor,
@@ -163,14 +204,18 @@ def moe_lora_slots_delta(
     indices: torch.Tensor,
     weights: torch.Tensor | None,
     scale: float,
-    grouping: torch.Tensor,
+    grouping: torch.Tensor | None,
     rows: str = "token",
     per_slot: bool = False,
     kernel: str = "auto",
 ) -> torch.Tensor:
     """``grouped_slots_delta`` (see there) on the Triton kernels where ``kernel`` picks them,
-    else in torch. ``x`` is already in the compute dtype; ``indices`` [T, k]."""
+    else in torch; ``masked_dense_slots_delta`` when ``grouping`` is None (the decoding regime).
+    ``x`` is already in the compute dtype; ``indices`` [T, k]."""
     with autocast_off(x.device):
+        if grouping is None:
+            return masked_dense_slots_delta(x, lora_A, lora_B, indices, weights, scale,
+                                            rows=rows, per_slot=per_slot)
         if kernel == "triton" or (kernel == "auto" and triton_supported(x)):
             if weights is None:
                 weights = torch.ones(indices.shape, dtype=torch.float32, device=x.device)
