@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import time
@@ -51,11 +52,12 @@ ROUTERS: dict[str, tuple[str, dict[str, Any]]] = {
 GRANULARITIES = ("linear", "block")
 LORA_METHODS = ("lora-budget", "lora-rank")
 METHODS = [*LORA_METHODS, *(f"{r}/{g}" for r in ROUTERS for g in GRANULARITIES)]
-# Sized from a measured training step of topk/linear on the NF4 base, one thread, no other load:
-# about 6 CPU seconds (3 on a float32 base), plus about 70 CPU seconds a run for conversion,
-# 4-bit loading and scoring (README, "Router comparison").
-QUICK = {"steps": 6, "seeds": [0], "eval_per_task": 5}
-FULL = {"steps": 60, "seeds": [0, 1, 2], "eval_per_task": 30}
+# Sized from measured training steps on the NF4 base, one thread, quiet machine: 2.3 CPU s
+# (topk/linear, plain LoRA) to 6.5 (graphmoe/block, which re-runs the frozen MLP each step), plus
+# 25-50 CPU s a run for conversion, 4-bit loading and scoring. 80 steps at lr 1e-3 flatten the
+# training loss (~0.15 from 3.5); the 36 full runs take about 100 minutes on two cores.
+QUICK = {"steps": 8, "seeds": [0], "eval_per_task": 5}
+FULL = {"steps": 80, "seeds": [0, 1, 2], "eval_per_task": 30}
 
 
 def moe_adapter_count(text_config: Any, method: str, rank: int, args: argparse.Namespace) -> int:
@@ -271,10 +273,50 @@ def train_moe(dense: Path, method: str, rank: int, seed: int, args: argparse.Nam
              callbacks=[callback], progress=False, **asdict(training_options(args, seed)))
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from transformers import AutoConfig, AutoTokenizer
+def run_one(args: argparse.Namespace, method: str, seed: int, rank: int, params: int,
+            dense: Path, threads: int) -> dict[str, Any]:
+    """Train and score one (method, seed) in this process; its own working folder."""
+    from transformers import AutoTokenizer
 
     from moe_hub.data import PadCollator, pad_token_id
+    from moe_hub.progress import quiet_library_notices, third_party_progress
+
+    torch.set_num_threads(threads)
+    quiet_library_notices()
+    tokenizer = AutoTokenizer.from_pretrained(dense)
+    examples = eval_examples(tokenizer, args.eval_per_task, args.max_length)
+    collator = PadCollator(pad_token_id(tokenizer))
+    workdir = Path(args.out) / "work" / f"{method.replace('/', '-')}@{seed}"
+    started, cpu_started = time.perf_counter(), time.process_time()
+    callback = recorder(examples, collator, args.eval_batch_size)
+    # Several runs share one terminal: each prints its result line, not its loading bars.
+    with third_party_progress(False, data=True):
+        if method in LORA_METHODS:
+            train_lora(dense, rank, seed, args, callback, workdir)
+        else:
+            train_moe(dense, method, rank, seed, args, callback, workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return {"method": method, "seed": seed, "rank": rank, "trainable_params": params,
+            "steps": args.steps, "curve": callback.curve, **callback.metrics,
+            "seconds": round(time.perf_counter() - started, 1),
+            "cpu_seconds": round(time.process_time() - cpu_started, 1)}
+
+
+# Relative cost of a training step (measured on the NF4 base): the pool starts the slow runs
+# first so the last worker does not finish alone.
+STEP_COST = {"graphmoe/block": 3.0, "graphmoe/linear": 1.4, "hypermoe/block": 1.3,
+             "hypermoe/linear": 1.3}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every (method, seed) not yet in the results, ``args.jobs`` at a time in worker processes
+    of ``args.threads`` threads each (on a CPU, two one-thread runs finish sooner than two
+    two-thread runs one after the other)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from transformers import AutoConfig
+
     from moe_hub.default_model import default_model_path
 
     out = Path(args.out)
@@ -283,30 +325,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = json.loads(results_file.read_text()) if results_file.is_file() else {"runs": {}}
     dense = dequantize_once(default_model_path(), out / "dense")
     text_config = AutoConfig.from_pretrained(dense).get_text_config()
-    tokenizer = AutoTokenizer.from_pretrained(dense)
-    examples = eval_examples(tokenizer, args.eval_per_task, args.max_length)
-    collator = PadCollator(pad_token_id(tokenizer))
     ranks = matched_ranks(text_config, args.methods, args)
     results["settings"] = {k: v for k, v in vars(args).items() if k != "report"}
-    for seed in args.seeds:
-        for method in args.methods:
-            key = f"{method}@{seed}"
-            if key in results["runs"]:
-                continue
-            rank, params = ranks[method]
-            workdir = out / "work"
-            started, cpu_started = time.perf_counter(), time.process_time()
-            callback = recorder(examples, collator, args.eval_batch_size)
-            if method in LORA_METHODS:
-                train_lora(dense, rank, seed, args, callback, workdir)
-            else:
-                train_moe(dense, method, rank, seed, args, callback, workdir)
-            shutil.rmtree(workdir, ignore_errors=True)
-            entry = {"method": method, "seed": seed, "rank": rank, "trainable_params": params,
-                     "steps": args.steps, "curve": callback.curve, **callback.metrics,
-                     "seconds": round(time.perf_counter() - started, 1),
-                     "cpu_seconds": round(time.process_time() - cpu_started, 1)}
-            results["runs"][key] = entry
+    todo = [(method, seed) for seed in args.seeds
+            for method in sorted(args.methods, key=lambda m: -STEP_COST.get(m, 1.0))
+            if f"{method}@{seed}" not in results["runs"]]
+    started = time.perf_counter()
+    # spawn: a forked child would inherit this process's torch thread pool and locks.
+    with ProcessPoolExecutor(max_workers=args.jobs,
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_one, args, method, seed, *ranks[method], dense, args.threads)
+                   for method, seed in todo]
+        for future in as_completed(futures):
+            entry = future.result()
+            results["runs"][f"{entry['method']}@{entry['seed']}"] = entry
+            results["wall_seconds"] = round(results.get("wall_seconds", 0.0)
+                                            + time.perf_counter() - started, 1)
+            started = time.perf_counter()
             results_file.write_text(json.dumps(results, indent=1) + "\n")
             print(json.dumps({k: v for k, v in entry.items() if k != "curve"}), flush=True)
     return results
@@ -418,14 +453,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=8, help="the experts' rank (sets the budget)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-batch-size", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--quantize", default="nf4", choices=["nf4", "none"],
                         help="the frozen base of every method (none: float32, faster on CPU)")
     parser.add_argument("--log-every", type=int, default=5, help="steps per curve point")
+    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
+                        help="runs at once, each in its own process (default: one per core)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (default: the cores shared among the jobs)")
     parser.add_argument("--report", action="store_true",
                         help="only write the table and plot from the results already there")
     args = parser.parse_args(argv)
+    if args.threads is None:
+        args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
     preset = QUICK if args.quick else FULL
     for name in ("steps", "seeds", "eval_per_task"):
         if getattr(args, name) is None:
