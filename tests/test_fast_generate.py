@@ -14,6 +14,7 @@ from test_routers import CASES, ROUTER_CONFIGS, build, ids, perturb, rel_err
 from transformers import AutoModelForCausalLM
 
 from moe_hub.convert import convert
+from moe_hub.modeling import moe_lora_fused
 from moe_hub.modeling.moe_lora_layer import MoELoraLinear
 
 
@@ -125,9 +126,12 @@ def test_training_updates_the_packed_views_in_place() -> None:
 
 
 @pytest.mark.parametrize("router", list(ROUTER_CONFIGS))
-def test_static_cache_generate_equals_uncached(router: str) -> None:
+@pytest.mark.parametrize("batch", [1, 2])
+def test_static_cache_generate_equals_uncached(router: str, batch: int) -> None:
+    """Batch 1 decodes through the gathered form (2 pairs < 4 experts), batch 2 through the
+    packed matmul (4 pairs)."""
     model = perturb(build(router, "linear")).eval()
-    prompt = ids(2, 7, seed=12)
+    prompt = ids(batch, 7, seed=12)
     mask = torch.ones_like(prompt)
     with torch.no_grad():
         uncached = model.generate(prompt, attention_mask=mask, max_new_tokens=5,
@@ -211,7 +215,6 @@ def test_masked_dense_slot_form_equals_grouped_float64(rows: str, per_slot: bool
     """The block's decoding form against the grouped form it replaces, on random A, B, x and
     routing (every expert chosen by some slot, some by none at all in the second half)."""
     from kernels.moe_lora_triton import group_by_expert
-
     from moe_hub.modeling.moe_lora_ops import grouped_slots_delta, masked_dense_slots_delta
 
     g = torch.Generator().manual_seed(31)
@@ -230,3 +233,50 @@ def test_masked_dense_slot_form_equals_grouped_float64(rows: str, per_slot: bool
                                          per_slot=per_slot)
     assert dense.shape == reference.shape
     assert rel_err(dense, reference) < 1e-12
+
+
+@pytest.mark.parametrize("router", list(ROUTER_CONFIGS))
+def test_one_token_decode_reads_only_the_chosen_experts_float64(
+        router: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One token, top-2 of 4 experts: every site takes the gathered form (router first, then the
+    chosen experts' A and B only) and gives the training path's logits."""
+    from moe_hub.modeling import moe_lora_layer
+
+    model = perturb(build(router, "linear")).double().eval()
+    token = ids(1, 1, seed=22)
+    reference = model(token).logits
+    gathered = []
+
+    def counted(*args, **kwargs):
+        gathered.append(args[4].shape)  # indices [T, k]
+        return moe_lora_fused.gathered_expand(*args, **kwargs)
+
+    monkeypatch.setattr(moe_lora_layer, "gathered_expand", counted)
+    with torch.no_grad():
+        fast = model(token).logits
+    assert gathered == [torch.Size([1, 2])] * len(_sites(model))
+    # topk: the router columns are read in float32 like the router reads its weight, so the
+    # routing is the router's. HyperMoE's generated module is applied in float32 (router
+    # math), where the same one-token inputs give results that differ in the last float32 bits
+    # with and without autograd (measured 2e-7): float32 round-off there, float64 elsewhere.
+    float32_part = router in ("topk", "hypermoe", "rmoe-hyper")
+    assert rel_err(fast, reference) < (1e-6 if float32_part else 1e-12)
+
+
+def test_gathered_form_equals_masked_dense_float64() -> None:
+    """The gathered form against the packed form on random operands: several tokens, repeated
+    and distinct experts, with and without a result to add into."""
+    g = torch.Generator().manual_seed(41)
+    tokens, top_k, experts, d_in, rank, d_out = 3, 2, 6, 10, 4, 7
+    lora_A = torch.randn(experts, d_in, rank, generator=g, dtype=torch.float64)
+    lora_B = torch.randn(experts, rank, d_out, generator=g, dtype=torch.float64)
+    x = torch.randn(tokens, d_in, generator=g, dtype=torch.float64)
+    indices = torch.tensor([[0, 5], [5, 0], [2, 3]])
+    weights = torch.rand(tokens, top_k, generator=g, dtype=torch.float64)
+    base = torch.randn(tokens, d_out, generator=g, dtype=torch.float64)
+    shrunk = x @ lora_A.permute(1, 0, 2).reshape(d_in, experts * rank)
+    want = moe_lora_fused.gated_expand(base.clone(), shrunk, lora_B, indices, weights, 0.5)
+    got = moe_lora_fused.gathered_expand(base.clone(), x, lora_A, lora_B, indices, weights, 0.5)
+    assert rel_err(got, want) < 1e-12
+    alone = moe_lora_fused.gathered_expand(None, x, lora_A, lora_B, indices, weights, 0.5)
+    assert rel_err(alone, want - base) < 1e-12

@@ -13,7 +13,10 @@ router and A differ in dtype) simply takes the generic path.
 
 Decode path (no autograd): h = x P; logits = h[:, E*r:] -> top-k -> gate [T, E] (zeros except the
 chosen experts' weights); y = base(x) + scale * (h[:, :E*r] * gate, in rank space) B_cat, the
-expand fused with the add into the base output.
+expand fused with the add into the base output. With fewer (token, slot) pairs than experts
+(one sequence decoding) reading every expert's A and B costs more than the product itself: the
+logits come first (x W^T, the router columns of P) and only the chosen experts' A and B are read
+(``gathered_expand``).
 """
 
 from __future__ import annotations
@@ -85,3 +88,24 @@ def gated_expand(result: torch.Tensor | None, shrunk: torch.Tensor, lora_B: torc
     if gated.dtype == b_cat.dtype == result.dtype:
         return torch.addmm(result, gated, b_cat, alpha=scale)
     return result + ((gated.to(b_cat.dtype) @ b_cat) * scale).to(result.dtype)
+
+
+def gathered_expand(result: torch.Tensor | None, x: torch.Tensor, lora_A: torch.Tensor,
+                    lora_B: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """``result`` [T, d_out] + scale * sum_j w_j (x_t A_{e_j}) B_{e_j}, reading only the chosen
+    experts' A and B (k of E per token): for T * k < E, where the expert op is bound by the
+    adapter bytes it reads. ``result`` None: the experts' part alone, in ``x``'s dtype."""
+    tokens, top_k = indices.shape
+    _, d_in, rank = lora_A.shape
+    chosen_A = lora_A[indices].to(x.dtype)  # [T, k, d_in, r]
+    chosen_B = lora_B[indices].to(x.dtype)  # [T, k, r, d_out]
+    shrunk = x.view(tokens, 1, 1, d_in) @ chosen_A  # [T, k, 1, r]
+    gated = (shrunk * (weights * scale).to(x.dtype).view(tokens, top_k, 1, 1)).view(
+        tokens, 1, top_k * rank)
+    expanded = chosen_B.view(tokens, top_k * rank, -1)
+    if result is None:
+        return (gated @ expanded).view(tokens, -1)
+    if result.dtype == x.dtype:
+        return torch.baddbmm(result.view(tokens, 1, -1), gated, expanded).view(tokens, -1)
+    return result + (gated @ expanded).view(tokens, -1).to(result.dtype)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .moe_lora_fused import gated_expand, pack_shrink, packed_weight, packed_width
+from .moe_lora_fused import gated_expand, gathered_expand, pack_shrink, packed_weight, packed_width
 from .moe_lora_ops import (
     HALF_DTYPES,
     expert_compute_dtype,
@@ -183,32 +183,50 @@ class MoELoraLinear(nn.Module):
 
     def _packed_forward(self, x: torch.Tensor, flat: torch.Tensor, result: torch.Tensor,
                         packed: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        """The decode path: one matmul over x for every expert's shrink (and the router logits
-        when the router weight is packed with A), gating in rank space, one expand into the
-        base output."""
+        """The decode path. Many (token, slot) pairs (T * k >= E): one matmul over x for every
+        expert's shrink (and the router logits when the router weight is packed with A), gating
+        in rank space, one expand into the base output. Fewer pairs than experts (decoding one
+        or two sequences): the router first, then only the chosen experts' A and B are read
+        (``gathered_expand``), since there the op is bound by the adapter bytes it reads."""
         experts, _, rank = self.lora_A.shape
         columns = experts * rank
         fused_router = packed.shape[1] > columns and type(self.router).run is Router.run
+        few = flat.shape[0] * self.router.top_k < experts
         # Router logits are float32 (routers' contract): a 16-bit packed weight is read in fp32.
         compute = torch.float32 if fused_router and packed.dtype in HALF_DTYPES else packed.dtype
         if flat.dtype in HALF_DTYPES and not fused_router:
             compute = flat.dtype  # the generic op's operand dtype for 16-bit activations
-        shrunk = flat.to(compute) @ packed.to(compute)
         out = result.reshape(-1, result.shape[-1])
         if fused_router:
-            route = self.router.route_logits(shrunk[:, columns:].float(), ctx)
+            if few:
+                # The router's own rounding: x and W to float32, then the product.
+                shrunk = None
+                logits = flat.float() @ packed[:, columns:].float()
+            else:
+                shrunk = flat.to(compute) @ packed.to(compute)
+                logits = shrunk[:, columns:].float()
+            route = self.router.route_logits(logits, ctx)
             ctx.record(self.site, route)
             if route.residual is not None:
                 out = out + route.residual.to(out.dtype)
-            out = gated_expand(out, shrunk[:, :columns], self.lora_B, route.indices,
-                               route.weights, self.scale)
+            if shrunk is None:
+                out = gathered_expand(out, flat.to(compute), self.lora_A, self.lora_B,
+                                      route.indices, route.weights, self.scale)
+            else:
+                out = gated_expand(out, shrunk[:, :columns], self.lora_B, route.indices,
+                                   route.weights, self.scale)
             return out.view(result.shape)
+
+        shrunk = None if few else flat.to(compute) @ packed.to(compute)
 
         def step(inputs: torch.Tensor, route: RouterOutput) -> torch.Tensor:
             # Routers that re-run the experts on a refined input (GraphMoE) get the generic op
             # for those steps; the step on x itself reads the packed shrink.
             if inputs is not flat:
                 return self.expert_delta(inputs, route)
+            if shrunk is None:
+                return gathered_expand(None, flat.to(compute), self.lora_A, self.lora_B,
+                                       route.indices, route.weights, self.scale)
             return gated_expand(None, shrunk[:, :columns], self.lora_B, route.indices,
                                 route.weights, self.scale)
 
