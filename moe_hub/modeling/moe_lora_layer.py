@@ -110,7 +110,7 @@ class MoELoraLinear(nn.Module):
             self.router = ROUTERS[config.router](site, config)
         self._packed_width = 0
         self.pack_shrink()
-        self._register_state_dict_hook(_contiguous_packed_views)
+        self.register_state_dict_post_hook(_contiguous_packed_views)
         self.reset_adapter_parameters()
 
     def pack_shrink(self) -> None:
