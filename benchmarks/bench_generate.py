@@ -29,6 +29,19 @@ RANDOM_SHAPES = {
 }
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
 def compile_kwargs(device: str) -> dict:
     """generate() arguments for the compiled mode: transformers' static cache, and its
     decode-step compilation (``fullgraph``; CUDA graphs on a GPU via ``reduce-overhead``)."""
@@ -126,7 +139,8 @@ def main() -> None:
                 rows.append((mode, batch, dense_tps, moe_tps))
                 print(f"{mode} batch {batch}: dense {dense_tps:.1f}, moe {moe_tps:.1f} tok/s",
                       flush=True)
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+            else f"{cpu_name()}, {torch.get_num_threads()} threads")
     print(f"\n{base.name} on {name}, {args.dtype}, router {args.router}, prompt "
           f"{args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats}, "
           f"torch {torch.__version__}")
