@@ -174,11 +174,15 @@ def test_checkpoint_in_todays_layout_loads_packed_and_saves_it(tmp_path: Path) -
         assert torch.equal(reloaded(tokens).logits, fast)
 
 
-@pytest.mark.parametrize(("router", "granularity"), CASES)
-def test_compiled_static_cache_generate_equals_eager(router: str, granularity: str) -> None:
+@pytest.mark.parametrize(("router", "granularity", "backend"),
+                         [(r, g, "eager") for r, g in CASES]
+                         + [("topk", "linear", "inductor"), ("rmoe", "block", "inductor")])
+def test_compiled_static_cache_generate_equals_eager(router: str, granularity: str,
+                                                     backend: str) -> None:
     """Decode steps compiled whole (fullgraph: any graph break raises) through transformers'
     own compile path, equal tokens to eager. One decoder layer keeps the trace short; the
-    eager backend checks the trace, not the code generator."""
+    eager backend checks the trace for every router, inductor (what generate() uses) also
+    generates and runs the code for two of them."""
     from transformers import CompileConfig
     from transformers import LlamaConfig as Config
 
@@ -194,7 +198,7 @@ def test_compiled_static_cache_generate_equals_eager(router: str, granularity: s
         routing_granularity=granularity))).eval()
     prompt = ids(2, 7, seed=13)
     mask = torch.ones_like(prompt)
-    compile_config = CompileConfig(fullgraph=True, backend="eager")
+    compile_config = CompileConfig(fullgraph=True, backend=backend)
     compile_config._compile_all_devices = True  # transformers compiles on accelerators only
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
