@@ -17,6 +17,11 @@ expand fused with the add into the base output. With fewer (token, slot) pairs t
 (one sequence decoding) reading every expert's A and B costs more than the product itself: the
 logits come first (x W^T, the router columns of P) and only the chosen experts' A and B are read
 (``gathered_expand``).
+
+Training keeps the generic op (``moe_lora_ops``) on the same storage: under autocast the experts'
+operands are 16-bit while router logits must be float32, so one matmul cannot serve both without
+computing every shrink in float32; and as a view of ``lora_A``, P would send the router columns'
+gradient nowhere.
 """
 
 from __future__ import annotations
