@@ -38,17 +38,19 @@ def _count_packed_calls(model: torch.nn.Module) -> list[int]:
 
 def _assert_packed(site: MoELoraLinear, with_router: bool) -> None:
     experts, d_in, rank = site.lora_A.shape
-    width = experts * rank + (experts if with_router else 0)
+    rows = experts * rank + (experts if with_router else 0)
     storage = site.lora_A.untyped_storage()
-    # One tensor of exactly d_in x width elements holds A (and W): nothing stored twice.
-    assert storage.nbytes() == d_in * width * site.lora_A.element_size()
+    # One tensor of exactly rows x d_in elements holds A (and W): nothing stored twice.
+    assert storage.nbytes() == rows * d_in * site.lora_A.element_size()
+    packed = site.lora_A.as_strided((rows, d_in), (d_in, 1))
+    for e in range(experts):
+        assert torch.equal(packed[e * rank:(e + 1) * rank], site.lora_A[e].t())
     if with_router:
         weight = site.router.weight
         assert weight.untyped_storage().data_ptr() == storage.data_ptr()
-        packed = site.lora_A.as_strided((d_in, width), (width, 1))
-        assert torch.equal(packed[:, experts * rank:], weight.t())
-        for e in range(experts):
-            assert torch.equal(packed[:, e * rank:(e + 1) * rank], site.lora_A[e])
+        assert weight.is_contiguous() and torch.equal(packed[experts * rank:], weight)
+    # Every parameter is dense (no gaps): fused optimizers update it as one run of memory.
+    assert site.lora_A.transpose(1, 2).is_contiguous()
 
 
 @pytest.mark.parametrize(("router", "granularity"), CASES)
@@ -280,7 +282,38 @@ def test_gathered_form_equals_masked_dense_float64() -> None:
     base = torch.randn(tokens, d_out, generator=g, dtype=torch.float64)
     shrunk = x @ lora_A.permute(1, 0, 2).reshape(d_in, experts * rank)
     want = moe_lora_fused.gated_expand(base.clone(), shrunk, lora_B, indices, weights, 0.5)
-    got = moe_lora_fused.gathered_expand(base.clone(), x, lora_A, lora_B, indices, weights, 0.5)
+    a_rows = lora_A.transpose(1, 2).contiguous()  # S's layout: [E, r, d_in]
+    got = moe_lora_fused.gathered_expand(base.clone(), x, a_rows, lora_B, indices, weights, 0.5)
     assert rel_err(got, want) < 1e-12
-    alone = moe_lora_fused.gathered_expand(None, x, lora_A, lora_B, indices, weights, 0.5)
+    alone = moe_lora_fused.gathered_expand(None, x, a_rows, lora_B, indices, weights, 0.5)
     assert rel_err(alone, want - base) < 1e-12
+
+
+def test_fused_adamw_steps_packed_parameters_like_separate_ones() -> None:
+    """transformers' default optimizer (fused AdamW) updates each parameter as one flat run of
+    memory: the packed parameters must be dense, or a step on the router weight would write
+    into A. Two steps on a packed model equal two steps on unpacked copies, for A (--train
+    experts), the router (--train routers) and both."""
+    for trained in (("lora_A",), ("router.weight",), ("lora_A", "router.weight", "lora_B")):
+        packed = perturb(build("topk", "linear")).train()
+        plain = perturb(build("topk", "linear")).train()
+        for site in _sites(plain):  # separate contiguous tensors, same values
+            site.lora_A.data = site.lora_A.data.contiguous()
+            site.router.weight.data = site.router.weight.data.clone()
+            site.pack_shrink = lambda: None
+        for model in (packed, plain):
+            for name, param in model.named_parameters():
+                param.requires_grad_(name.endswith(trained))
+        optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.05,
+                                        fused=True) for m in (packed, plain)]
+        tokens = ids(2, 9, seed=8)
+        for _ in range(2):
+            for model, optimizer in zip((packed, plain), optimizers, strict=True):
+                model(tokens, labels=tokens).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        want = dict(plain.named_parameters())
+        for name, param in packed.named_parameters():
+            assert torch.allclose(param, want[name], rtol=0, atol=1e-6), (trained, name)
+        for site in _sites(packed):
+            _assert_packed(site, with_router=True)

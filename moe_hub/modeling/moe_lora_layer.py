@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .moe_lora_fused import gated_expand, gathered_expand, pack_shrink, packed_weight, packed_width
+from .moe_lora_fused import gated_expand, gathered_expand, pack_shrink, packed_rows, packed_weight
 from .moe_lora_ops import (
     HALF_DTYPES,
     expert_compute_dtype,
@@ -108,17 +108,17 @@ class MoELoraLinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         with float32_parameters():  # routers compute in float32 whatever the default dtype
             self.router = ROUTERS[config.router](site, config)
-        self._packed_width = 0
+        self._packed_rows = 0
         self.pack_shrink()
         self.register_state_dict_post_hook(_contiguous_packed_views)
         self.reset_adapter_parameters()
 
     def pack_shrink(self) -> None:
-        """Store A (and the router weight, see ``moe_lora_fused``) as views of one [d_in,
-        E*r (+E)] tensor. Called at build, after every ``.to()``/``.float()`` and on
+        """Store A (and the router weight, see ``moe_lora_fused``) as views of one
+        [E*r (+E), d_in] tensor. Called at build, after every ``.to()``/``.float()`` and on
         ``train()``/``eval()`` (from_pretrained ends with ``eval()``): loading and casting
         replace the parameters' tensors."""
-        self._packed_width = pack_shrink(self.lora_A, self.router.logits_weight())
+        self._packed_rows = pack_shrink(self.lora_A, self.router.logits_weight())
 
     def _apply(self, fn: Any, recurse: bool = True) -> MoELoraLinear:
         super()._apply(fn, recurse)
@@ -169,17 +169,17 @@ class MoELoraLinear(nn.Module):
         )
 
     def _packed_for_inference(self, x: torch.Tensor) -> torch.Tensor | None:
-        """P [d_in, E*r (+E)] when the packed path applies: no autograd, no dropout, no
+        """S [E*r (+E), d_in] when the packed path applies: no autograd, no dropout, no
         autocast, masked-dense regime, torch kernel, parameters still packed."""
         experts, _, rank = self.lora_A.shape
-        width = self._packed_width
-        router_weight = self.router.logits_weight() if width > experts * rank else None
+        rows = self._packed_rows
+        router_weight = self.router.logits_weight() if rows > experts * rank else None
         if (torch.is_grad_enabled() or (self.training and not isinstance(
                 self.lora_dropout, nn.Identity)) or self.kernel == "triton"
                 or torch.is_autocast_enabled(x.device.type) or needs_grouping(experts, rank)
-                or not packed_width(self.lora_A, router_weight, width)):
+                or not packed_rows(self.lora_A, router_weight, rows)):
             return None
-        return packed_weight(self.lora_A, width)
+        return packed_weight(self.lora_A, rows)
 
     def _packed_forward(self, x: torch.Tensor, flat: torch.Tensor, result: torch.Tensor,
                         packed: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
@@ -188,9 +188,13 @@ class MoELoraLinear(nn.Module):
         in rank space, one expand into the base output. Fewer pairs than experts (decoding one
         or two sequences): the router first, then only the chosen experts' A and B are read
         (``gathered_expand``), since there the op is bound by the adapter bytes it reads."""
-        experts, _, rank = self.lora_A.shape
+        experts, d_in, rank = self.lora_A.shape
         columns = experts * rank
-        fused_router = packed.shape[1] > columns and type(self.router).run is Router.run
+        a_rows = packed[:columns].view(experts, rank, d_in)
+        # The router's logits may come from S only when nothing replaced its run(): a subclass
+        # or an instance override (a test forcing experts, a user's hook) decides itself.
+        fused_router = (packed.shape[0] > columns
+                        and getattr(self.router.run, "__func__", None) is Router.run)
         few = flat.shape[0] * self.router.top_k < experts
         # Router logits are float32 (routers' contract): a 16-bit packed weight is read in fp32.
         compute = torch.float32 if fused_router and packed.dtype in HALF_DTYPES else packed.dtype
@@ -201,23 +205,23 @@ class MoELoraLinear(nn.Module):
             if few:
                 # The router's own rounding: x and W to float32, then the product.
                 shrunk = None
-                logits = flat.float() @ packed[:, columns:].float()
+                logits = flat.float() @ packed[columns:].float().t()
             else:
-                shrunk = flat.to(compute) @ packed.to(compute)
+                shrunk = flat.to(compute) @ packed.to(compute).t()
                 logits = shrunk[:, columns:].float()
             route = self.router.route_logits(logits, ctx)
             ctx.record(self.site, route)
             if route.residual is not None:
                 out = out + route.residual.to(out.dtype)
             if shrunk is None:
-                out = gathered_expand(out, flat.to(compute), self.lora_A, self.lora_B,
+                out = gathered_expand(out, flat.to(compute), a_rows, self.lora_B,
                                       route.indices, route.weights, self.scale)
             else:
                 out = gated_expand(out, shrunk[:, :columns], self.lora_B, route.indices,
                                    route.weights, self.scale)
             return out.view(result.shape)
 
-        shrunk = None if few else flat.to(compute) @ packed.to(compute)
+        shrunk = None if few else flat.to(compute) @ packed.to(compute).t()
 
         def step(inputs: torch.Tensor, route: RouterOutput) -> torch.Tensor:
             # Routers that re-run the experts on a refined input (GraphMoE) get the generic op
@@ -225,7 +229,7 @@ class MoELoraLinear(nn.Module):
             if inputs is not flat:
                 return self.expert_delta(inputs, route)
             if shrunk is None:
-                return gathered_expand(None, flat.to(compute), self.lora_A, self.lora_B,
+                return gathered_expand(None, flat.to(compute), a_rows, self.lora_B,
                                        route.indices, route.weights, self.scale)
             return gated_expand(None, shrunk[:, :columns], self.lora_B, route.indices,
                                 route.weights, self.scale)
@@ -249,7 +253,7 @@ def _contiguous_packed_views(module: MoELoraLinear, state_dict: dict[str, Any], 
     for name in (prefix + "lora_A", prefix + "router.weight"):
         value = state_dict.get(name)
         if value is not None and not isinstance(value, nn.Parameter):
-            state_dict[name] = value.contiguous()
+            state_dict[name] = value.clone(memory_format=torch.contiguous_format)
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
