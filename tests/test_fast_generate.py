@@ -317,3 +317,20 @@ def test_fused_adamw_steps_packed_parameters_like_separate_ones() -> None:
             assert torch.allclose(param, want[name], rtol=0, atol=1e-6), (trained, name)
         for site in _sites(packed):
             _assert_packed(site, with_router=True)
+
+
+def test_a_sharded_placeholder_is_left_to_the_generic_path() -> None:
+    """DeepSpeed ZeRO-3 and FSDP swap a parameter's data for an empty placeholder between uses:
+    train()/eval() must not fail on it, and the gathered parameter runs the generic path."""
+    model = perturb(build("topk", "linear"))
+    site = _sites(model)[0]
+    full = site.lora_A.data
+    site.lora_A.data = torch.empty(0)
+    model.train()
+    model.eval()
+    assert site._packed_rows == 0
+    site.lora_A.data = full.contiguous()  # gathered back: not the packed layout
+    calls = _count_packed_calls(model)
+    with torch.no_grad():
+        model(ids(2, 5, seed=9))
+    assert calls[0] == len(_sites(model)) - 1

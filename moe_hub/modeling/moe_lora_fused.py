@@ -37,7 +37,11 @@ from torch import nn
 
 def pack_shrink(lora_A: nn.Parameter, router_weight: nn.Parameter | None) -> int:
     """Make ``lora_A`` (and ``router_weight`` when it can share it: same dtype and device) views
-    of one [E*r (+E), d_in] tensor, keeping their values; returns that tensor's row count."""
+    of one [E*r (+E), d_in] tensor, keeping their values; returns that tensor's row count, 0
+    when ``lora_A`` is not a whole [E, d_in, r] tensor here (a sharding wrapper such as
+    DeepSpeed ZeRO-3 or FSDP holds an empty placeholder: the generic path serves it)."""
+    if lora_A.dim() != 3 or lora_A.numel() == 0:
+        return 0
     experts, d_in, rank = lora_A.shape
     fuse = (router_weight is not None and router_weight.dtype == lora_A.dtype
             and router_weight.device == lora_A.device
@@ -61,6 +65,8 @@ def pack_shrink(lora_A: nn.Parameter, router_weight: nn.Parameter | None) -> int
 
 def packed_rows(lora_A: torch.Tensor, router_weight: torch.Tensor | None, rows: int) -> bool:
     """Whether ``lora_A`` (and ``router_weight``) are still the views ``pack_shrink`` made."""
+    if rows == 0 or lora_A.dim() != 3:
+        return False
     experts, d_in, rank = lora_A.shape
     if lora_A.stride() != (rank * d_in, 1, d_in):
         return False

@@ -171,13 +171,14 @@ class MoELoraLinear(nn.Module):
     def _packed_for_inference(self, x: torch.Tensor) -> torch.Tensor | None:
         """S [E*r (+E), d_in] when the packed path applies: no autograd, no dropout, no
         autocast, masked-dense regime, torch kernel, parameters still packed."""
-        experts, _, rank = self.lora_A.shape
         rows = self._packed_rows
-        router_weight = self.router.logits_weight() if rows > experts * rank else None
-        if (torch.is_grad_enabled() or (self.training and not isinstance(
+        if (rows == 0 or torch.is_grad_enabled() or (self.training and not isinstance(
                 self.lora_dropout, nn.Identity)) or self.kernel == "triton"
-                or torch.is_autocast_enabled(x.device.type) or needs_grouping(experts, rank)
-                or not packed_rows(self.lora_A, router_weight, rows)):
+                or torch.is_autocast_enabled(x.device.type)):
+            return None
+        experts, _, rank = self.lora_A.shape
+        router_weight = self.router.logits_weight() if rows > experts * rank else None
+        if needs_grouping(experts, rank) or not packed_rows(self.lora_A, router_weight, rows):
             return None
         return packed_weight(self.lora_A, rows)
 
