@@ -27,6 +27,7 @@ from .moe_lora_ops import (
 )
 from .routing import (
     ROUTERS,
+    ExpertStep,
     Router,
     RouterOutput,
     RoutingContext,
@@ -143,12 +144,17 @@ class MoELoraLinear(nn.Module):
         flat = x.reshape(-1, self.site.in_features)
         packed = self._packed_for_inference(x)
         if packed is not None:
-            return self._packed_forward(x, flat, result, packed, ctx)
+            return self._packed_forward(flat, result, packed, ctx)
 
         def step(inputs: torch.Tensor, route: RouterOutput) -> torch.Tensor:
             # The first step reads x itself (one cast shared with the sites that read x).
             return self.expert_delta(x if inputs is flat else inputs, route)
 
+        return self._routed(flat, ctx, step, result)
+
+    def _routed(self, flat: torch.Tensor, ctx: RoutingContext, step: ExpertStep,
+                result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus the site's expert part: the router decides and runs ``step``."""
         route, delta = self.router.run(flat, ctx, self, step)
         ctx.record(self.site, route)
         if route.residual is not None:
@@ -182,8 +188,8 @@ class MoELoraLinear(nn.Module):
             return None
         return packed_weight(self.lora_A, rows)
 
-    def _packed_forward(self, x: torch.Tensor, flat: torch.Tensor, result: torch.Tensor,
-                        packed: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+    def _packed_forward(self, flat: torch.Tensor, result: torch.Tensor, packed: torch.Tensor,
+                        ctx: RoutingContext) -> torch.Tensor:
         """The decode path. Many (token, slot) pairs (T * k >= E): one matmul over x for every
         expert's shrink (and the router logits when the router weight is packed with A), gating
         in rank space, one expand into the base output. Fewer pairs than experts (decoding one
@@ -201,45 +207,34 @@ class MoELoraLinear(nn.Module):
         compute = torch.float32 if fused_router and packed.dtype in HALF_DTYPES else packed.dtype
         if flat.dtype in HALF_DTYPES and not fused_router:
             compute = flat.dtype  # the generic op's operand dtype for 16-bit activations
-        out = result.reshape(-1, result.shape[-1])
+        shrunk = None if few else flat.to(compute) @ packed.to(compute).t()
+
+        def expand(into: torch.Tensor | None, route: RouterOutput) -> torch.Tensor:
+            if shrunk is None:
+                return gathered_expand(into, flat.to(compute), a_rows, self.lora_B,
+                                       route.indices, route.weights, self.scale)
+            return gated_expand(into, shrunk[:, :columns], self.lora_B, route.indices,
+                                route.weights, self.scale)
+
         if fused_router:
-            if few:
-                # The router's own rounding: x and W to float32, then the product.
-                shrunk = None
-                logits = flat.float() @ packed[columns:].float().t()
-            else:
-                shrunk = flat.to(compute) @ packed.to(compute).t()
-                logits = shrunk[:, columns:].float()
+            # Read alone, the router rows get the router's own rounding: x and W to float32.
+            logits = (flat.float() @ packed[columns:].float().t() if shrunk is None
+                      else shrunk[:, columns:].float())
             route = self.router.route_logits(logits, ctx)
             ctx.record(self.site, route)
+            out = result.reshape(-1, result.shape[-1])
             if route.residual is not None:
                 out = out + route.residual.to(out.dtype)
-            if shrunk is None:
-                out = gathered_expand(out, flat.to(compute), a_rows, self.lora_B,
-                                      route.indices, route.weights, self.scale)
-            else:
-                out = gated_expand(out, shrunk[:, :columns], self.lora_B, route.indices,
-                                   route.weights, self.scale)
-            return out.view(result.shape)
-
-        shrunk = None if few else flat.to(compute) @ packed.to(compute).t()
+            return expand(out, route).view(result.shape)
 
         def step(inputs: torch.Tensor, route: RouterOutput) -> torch.Tensor:
             # Routers that re-run the experts on a refined input (GraphMoE) get the generic op
             # for those steps; the step on x itself reads the packed shrink.
             if inputs is not flat:
                 return self.expert_delta(inputs, route)
-            if shrunk is None:
-                return gathered_expand(None, flat.to(compute), a_rows, self.lora_B,
-                                       route.indices, route.weights, self.scale)
-            return gated_expand(None, shrunk[:, :columns], self.lora_B, route.indices,
-                                route.weights, self.scale)
+            return expand(None, route)
 
-        route, delta = self.router.run(flat, ctx, self, step)
-        ctx.record(self.site, route)
-        if route.residual is not None:
-            delta = delta + route.residual.to(delta.dtype)
-        return result + delta.view(result.shape).to(result.dtype)
+        return self._routed(flat, ctx, step, result)
 
     def extra_repr(self) -> str:
         experts, d_in, rank = self.lora_A.shape
