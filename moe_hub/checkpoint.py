@@ -33,15 +33,7 @@ _KERNEL_FILE = Path(__file__).resolve().parent / "kernels" / "moe_lora_triton.py
 def code_files() -> list[Path]:
     """The source files a checkpoint carries: the flat modeling package and the Triton kernel."""
     files = sorted(p for p in _MODELING_DIR.glob("*.py") if p.name != "__init__.py")
-    try:
-        from .kernels import moe_lora_triton  # installed location of kernels/
-    except ImportError:
-        moe_lora_triton = None
-    if moe_lora_triton is not None and moe_lora_triton.__file__:
-        files.append(Path(moe_lora_triton.__file__))
-    elif _KERNEL_FILE.is_file():
-        files.append(_KERNEL_FILE)
-    return files
+    return [*files, _KERNEL_FILE]
 
 
 def copy_code(target: Path) -> None:

@@ -11,7 +11,7 @@
 #     bash scripts/gpu_session.sh train        # step time vs PEFT LoRA, bf16 and NF4 bases
 #     bash scripts/gpu_session.sh generate     # generate() vs the dense model, batch 1 and 16
 # The device image has torch, transformers, peft, triton, pytest; not bitsandbytes, datasets
-# or this package (installed from its wheel, because kernels/ and cli/ map into moe_hub).
+# or this package (installed from its wheel built here).
 set -uo pipefail
 
 step=${1:?usage: gpu_session.sh prepare|kernels|train|generate|all}

@@ -220,7 +220,7 @@ def test_masked_dense_slot_form_equals_grouped_float64(rows: str, per_slot: bool
                                                        weighted: bool) -> None:
     """The block's decoding form against the grouped form it replaces, on random A, B, x and
     routing (every expert chosen by some slot, some by none at all in the second half)."""
-    from kernels.moe_lora_triton import group_by_expert
+    from moe_hub.kernels.moe_lora_triton import group_by_expert
     from moe_hub.modeling.moe_lora_ops import grouped_slots_delta, masked_dense_slots_delta
 
     g = torch.Generator().manual_seed(31)
