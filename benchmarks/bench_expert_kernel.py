@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 
 import torch
-from moe_hub.kernels.moe_lora_triton import triton_moe_lora_delta, triton_supported
 
+from moe_hub.kernels.moe_lora_triton import triton_moe_lora_delta, triton_supported
 from moe_hub.modeling.moe_lora_ops import group_by_expert, grouped_delta, masked_dense_delta
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moe_hub.cli.app import app
 from typer.testing import CliRunner
+
+from moe_hub.cli.app import app
 
 
 def test_convert_then_info(tmp_path: Path, tiny_dense: Path) -> None:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 from conftest import save_tiny_dense
-from moe_hub.cli.app import app
 from typer.testing import CliRunner
+
+from moe_hub.cli.app import app
 
 
 def _run(*args: str) -> tuple[int, str]:

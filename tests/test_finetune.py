@@ -370,8 +370,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
-    from moe_hub.cli.app import app
     from typer.testing import CliRunner
+
+    from moe_hub.cli.app import app
 
     ckpt = tiny_checkpoint(tmp_path)
     result = CliRunner().invoke(app, ["finetune", str(ckpt), "--data",

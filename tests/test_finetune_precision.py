@@ -38,8 +38,9 @@ def test_precision_flags_exclude_each_other_and_fp16_needs_a_gpu():
 
 
 def test_cli_shows_the_flags_and_refuses_two_in_one_line(tmp_path):
-    from moe_hub.cli.app import app
     from typer.testing import CliRunner
+
+    from moe_hub.cli.app import app
 
     runner = CliRunner()
     shown = runner.invoke(app, ["finetune", "--help"], env={"COLUMNS": "200"})

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from helpers_finetune import tiny_checkpoint
-from moe_hub.cli.app import app
 from typer.testing import CliRunner
 
+from moe_hub.cli.app import app
 from moe_hub.errors import MoEHubError
 from moe_hub.finetune import finetune
 

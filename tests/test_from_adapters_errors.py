@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_tiny_dense
-from moe_hub.cli.app import app
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from moe_hub.cli.app import app
 from moe_hub.convert import convert
 from moe_hub.errors import MoEHubError
 

@@ -258,8 +258,9 @@ def _run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProces
 
 def test_failed_push_leaves_main_unchanged_and_retry_succeeds(hub: HubServer,
                                                                 tmp_path: Path) -> None:
-    from moe_hub.cli.app import app
     from typer.testing import CliRunner
+
+    from moe_hub.cli.app import app
 
     checkpoint = convert(save_tiny_dense(tmp_path / "dense"), tmp_path / "moe", experts=2,
                          top_k=1, rank=2, progress=False)

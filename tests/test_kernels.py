@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_config
-from moe_hub.kernels import moe_lora_triton as kernels
 from torch.utils.checkpoint import checkpoint
 
+from moe_hub.kernels import moe_lora_triton as kernels
 from moe_hub.modeling import MoELoraConfig, MoELoraForCausalLM
 from moe_hub.modeling.moe_lora_ops import torch_moe_lora_delta
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import transformers as tf
 from conftest import save_tiny_dense, tiny_config
-from moe_hub.cli.app import app
 from test_routers import build, ids, perturb, rel_err
 from typer.testing import CliRunner
 
+from moe_hub.cli.app import app
 from moe_hub.convert import convert
 from moe_hub.errors import MoEHubError
 from moe_hub.modeling import MoELoraConfig, MoELoraForCausalLM
