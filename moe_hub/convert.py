@@ -440,8 +440,11 @@ def _write_config(config: MoELoraConfig, text_config: Any, dtype: torch.dtype | 
     config.dtype = base_dtype
     text_config.dtype = base_dtype
     from . import __version__
+    from .modeling.transformers_compat import TESTED_TRANSFORMERS
 
     config.moe_hub_version = __version__
+    # What the shipped code names when a future transformers changes an internal it relies on.
+    config.tested_transformers = list(TESTED_TRANSFORMERS)
     for key, value in (provenance or {}).items():
         # Where a GGUF base came from: the model card's base_model and license metadata.
         setattr(config, key, value)

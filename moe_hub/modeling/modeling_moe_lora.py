@@ -56,13 +56,14 @@ from .routing import (
     load_balancing_loss,
     z_loss,
 )
-
-try:  # guards every torch init function against overwriting loaded tensors (transformers 5.x)
-    from transformers.initialization import guard_torch_init_functions
-    from transformers.initialization import no_init_weights as _no_init_weights
-except ImportError:  # pragma: no cover - older 5.x: initialize_weights guards on its own
-    from contextlib import nullcontext as _no_init_weights
-    from contextlib import nullcontext as guard_torch_init_functions
+from .transformers_compat import (
+    dense_names_of_keys,
+    filter_loading_info,
+    forget_key_mapping,
+    init_guard,
+    no_init_weights,
+    optional_file,
+)
 
 __all__ = ["MoELoraForCausalLM", "MoELoraModel", "MoELoraPreTrainedModel"]
 
@@ -194,7 +195,7 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         conversion). Tensors already loaded from a checkpoint are left alone: the init functions
         skip them (``_is_hf_initialized``), so only missing or re-created ones are initialised."""
         super().initialize_weights()
-        with guard_torch_init_functions():
+        with init_guard(self.config):
             self._reset_adapters()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -292,19 +293,19 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         if legacy:
             kwargs["key_mapping"] = {**legacy, **(kwargs.get("key_mapping") or {})}
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        _forget_renamings(loaded[0] if isinstance(loaded, tuple) else loaded, legacy)
+        forget_key_mapping(loaded[0] if isinstance(loaded, tuple) else loaded, legacy, config)
         return loaded
 
-    def _adjust_missing_and_unexpected_keys(self, loading_info: Any) -> None:
-        super()._adjust_missing_and_unexpected_keys(loading_info)
-        if self.config.adapter_only:
-            # The base checkpoint has no experts or routers: they are read right after it.
-            adapters = set(self.adapter_parameter_names())
-            loading_info.missing_keys = {k for k in loading_info.missing_keys if k not in adapters}
-        if not self._keeps_head:
-            head = self._head_prefix + "."
-            loading_info.unexpected_keys = {k for k in loading_info.unexpected_keys
-                                            if not k.startswith(head)}
+    def _adjust_missing_and_unexpected_keys(self, loading_info: Any, *args: Any,
+                                            **kwargs: Any) -> None:
+        # transformers' hook for trimming the loading report (private: only warnings depend on it)
+        super()._adjust_missing_and_unexpected_keys(loading_info, *args, **kwargs)
+        filter_loading_info(
+            loading_info,
+            # An adapter-only checkpoint's base has no experts or routers: read right after it.
+            drop_missing=self.adapter_parameter_names() if self.config.adapter_only else (),
+            drop_unexpected_prefix=None if self._keeps_head else self._head_prefix + ".",
+        )
 
     def _routing_scope(self, attention_mask: torch.Tensor | None, input_ids: Any = None,
                        inputs_embeds: Any = None):
@@ -590,7 +591,7 @@ def _legacy_key_mapping(config: MoELoraConfig) -> dict[str, str]:
     (building one marks the config as the current layout)."""
     if getattr(config, "checkpoint_layout", 1) >= CHECKPOINT_LAYOUT:
         return {}
-    with torch.device("meta"), _no_init_weights():
+    with torch.device("meta"), no_init_weights():
         dense = AutoModelForCausalLM.from_config(config.text_config)
     return {f"^model\\.{re.escape(old)}\\.": f"{new}."
             for old, new in _dense_prefixes(dense).items()}
@@ -631,34 +632,20 @@ def _rename(name: str, mapping: dict[str, str]) -> str:
     return name
 
 
-def _forget_renamings(model: PreTrainedModel, key_mapping: dict[str, str]) -> None:
-    """save_pretrained reverses the renamings of loading; those of ``key_mapping`` took other
-    layouts' names to this model's, which is what it must write."""
-    if not key_mapping:
-        return
-    model._weight_conversions = [
-        c for c in getattr(model, "_weight_conversions", None) or []
-        if not set(getattr(c, "_original_source_patterns", ())) & set(key_mapping)
-    ]
-
-
 def _dense_key_mapping(cls: type, config: MoELoraConfig, hub: dict[str, Any]) -> dict[str, str]:
     """``key_mapping`` taking every tensor name of the dense base checkpoint to this model's name
     for it (``model.`` prefix, ``.base_layer`` inside targeted linears)."""
     import json
 
     from safetensors import safe_open
-    from transformers.utils import cached_file
 
     base, revision = config.base_model_name_or_path, config.base_model_revision
-    index = cached_file(base, "model.safetensors.index.json", revision=revision,
-                        _raise_exceptions_for_missing_entries=False, **hub)
+    index = optional_file(base, "model.safetensors.index.json", revision=revision, **hub)
     if index is not None:
         with open(index, encoding="utf-8") as f:
             keys = list(json.load(f)["weight_map"])
     else:
-        single = cached_file(base, "model.safetensors", revision=revision,
-                             _raise_exceptions_for_missing_entries=False, **hub)
+        single = optional_file(base, "model.safetensors", revision=revision, **hub)
         if single is None:
             raise OSError(f"base model {base} (revision {revision}) has no safetensors weights; "
                           f"an adapter-only checkpoint needs a safetensors base")
@@ -667,28 +654,13 @@ def _dense_key_mapping(cls: type, config: MoELoraConfig, hub: dict[str, Any]) ->
     with torch.device("meta"):
         model = cls(config)
     ours = model.checkpoint_names_by_dense_name()
-    renamed = _dense_names_of_keys(model.dense_model, keys)
+    renamed = dense_names_of_keys(model.dense_model, keys, ours, config)
     mapping = {}
     for key, dense in renamed.items():
         dense = dense if dense in ours else key
         if dense in ours:
             mapping[f"^{re.escape(key)}$"] = ours[dense]
     return mapping
-
-
-def _dense_names_of_keys(dense: PreTrainedModel, keys: list[str]) -> dict[str, str]:
-    """Checkpoint key -> the dense model's name for it under the installed transformers' renaming
-    rules (GPT-NeoX's ``embed_out`` is ``lm_head``, legacy LayerNorm ``gamma`` is ``weight``);
-    the dense model is not registered in this one, so transformers would not apply them."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, rename_source_key
-    except ImportError:  # a transformers without conversion rules stores module names
-        return {key: key for key in keys}
-    rules = [r for r in get_model_conversion_mapping(dense) if isinstance(r, WeightRenaming)]
-    meta = dict.fromkeys(dense.state_dict())
-    return {key: rename_source_key(key, rules, [], dense.base_model_prefix, meta)[0]
-            for key in keys}
 
 
 def _load_adapter_only(cls: type, path: Any, config: MoELoraConfig, model_args: tuple,
@@ -715,7 +687,7 @@ def _load_adapter_only(cls: type, path: Any, config: MoELoraConfig, model_args: 
     )
     model = loaded[0] if isinstance(loaded, tuple) else loaded
     # save_pretrained must write this model's names, not map them back to the dense ones.
-    _forget_renamings(model, key_mapping)
+    forget_key_mapping(model, key_mapping, config)
     params = dict(model.named_parameters())
     with safe_open(adapter_file, "pt") as f:
         # Adapter files of layout 1 name tensors model.<dense name>: renamed to this model's.

@@ -3,7 +3,7 @@
 For token t and slot j: e = indices[t, j], w = weights[t, j],
     delta_t = scale * sum_j w * (x_t A_e) B_e        A: [E, d_in, r], B: [E, r, d_out].
 
-Two torch forms (see KERNELS.md in the project docs for the cost model):
+Two torch forms (the op is memory-bound: README, "Benchmarks", has the measured costs):
 - masked-dense, for small E * r (the default 8 x 16 = 128): every expert's rank-r values in one
   matmul x [A_1 | ... | A_E], gated in rank space (unselected experts get weight 0), then one
   matmul back. No sorting, fixed shapes, the extra FLOPs are free because the op is memory-bound.

@@ -8,8 +8,8 @@ compares "LoRA+MoE and GraphMoE architectures" (GraphMoE sits on top of a LoRA-M
 MixLoRA or LoRAMoE). A published summary of the paper speaks of "iterative refinement of
 representations" with "modest parameter overhead". The method section (exact update rule,
 number of steps, losses) and the announced code (github fan2goa1/GraphMoE) could not be read
-from here: everything below the level of those sentences is an interpretation (ROUTERS.md,
-"graphmoe", readings A and B).
+from here: everything below the level of those sentences is an interpretation: readings A
+and B below.
 
 Notation: a site has input x [T, d_in], E LoRA experts, top-k; W_g [E, d_in] is topk's gate
 (same name ``weight``, same N(0, 0.02) init), U_g [E, m] per site, N(0, 0.02); one GRU cell

@@ -1,6 +1,6 @@
 """HyperMoE router (Zhao et al., ACL 2024, arXiv 2402.12656), ported to LoRA experts.
 
-Implements (ROUTERS.md, "hypermoe"):
+Implements:
 1. Noisy top-k gating (Shazeer et al. 2017, eqs. 3-5): H(x) = x W_g + eps * (softplus(x W_noise)
    + 0.01) in training, eps ~ N(0, 1); W_g and W_noise start at zero; softmax over all E, top-k,
    renormalise. Auxiliary loss cv^2(importance) + cv^2(load) (Shazeer eqs. 6-10, load through the

@@ -1,6 +1,6 @@
 """Layerwise Recurrent Router (RMoE; Qiu et al., ICLR 2025), ported to MoE-LoRA sites.
 
-Implements (ROUTERS.md, "rmoe"), at routing site i of a chain:
+Implements, at routing site i of a chain:
     u_i = x_i P_i                P_i: d_in x p, per site, no bias, N(0, 0.02)
     h_i = GRU(u_i, h_{i-1})      one GRU cell (input = hidden = p) shared by every site,
                                  h_0 = 0 at every forward call
