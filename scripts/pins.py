@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 # The libraries whose behaviour the code depends on release by release; tools (pytest, ruff) and
