@@ -5,8 +5,8 @@ weights; a token's block output is the weighted sum of its top-k experts' MLP ou
 (and any other targeted linear outside the MLP) gets one ordinary, unrouted LoRA.
 
 Cheap form (the MixLoRA layout, Li et al. 2024, arXiv 2404.15159): the frozen gate/up (or
-c_fc) projections run once per token; per selected expert only the LoRA deltas, the activation and the gate * up
-product are computed; the frozen down projection is linear, so
+c_fc) projections run once per token; per selected expert only the LoRA deltas, the activation
+and the gate * up product are computed; the frozen down projection is linear, so
 sum_j g_j down(h_j) = down(sum_j g_j h_j) + (sum_j g_j - 1) * bias runs once on the mixture.
 The LoRA deltas use the grouped expert form: the (token, slot) pairs are sorted by expert once
 per block, each expert's LoRA runs on its own pairs only, and the gate/up shrink x A_e reads x's
