@@ -24,7 +24,7 @@ NOT_RUN = {
         "the test environment is that install, and the demo takes minutes",
     "bash scripts/test.sh":
         "runs this test suite itself (what CI runs)",
-    "bash scripts/test.sh                      # everything (CI)":
+    "bash scripts/test.sh                      # everything (CI), pinned versions, in .venv":
         "runs this test suite itself",
     "moe-hub convert HuggingFaceTB/SmolLM2-135M-Instruct smol-mix \\":
         "the adapter names stand for the reader's own adapters; tests/test_from_adapters.py "
@@ -55,9 +55,12 @@ def _runnable() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
 
 def _env() -> dict[str, str]:
     # `moe-hub` and `python` resolve to this interpreter's environment, as after the install.
+    # The repository root goes before site-packages on the path, as for a `python -c` or a
+    # notebook started in the checkout: a root folder shadowing a distribution breaks the block.
     bin_dir = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-            "PYTHONUNBUFFERED": "1"}
+            "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
 
 
 def _run(lang: str, code: str, cwd: Path, timeout: int) -> None:

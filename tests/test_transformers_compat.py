@@ -9,7 +9,10 @@ names the tested transformers range recorded in the checkpoint's config.json.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ import transformers.conversion_mapping as conversion_mapping
 import transformers.core_model_loading as core_model_loading
 import transformers.initialization as initialization
 import transformers.utils as transformers_utils
-from conftest import REPO, save_tiny_dense
+from conftest import REPO, run_without_moe_hub, save_tiny_dense
 from transformers import AutoModelForCausalLM
 
 from moe_hub.convert import convert
@@ -124,3 +127,40 @@ def test_full_checkpoint_loads_equal_with_perturbed_experts(checkpoints):
     model = AutoModelForCausalLM.from_pretrained(full, trust_remote_code=True)
     b = [p for n, p in model.named_parameters() if ".lora_B" in n]
     assert b and all(p.abs().sum() > 0 for p in b)
+
+
+@pytest.fixture(scope="module")
+def foreign_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Checkpoints written by another environment: scripts/test.sh --newest/--oldest make them
+    with the pinned set and name the folder in MOE_HUB_COMPAT_CHECKPOINTS. In a plain run this
+    environment writes them (the same script), so the loading path is exercised either way."""
+    given = os.environ.get("MOE_HUB_COMPAT_CHECKPOINTS")
+    if given:
+        return Path(given)
+    out = tmp_path_factory.mktemp("compat")
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_compat_checkpoints.py"),
+                    str(out)], check=True, capture_output=True, timeout=600)
+    return out
+
+
+@pytest.mark.parametrize("name", ["full-topk", "full-rmoe", "full-hypermoe", "full-graphmoe",
+                                  "adapter-only"])
+def test_checkpoint_from_another_environment_loads_with_its_logits(foreign_checkpoints, name,
+                                                                    tmp_path):
+    """Loaded with this environment's transformers, in a process where moe_hub cannot be
+    imported, the checkpoint's shipped code gives the logits the writing environment computed.
+    Same float32 arithmetic on one CPU: only a changed reduction order can differ (relative
+    1e-5 covers a few ulps accumulated over two layers)."""
+    path = foreign_checkpoints / name
+    out = run_without_moe_hub(f"""
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        expected = load_file({str(path / "expected_logits.safetensors")!r})
+        model = AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True)
+        with torch.no_grad():
+            logits = model.eval()(expected["input_ids"]).logits
+        error = (logits - expected["logits"]).abs().max() / expected["logits"].abs().max()
+        print(float(error))
+    """, cwd=tmp_path)
+    assert float(out.split()[-1]) < 1e-5

@@ -39,7 +39,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOu
 
 from .configuration_moe_lora import CHECKPOINT_LAYOUT, MoELoraConfig
 from .moe_lora_block import inject_moe_lora_blocks
+
+# transformers 5.0 copies into its module cache only the sibling files this module imports
+# itself (later releases follow imports transitively), and then fails on the files those import:
+# every shipped file is named here, through an attribute every module has.
+from .moe_lora_fused import __name__ as _
 from .moe_lora_layer import RoutingHolder, inject_moe_lora
+from .moe_lora_ops import __name__ as _  # noqa: F811
 
 # Importing a router module registers it; a new router is one file plus one line here.
 from .router_graphmoe import GraphMoERouter  # noqa: F401
@@ -56,9 +62,14 @@ from .routing import (
     load_balancing_loss,
     z_loss,
 )
+
+try:  # the kernel sits beside this file in a checkpoint, in moe_hub.kernels in the library
+    from .moe_lora_triton import __name__ as _  # noqa: F401
+except ImportError:
+    pass
 from .transformers_compat import (
     dense_names_of_keys,
-    filter_loading_info,
+    filter_loading_report,
     forget_key_mapping,
     init_guard,
     no_init_weights,
@@ -296,12 +307,11 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         forget_key_mapping(loaded[0] if isinstance(loaded, tuple) else loaded, legacy, config)
         return loaded
 
-    def _adjust_missing_and_unexpected_keys(self, loading_info: Any, *args: Any,
-                                            **kwargs: Any) -> None:
-        # transformers' hook for trimming the loading report (private: only warnings depend on it)
-        super()._adjust_missing_and_unexpected_keys(loading_info, *args, **kwargs)
-        filter_loading_info(
-            loading_info,
+    def _adjust_missing_and_unexpected_keys(self, *args: Any, **kwargs: Any) -> Any:
+        # transformers' hook for trimming the loading report (private, and its signature moved
+        # within 5.x: the compat helper handles both; only warnings depend on it)
+        return filter_loading_report(
+            super()._adjust_missing_and_unexpected_keys(*args, **kwargs), args,
             # An adapter-only checkpoint's base has no experts or routers: read right after it.
             drop_missing=self.adapter_parameter_names() if self.config.adapter_only else (),
             drop_unexpected_prefix=None if self._keeps_head else self._head_prefix + ".",

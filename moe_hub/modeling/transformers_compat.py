@@ -62,19 +62,31 @@ def no_init_weights() -> contextlib.AbstractContextManager:
     return skip()
 
 
-def filter_loading_info(loading_info: Any, *, drop_missing: Iterable[str] = (),
-                        drop_unexpected_prefix: str | None = None) -> None:
-    """Remove the keys this model accounts for itself from transformers' loading report. The
-    report only feeds warnings and ``output_loading_info``, so a report of another shape is left
-    as it is (more warnings, same model)."""
-    missing = getattr(loading_info, "missing_keys", None)
-    if isinstance(missing, set) and drop_missing:
-        drop = set(drop_missing)
-        loading_info.missing_keys = {k for k in missing if k not in drop}
-    unexpected = getattr(loading_info, "unexpected_keys", None)
-    if isinstance(unexpected, set) and drop_unexpected_prefix:
-        loading_info.unexpected_keys = {k for k in unexpected
-                                        if not k.startswith(drop_unexpected_prefix)}
+def filter_loading_report(result: Any, args: tuple, *, drop_missing: Iterable[str] = (),
+                          drop_unexpected_prefix: str | None = None) -> Any:
+    """Remove the keys this model accounts for itself from transformers' loading report, as
+    ``PreTrainedModel._adjust_missing_and_unexpected_keys`` (private) takes and returns it: since
+    5.x-late a report object changed in place (returns None), in 5.0 the (missing, unexpected)
+    pair, returned. The report only feeds warnings and ``output_loading_info``, so one of another
+    shape is passed through unchanged (more warnings, same model)."""
+    drop = set(drop_missing)
+
+    def missing(keys: Any) -> Any:
+        return type(keys)(k for k in keys if k not in drop) if drop else keys
+
+    def unexpected(keys: Any) -> Any:
+        if not drop_unexpected_prefix:
+            return keys
+        return type(keys)(k for k in keys if not k.startswith(drop_unexpected_prefix))
+
+    if isinstance(result, tuple) and len(result) == 2:
+        return missing(result[0]), unexpected(result[1])
+    report = args[0] if result is None and args else None
+    if isinstance(getattr(report, "missing_keys", None), (set, list)):
+        report.missing_keys = missing(report.missing_keys)
+    if isinstance(getattr(report, "unexpected_keys", None), (set, list)):
+        report.unexpected_keys = unexpected(report.unexpected_keys)
+    return result
 
 
 def forget_key_mapping(model: Any, key_mapping: dict[str, str], config: Any = None) -> None:
