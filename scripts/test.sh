@@ -9,7 +9,8 @@
 #                                                 to constraints/test.txt
 #
 # The pinned set makes a fresh clone's CI independent of the day's releases; --newest and
-# --oldest check on purpose what users' unpinned installs (pyproject's ranges) will get.
+# --oldest check on purpose what users' unpinned installs (pyproject's ranges) will get, and
+# load checkpoints that the pinned set converted (tests/test_transformers_compat.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,36 +30,48 @@ if [ "$update_pins" -eq 1 ] && [ "$mode" != newest ]; then
     exit 2
 fi
 
-case "$mode" in
-    pinned) venv=.venv ;;
-    *) venv=.venv-$mode ;;
-esac
-python3 -m venv "$venv" || exit 1
-. "$venv/bin/activate"
-
 # torch first and pinned in every mode: on the project machines 2.13.0 is a CPU wheel on local
 # disk, while an unpinned torch (asked for by any package) would pull a multi-GB CUDA build.
 TORCH=torch==2.13.0
-torch_pin=$(mktemp)
-trap 'rm -f "$torch_pin" "${bounds:-}"' EXIT
-echo "$TORCH" >"$torch_pin"
-python -m pip install --quiet "$TORCH" || exit 1
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+echo "$TORCH" >"$scratch/torch.txt"
+
+# install VENV PIP-ARGS...: a virtual environment with torch and moe-hub[test] installed.
+install() {
+    local venv=$1
+    shift
+    python3 -m venv "$venv" || return 1
+    "$venv/bin/python" -m pip install --quiet "$TORCH" || return 1
+    "$venv/bin/python" -m pip install --quiet -c "$scratch/torch.txt" "$@" -e ".[test]"
+}
 
 case "$mode" in
     pinned)
-        python -m pip install --quiet -c constraints/test.txt -e ".[test]" || exit 1
+        install .venv -c constraints/test.txt || exit 1
         ;;
     newest)
-        python -m pip install --quiet --upgrade --upgrade-strategy eager -c "$torch_pin" \
-            -e ".[test]" || exit 1
+        install .venv-newest --upgrade --upgrade-strategy eager || exit 1
         ;;
     oldest)
-        bounds=$(mktemp)
-        python scripts/pins.py lowest >"$bounds" || exit 1
-        echo "lowest allowed versions:" $(cat "$bounds")
-        python -m pip install --quiet -c "$bounds" -c "$torch_pin" -e ".[test]" || exit 1
+        python3 scripts/pins.py lowest >"$scratch/lowest.txt" || exit 1
+        echo "lowest allowed versions:" $(cat "$scratch/lowest.txt")
+        install .venv-oldest -c "$scratch/lowest.txt" || exit 1
         ;;
 esac
+if [ "$mode" != pinned ]; then
+    # Checkpoints as the pinned set writes them, for this set to load.
+    install .venv -c constraints/test.txt || exit 1
+    .venv/bin/python scripts/make_compat_checkpoints.py "$scratch/compat" >/dev/null 2>&1 || {
+        echo "error: the pinned environment could not write the compatibility checkpoints" >&2
+        exit 1
+    }
+    export MOE_HUB_COMPAT_CHECKPOINTS="$scratch/compat"
+fi
+
+venv=.venv
+[ "$mode" != pinned ] && venv=.venv-$mode
+. "$venv/bin/activate"
 echo "testing with:" $(python -m pip freeze --exclude-editable | grep -iE \
     '^(torch|transformers|peft|accelerate|trl|huggingface.hub|bitsandbytes|datasets|kernels)==')
 
