@@ -531,9 +531,6 @@ class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
                         weighted = weighted * loss_token_share(
                             labels, kwargs.get("shift_labels"), num_items, loss.device)
                     loss = loss + weighted
-            # Drop the recorded decisions; the routing state stays with the context, which lives
-            # as long as a checkpointed recomputation may need it.
-            ctx.outputs.clear()
         output = MoELoraCausalLMOutput(
             loss=loss,
             aux_loss=aux_loss,

@@ -18,7 +18,9 @@ torch.compile traces, where a ``ContextVar`` would break the graph). Gradient
 checkpointing recomputes layers during backward, after the forward has returned and possibly on
 another thread; :func:`checkpoint_context_fn` captures the contexts current when a checkpointed
 layer first runs and installs exactly those while it is recomputed. So two forwards before one
-backward, or two threads, never read each other's routing state.
+backward, or two threads, never read each other's routing state. What it keeps for that is the
+routing state only (:meth:`RoutingContext.for_recomputation`): the recorded decisions carry
+per-site activations, dropped when the forward's scope ends (:func:`context_scope`).
 """
 
 from __future__ import annotations
@@ -90,6 +92,19 @@ class RoutingContext:
         self.shared = shared
         self.state: dict[Any, torch.Tensor] = {}
         self.outputs: dict[int, RouterOutput] = {}
+        self.recording = True
+
+    def for_recomputation(self) -> RoutingContext:
+        """What a checkpointed layer's recomputation needs of this context: the same mask, shared
+        modules and routing state (the very dict: a recomputed site reads the state an earlier
+        site wrote in the first pass), but no decisions. The recorded outputs hold [T, d_out]
+        tensors (HyperMoE's residual, GraphMoE's refined output) that checkpointing exists to
+        drop, and the losses were already taken from the first pass: the recomputation records
+        nothing, and the checkpoint that keeps this view keeps none of them alive."""
+        view = RoutingContext(self.token_mask, self.shared)
+        view.state = self.state
+        view.recording = False
+        return view
 
     def flat_mask(self, num_tokens: int) -> torch.Tensor | None:
         """The padding mask of the ``num_tokens`` rows a site sees, flattened, or ``None`` when
@@ -112,8 +127,8 @@ class RoutingContext:
         return mask
 
     def record(self, site: RoutingSite, output: RouterOutput) -> None:
-        # Keyed by site: a checkpointed layer's recomputation overwrites, never appends.
-        self.outputs[site.index] = output
+        if self.recording:
+            self.outputs[site.index] = output
 
 
 def call_token_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor | None,
@@ -194,9 +209,14 @@ def _installed(contexts: dict[object, RoutingContext]) -> Iterator[None]:
 
 @contextmanager
 def context_scope(owner: object, ctx: RoutingContext) -> Iterator[RoutingContext]:
-    """Make ``ctx`` current for ``owner`` in this thread until the block exits."""
-    with _installed({**_current(), owner: ctx}):
-        yield ctx
+    """Make ``ctx`` current for ``owner`` in this thread until the block exits, then drop its
+    recorded decisions: they belong to this forward, whichever entry point opened the scope
+    (the causal LM, the backbone called directly, ``MoELoraModel``), and read inside it."""
+    try:
+        with _installed({**_current(), owner: ctx}):
+            yield ctx
+    finally:
+        ctx.outputs.clear()
 
 
 ContextFn = Callable[[], tuple[AbstractContextManager, AbstractContextManager]]
@@ -209,7 +229,7 @@ def checkpoint_context_fn(user_fn: ContextFn | None = None) -> ContextFn:
     ``context_fn``, is composed with it (its contexts are entered inside ours)."""
 
     def context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
-        captured = _current()
+        captured = {owner: ctx.for_recomputation() for owner, ctx in _current().items()}
         forward_cm, recompute_cm = user_fn() if user_fn is not None else (nullcontext(),
                                                                           nullcontext())
         return forward_cm, _stacked(_installed(captured), recompute_cm)
