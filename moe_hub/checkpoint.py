@@ -170,7 +170,13 @@ def publish(staging: Path, out: Path, overwrite: bool) -> None:
             raise MoEHubError(f"{out} appeared while writing it: pass --overwrite to replace it")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-        os.replace(staging, out)
+        try:
+            os.replace(staging, out)
+        except BaseException:
+            # The new checkpoint could not move in: the old one goes back where it was, never
+            # left behind under a hidden name.
+            os.replace(old, out)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, out)

@@ -119,8 +119,8 @@ class ConvertOptions:
             return MoELoraConfig(
                 text_config=text_config,
                 router=self.router,
-                # Recorded explicitly: a later change of a default must not change this model.
-                router_config={**ROUTERS[self.router].recorded_defaults, **self.router_config},
+                # Options whose default changed are recorded by the config itself.
+                router_config=dict(self.router_config),
                 num_experts=self.experts if self.experts is not None else 8,
                 num_experts_per_tok=self.top_k,
                 lora_rank=rank,

@@ -52,7 +52,7 @@ from .routing import (
     RoutingContext,
     call_token_mask,
     checkpoint_context_fn,
-    float32_parameters,
+    float32_routing,
     load_balancing_loss,
     z_loss,
 )
@@ -127,10 +127,9 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         for module in dense.modules():
             if isinstance(module, Router):
                 module.connect(self.routing_sites)
-        with float32_parameters():
-            shared = ROUTERS[config.router].shared_modules(config, self.routing_sites)
+        shared = ROUTERS[config.router].shared_modules(config, self.routing_sites)
         if shared is not None:
-            self.moe_shared[config.router] = shared
+            self.moe_shared[config.router] = float32_routing(shared)
         self._adopt(dense)
         # Whatever the config said it was loaded from, this model is saved in the current layout.
         config.checkpoint_layout = CHECKPOINT_LAYOUT

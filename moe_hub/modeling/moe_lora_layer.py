@@ -34,7 +34,7 @@ from .routing import (
     RoutingSite,
     context_scope,
     current_context,
-    float32_parameters,
+    float32_routing,
 )
 
 try:
@@ -107,8 +107,7 @@ class MoELoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(experts, rank, site.out_features))
         dropout = config.lora_dropout
         self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-        with float32_parameters():  # routers compute in float32 whatever the default dtype
-            self.router = ROUTERS[config.router](site, config)
+        self.router = float32_routing(ROUTERS[config.router](site, config))
         self._packed_rows = 0
         self.pack_shrink()
         self.register_state_dict_post_hook(_contiguous_packed_views)

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -315,9 +315,6 @@ class Router(nn.Module):
     load_balance: ClassVar[bool] = True
     #: Router-specific options (``router_config`` keys) with their defaults.
     defaults: ClassVar[dict[str, Any]] = {}
-    #: Options written into every newly converted config, where they differ from what a config
-    #: without the key means (an old checkpoint keeps computing what it computed).
-    recorded_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, site: RoutingSite, config: Any) -> None:
         super().__init__()
@@ -411,18 +408,24 @@ _OPTION_TYPES: dict[type, tuple[Any, str, str]] = {
 }
 
 ROUTERS: dict[str, type[Router]] = {}
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
-@contextmanager
-def float32_parameters() -> Iterator[None]:
-    """Create parameters in float32 inside the block whatever torch's default dtype (a model built
-    under ``torch.set_default_dtype(torch.bfloat16)`` still gets float32 routers)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+def float32_routing(module: ModuleT) -> ModuleT:
+    """``module`` (a router, a shared routing module) with float32 parameters, initialised in
+    float32: routers compute in float32 whatever torch's default dtype, so a model built under
+    ``torch.set_default_dtype(torch.bfloat16)`` still gets float32 routers. Cast after
+    construction, never by switching the default dtype around it: that is process-wide, and
+    every other thread would create float32 tensors meanwhile. Values drawn in 16 bits are drawn
+    again once in float32 (each submodule's ``reset_parameters``); built in float32 already, the
+    module is returned untouched."""
+    if all(p.dtype == torch.float32 for p in module.parameters()):
+        return module
+    module.float()
+    for part in module.modules():
+        if hasattr(part, "reset_parameters"):
+            part.reset_parameters()
+    return module
 
 
 def register_router(cls: type[Router]) -> type[Router]:
