@@ -24,7 +24,9 @@ from safetensors.torch import save_file
 
 from .errors import MoEHubError
 
-ADAPTER_WEIGHTS = "moe_adapters.safetensors"
+# Re-exported: the name is the shipped loader's (adapter-only checkpoints), defined there once.
+from .modeling.modeling_moe_lora import ADAPTER_WEIGHTS as ADAPTER_WEIGHTS
+
 INDEX_FILE = "model.safetensors.index.json"
 _MODELING_DIR = Path(__file__).resolve().parent / "modeling"
 _KERNEL_FILE = Path(__file__).resolve().parent / "kernels" / "moe_lora_triton.py"

@@ -560,6 +560,7 @@ def loss_token_share(
     return tokens / total.clamp_min(1.0)
 
 
+#: Experts and routers of a checkpoint (all of it but the base): the adapter-only format's file.
 ADAPTER_WEIGHTS = "moe_adapters.safetensors"
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "token")
 
@@ -672,19 +673,35 @@ def _dense_key_mapping(cls: type, config: MoELoraConfig, hub: dict[str, Any]) ->
     return mapping
 
 
-def _dense_names_of_keys(dense: PreTrainedModel, keys: list[str]) -> dict[str, str]:
-    """Checkpoint key -> the dense model's name for it under the installed transformers' renaming
-    rules (GPT-NeoX's ``embed_out`` is ``lm_head``, legacy LayerNorm ``gamma`` is ``weight``);
-    the dense model is not registered in this one, so transformers would not apply them."""
+def conversion_rules(dense: PreTrainedModel) -> tuple[list, list, Any]:
+    """(renamings, converters, rename function) of the installed transformers' conversion
+    mapping for ``dense``: the rules by which ``from_pretrained`` reads a checkpoint's keys
+    (GPT-NeoX's ``embed_out`` is ``lm_head``, legacy LayerNorm ``gamma`` is ``weight``, MoE
+    experts stored one by one are stacked). The dense model is not registered in this one, so
+    transformers would not apply them: adapter-only loading and conversion both ask here. Empty
+    rules and no function for a transformers without a conversion mapping (it stores module
+    names)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, rename_source_key
-    except ImportError:  # a transformers without conversion rules stores module names
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+    except ImportError:
+        return [], [], None
+    rules = get_model_conversion_mapping(dense)
+    return ([r for r in rules if isinstance(r, WeightRenaming)],
+            [r for r in rules if isinstance(r, WeightConverter)], rename_source_key)
+
+
+def _dense_names_of_keys(dense: PreTrainedModel, keys: list[str]) -> dict[str, str]:
+    """Checkpoint key -> the dense model's name for it under the renaming rules."""
+    renamings, _, rename = conversion_rules(dense)
+    if rename is None:
         return {key: key for key in keys}
-    rules = [r for r in get_model_conversion_mapping(dense) if isinstance(r, WeightRenaming)]
     meta = dict.fromkeys(dense.state_dict())
-    return {key: rename_source_key(key, rules, [], dense.base_model_prefix, meta)[0]
-            for key in keys}
+    return {key: rename(key, renamings, [], dense.base_model_prefix, meta)[0] for key in keys}
 
 
 def _load_adapter_only(cls: type, path: Any, config: MoELoraConfig, model_args: tuple,

@@ -21,8 +21,6 @@ Adapters: ``<prefix>.mlp.lora_A.<linear>`` [E, d_in, r], ``<prefix>.mlp.lora_B.<
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,14 +29,15 @@ import torch
 from torch import nn
 
 from .moe_lora_layer import (
+    LAYER_INDEX,
     RoutingHolder,
     is_linear,
     linear_features,
+    reset_lora_pair,
     site_kind,
     target_matches,
 )
 from .moe_lora_ops import (
-    autocast_off,
     decoding_regime,
     expert_compute_dtype,
     group_by_expert,
@@ -51,9 +50,8 @@ from .routing import (
     RouterOutput,
     RoutingSite,
     float32_routing,
+    without_autocast,
 )
-
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -105,15 +103,13 @@ class LoraLinear(nn.Module):
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.in_features)
-        nn.init.uniform_(self.lora_A, -bound, bound)
-        nn.init.zeros_(self.lora_B)
+        reset_lora_pair(self.lora_A, self.lora_B)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         # Same precision policy as the experts: 16-bit operands, one shared cast of x.
         dtype = expert_compute_dtype(x, self.lora_A.dtype)
-        with autocast_off(x.device):
+        with without_autocast(x.device):
             shrunk = self.lora_dropout(shared_cast(x, dtype)) @ self.lora_A.to(dtype)
             delta = shrunk @ self.lora_B.to(dtype)
         return result + (delta * self.scale).to(result.dtype)
@@ -148,9 +144,7 @@ class MoELoraBlock(nn.Module):
 
     def reset_adapter_parameters(self) -> None:
         for name, lora_A in self.lora_A.items():
-            bound = 1.0 / math.sqrt(lora_A.shape[1])
-            nn.init.uniform_(lora_A, -bound, bound)
-            nn.init.zeros_(self.lora_B[name])
+            reset_lora_pair(lora_A, self.lora_B[name])
         self.router.reset_parameters()
 
     def input_lora_A(self) -> torch.Tensor:
@@ -302,7 +296,7 @@ def inject_moe_lora_blocks(
     patterns = config.target_modules
     mlps = [
         (name, module) for name, module in model.named_modules()
-        if name.rsplit(".", 1)[-1] == "mlp" and _LAYER_INDEX.search(name + ".")
+        if name.rsplit(".", 1)[-1] == "mlp" and LAYER_INDEX.search(name + ".")
     ]
     if not mlps:
         raise ValueError(
@@ -319,7 +313,7 @@ def inject_moe_lora_blocks(
         if not any(target_matches(f"{name}.{child}", patterns) for child in linears):
             continue
         hidden = linear_features(getattr(mlp, layout.first[0]))[0]
-        layer = int(_LAYER_INDEX.search(name + ".").group(1))
+        layer = int(LAYER_INDEX.search(name + ".").group(1))
         site = RoutingSite(len(sites), layer, site_kind(name, config), site_name(name), hidden,
                            hidden)
         parent_name, _, child = name.rpartition(".")
@@ -334,7 +328,7 @@ def inject_moe_lora_blocks(
         )
     plain = [
         name for name, module in model.named_modules()
-        if is_linear(module) and _LAYER_INDEX.search(name + ".")
+        if is_linear(module) and LAYER_INDEX.search(name + ".")
         and not any(name.startswith(prefix) for prefix in routed)
         and target_matches(name, patterns)
     ]

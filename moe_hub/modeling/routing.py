@@ -169,8 +169,10 @@ class _Float32Linear(torch.autograd.Function):
 
 
 def without_autocast(device: torch.device) -> AbstractContextManager:
-    """Where routers run: ``F.linear(x.float(), w.float())`` inside an autocast region still
-    computes in the autocast dtype, so sites call their router with autocast switched off."""
+    """Autocast off on ``device`` for the block (nothing to do when it is not on). Where routers
+    run: ``F.linear(x.float(), w.float())`` inside an autocast region still computes in the
+    autocast dtype, so sites call their router with autocast switched off; the expert ops run
+    their matmuls in the dtype they chose themselves."""
     if torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return nullcontext()
