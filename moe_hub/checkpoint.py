@@ -24,7 +24,9 @@ from safetensors.torch import save_file
 
 from .errors import MoEHubError
 
-ADAPTER_WEIGHTS = "moe_adapters.safetensors"
+# Re-exported: the name is the shipped loader's (adapter-only checkpoints), defined there once.
+from .modeling.modeling_moe_lora import ADAPTER_WEIGHTS as ADAPTER_WEIGHTS
+
 INDEX_FILE = "model.safetensors.index.json"
 _MODELING_DIR = Path(__file__).resolve().parent / "modeling"
 _KERNEL_FILE = Path(__file__).resolve().parent / "kernels" / "moe_lora_triton.py"
@@ -170,7 +172,13 @@ def publish(staging: Path, out: Path, overwrite: bool) -> None:
             raise MoEHubError(f"{out} appeared while writing it: pass --overwrite to replace it")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-        os.replace(staging, out)
+        try:
+            os.replace(staging, out)
+        except BaseException:
+            # The new checkpoint could not move in: the old one goes back where it was, never
+            # left behind under a hidden name.
+            os.replace(old, out)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, out)

@@ -33,6 +33,7 @@ from .checkpoint import (
 from .dense_names import NamePlan, convert_tensors, plan_names
 from .errors import MoEHubError
 from .gguf_source import gguf_provenance
+from .hub_ids import is_hub_id
 from .modeling import MoELoraConfig, MoELoraForCausalLM
 from .modeling.routing import ROUTERS
 from .options_file import read_options_file
@@ -41,7 +42,6 @@ from .safetensors_io import read_header, rewrite_shard, tensor_names, write_tens
 from .skeleton import model_skeleton
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _TOKENIZER_FILES = (
     "tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt", "chat_template*",
     "added_tokens.json",
@@ -119,8 +119,8 @@ class ConvertOptions:
             return MoELoraConfig(
                 text_config=text_config,
                 router=self.router,
-                # Recorded explicitly: a later change of a default must not change this model.
-                router_config={**ROUTERS[self.router].recorded_defaults, **self.router_config},
+                # Options whose default changed are recorded by the config itself.
+                router_config=dict(self.router_config),
                 num_experts=self.experts if self.experts is not None else 8,
                 num_experts_per_tok=self.top_k,
                 lora_rank=rank,
@@ -254,7 +254,7 @@ def _classify_base(base: str | os.PathLike, options: ConvertOptions) -> _BaseSou
     else:
         looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or (
             os.sep in text and text.count("/") > 1)
-        if looks_local or not _HUB_ID.match(text):
+        if looks_local or not is_hub_id(text):
             raise MoEHubError(f"BASE {text} does not exist: pass an existing directory, .gguf "
                               f"file, a Hub model id (user/model) or 'smollm2' (the embedded "
                               f"default model)")

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .errors import MoEHubError
+from .modeling.transformers_compat import conversion_rules
 
 
 @dataclass
@@ -67,24 +68,6 @@ def _dense_skeleton(text_config: Any) -> Any:
         return AutoModelForCausalLM.from_config(text_config)
 
 
-def _rules(dense: Any) -> tuple[list, list, Callable | None]:
-    """(renamings, converters, rename function) of transformers' mapping for ``dense``; empty
-    when the installed transformers has no conversion mapping."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            WeightConverter,
-            WeightRenaming,
-            rename_source_key,
-        )
-    except ImportError:
-        return [], [], None
-    rules = get_model_conversion_mapping(dense)
-    renamings = [r for r in rules if isinstance(r, WeightRenaming)]
-    converters = [r for r in rules if isinstance(r, WeightConverter)]
-    return renamings, converters, rename_source_key
-
-
 def plan_names(text_config: Any, ours_by_dense: dict[str, str],
                names_by_file: dict[Path, list[str]]) -> NamePlan:
     """Map every checkpoint tensor name to the model's name, as ``from_pretrained`` would.
@@ -95,7 +78,7 @@ def plan_names(text_config: Any, ours_by_dense: dict[str, str],
     as transformers drops them as unexpected keys.
     """
     dense = _dense_skeleton(text_config)
-    renamings, converters, rename = _rules(dense)
+    renamings, converters, rename = conversion_rules(dense)
     by_pattern = {p: c for c in converters for p in c.source_patterns}
     meta = dict.fromkeys(dense.state_dict())
     plan = NamePlan({}, {}, {}, dense)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .errors import MoEHubError
+from .hub_ids import is_hub_id
 from .modeling.moe_lora_block import LoraLinear, MoELoraBlock
 from .modeling.moe_lora_layer import MoELoraLinear
 
@@ -44,7 +45,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _GGUF_TAG = re.compile(r"[.-](q\d\w*|iq\d\w*|f16|f32|bf16)$")
 
 # PEFT LoraConfig fields whose non-default values change what the adapter computes in ways a LoRA
@@ -104,7 +104,7 @@ class PeftLoraAdapter:
 
 
 def _looks_like_hub_id(text: str | None) -> bool:
-    return bool(text and _HUB_ID.match(text) and not Path(text).expanduser().exists())
+    return is_hub_id(text, owner_required=True) and not Path(text).expanduser().exists()
 
 
 def _resolve_files(spec: str, revision: str | None) -> tuple[Path, Path, str | None]:
@@ -117,7 +117,7 @@ def _resolve_files(spec: str, revision: str | None) -> tuple[Path, Path, str | N
                               f"a directory written by PEFT's save_pretrained")
         weights = path / ADAPTER_SAFETENSORS
         return config, weights if weights.is_file() else path / ADAPTER_BIN, None
-    if path.exists() or not _HUB_ID.match(spec):
+    if path.exists() or not is_hub_id(spec, owner_required=True):
         raise MoEHubError(f"adapter {spec} is neither a directory nor a Hub id (user/name): pass "
                           f"a PEFT adapter directory or Hub repository")
     from huggingface_hub import hf_hub_download

@@ -24,14 +24,13 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from .checkpoint import read_checkpoint_config
+from .hub_ids import is_hub_id
 
 TRAINING_FILE = "moe_hub_training.json"
 HEATMAP_FILE = "routing_heatmap.png"
 README_FILE = "README.md"
 TEMPLATE_NAME = "moe_lora.md.jinja"
 
-# A Hub id is "name" or "namespace/name"; anything else (paths, .gguf files) is not metadata.
-_HUB_ID = re.compile(r"^(?:[\w.-]{1,96}/)?[\w.-]{1,96}$")
 # Config attributes recorded when the base was a GGUF file (see moe_hub/gguf_source.py).
 _ORIGIN_KEY = "base_model_origin"
 _LICENSE_KEY = "base_model_license"
@@ -41,7 +40,8 @@ def looks_like_hub_id(name: str | None) -> bool:
     """True for "owner/name"-shaped strings that are not an existing local path."""
     if not name or name.endswith((".gguf", ".json", ".jsonl", ".csv", ".parquet")):
         return False
-    return bool(_HUB_ID.match(name)) and not Path(name).exists()
+    # A Hub id is "name" or "namespace/name"; anything else (paths, .gguf files) is not metadata.
+    return is_hub_id(name) and not Path(name).exists()
 
 
 def license_from_readme(readme: str | os.PathLike | None) -> str | None:

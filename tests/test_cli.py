@@ -46,3 +46,30 @@ def test_help_lists_commands() -> None:
     assert result.exit_code == 0
     for command in ("convert", "info", "demo"):
         assert command in result.output
+
+
+
+def test_convert_with_no_progress_prints_no_progress_bar(tmp_path: Path, tiny_dense: Path) -> None:
+    quiet = CliRunner().invoke(app, ["convert", str(tiny_dense), str(tmp_path / "quiet"),
+                                     "--experts", "2", "--rank", "2", "--no-progress"])
+    assert quiet.exit_code == 0, quiet.output
+    assert "Writing model shards" not in quiet.output
+    assert "it/s" not in quiet.output and "%|" not in quiet.output, quiet.output
+
+
+def test_no_progress_silences_transformers_shard_writing(tmp_path: Path, capfd) -> None:
+    """Convert's one save_pretrained (a GGUF base, dequantised) runs inside
+    ``third_party_progress(False)``: there transformers' "Writing model shards" bar is off, and
+    outside it the bar is on again (the capture does see it)."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from moe_hub.progress import third_party_progress
+
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    capfd.readouterr()
+    with third_party_progress(False):
+        model.save_pretrained(tmp_path / "quiet")
+    assert "Writing model shards" not in capfd.readouterr().err
+    model.save_pretrained(tmp_path / "loud")
+    assert "Writing model shards" in capfd.readouterr().err

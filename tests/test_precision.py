@@ -46,7 +46,7 @@ def random_model(router: str, granularity: str = "linear", **extra) -> MoELoraFo
     ("rmoe", "linear", {}),  # q_proj of layer 0 -> q_proj of layer 1: GRU state across depth
     ("rmoe", "block", {"hyper": True}),
     ("hypermoe", "linear", {}),
-    ("graphmoe", "linear", {"steps": 3}),
+    ("graphmoe", "linear", {"mode": "message", "steps": 3}),  # refine needs the site's step
 ])
 def test_router_logits_stay_fp32_under_autocast(router, granularity, options):
     """Under CPU autocast bf16, every site's logits equal a float64 run of the same routers on

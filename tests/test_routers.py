@@ -28,8 +28,7 @@ ROUTER_CONFIGS = {
     "rmoe-hyper": ("rmoe", {"hidden_size": 16, "hyper": True, "embed_dim": 16}),
     "hypermoe": ("hypermoe", {"embed_dim": 16}),
     "graphmoe": ("graphmoe", {"mode": "refine", "steps": 3, "message_size": 8}),
-    # Reading B, spelled as every config written before ``mode`` existed (no ``mode`` key).
-    "graphmoe-message": ("graphmoe", {"steps": 3, "message_size": 8}),
+    "graphmoe-message": ("graphmoe", {"mode": "message", "steps": 3, "message_size": 8}),
 }
 GRANULARITIES = ["linear", "block"]
 CASES = [(r, g) for r in ROUTER_CONFIGS for g in GRANULARITIES]
@@ -375,8 +374,7 @@ def test_graphmoe_one_step_is_exactly_topk(granularity: str, mode: str) -> None:
 
 
 def _graph_site(steps: int) -> MoELoraLinear:
-    # No ``mode``: a config in the format written before reading A existed, i.e. reading B.
-    model = perturb(build("graphmoe", "linear", router_config={"steps": steps,
+    model = perturb(build("graphmoe", "linear", router_config={"mode": "message", "steps": steps,
                                                                "message_size": 8}))
     return model, next(m for m in model.modules() if isinstance(m, MoELoraLinear))
 
@@ -515,6 +513,61 @@ def test_graphmoe_refine_matches_a_float64_reference_with_gradients(granularity:
     assert len(logits) == steps
 
 
+def _dense_twin(model: MoELoraForCausalLM) -> nn.Module:
+    """The dense causal LM with ``model``'s base weights."""
+    dense = AutoModelForCausalLM.from_config(model.config.get_text_config())
+    state, names = model.state_dict(), model.checkpoint_names_by_dense_name()
+    wanted = dense.state_dict()
+    dense.load_state_dict({k: state[names[k]] for k in wanted}, strict=True)
+    return dense
+
+
+@pytest.mark.parametrize(("arch", "steps"), [("llama", 2), ("llama", 3), ("gpt2", 3),
+                                           ("phi3", 3)])
+def test_graphmoe_refine_block_fresh_equals_the_base_under_autocast(arch: str, steps: int
+                                                                     ) -> None:
+    """A fresh conversion (B = 0): every expert change E_t is exactly zero, so under bf16
+    autocast the refined block computes step 1's mixture, topk block's output bit for bit, and
+    is as close to the dense base as topk block is (bf16 rounding of the mixture only)."""
+    topk = build("topk", "block", arch, seed=4).eval()
+    graph = build("graphmoe", "block", arch, seed=9,
+                  router_config={"mode": "refine", "steps": steps, "message_size": 8}).eval()
+    missing, unexpected = graph.load_state_dict(topk.state_dict(), strict=False)
+    assert not unexpected and all("message_weight" in k or k.startswith("moe_shared.")
+                                  for k in missing)
+    dense = _dense_twin(topk).eval()
+    tokens = ids()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        base = dense(tokens).logits.float()
+        via_topk = topk(tokens).logits.float()
+        via_graph = graph(tokens).logits.float()
+    assert (via_graph - base).abs().max() <= (via_topk - base).abs().max()
+    assert torch.equal(via_graph, via_topk)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
+def test_block_expert_change_is_the_mixture_minus_the_frozen_mlp(arch: str, normalize: bool
+                                                                  ) -> None:
+    """In float64 the change computed from the experts' terms is sum_j g_j MLP_j(x) - f(x), with
+    a biased down projection (GPT-2) and with weights that do not sum to 1."""
+    model = perturb(build("topk", "block", arch, normalize_expert_weights=normalize))
+    model = model.double().eval()  # eval: GPT-2's MLP has its own dropout
+    block = next(m for m in model.modules() if isinstance(m, MoELoraBlock))
+    x = torch.randn(7, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    route = block.router(x, RoutingContext(None, model.moe_shared), block)
+    mixture, change = block.expert_change(x, route, with_mixture=True)
+    assert torch.equal(mixture, block.mixture(x, route))
+    frozen = block.base_layer(x)
+    # Renormalised float32 weights sum to 1 up to rounding: that remainder times f is the
+    # mixture's, not the experts' (float64 rounding is all that is left).
+    surplus = route.weights.double().sum(-1, keepdim=True) - 1
+    expected = mixture - frozen - (surplus * frozen if normalize else 0)
+    assert rel_err(change, expected) < 1e-12
+    assert change.abs().max() > 1e-3  # the experts (B perturbed) do change the block
+    assert block.expert_change(x, route)[0] is None
+
+
 def test_graphmoe_refine_records_every_step_and_refines_only_square_sites() -> None:
     model = perturb(build("graphmoe", "linear")).eval()
     tokens = ids()
@@ -574,7 +627,7 @@ def test_graphmoe_config_without_mode_stays_reading_b(tmp_path: Path) -> None:
     del saved["router_config"]["mode"]
     config_file.write_text(json.dumps(saved))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "old", trust_remote_code=True).eval()
-    assert "mode" not in loaded.config.router_config
+    assert loaded.config.router_config["mode"] == "message"  # recorded from now on
     state = trained.state_dict()
     explicit = build("graphmoe", "linear",
                      router_config={"mode": "message", "steps": 3, "message_size": 8},
@@ -590,6 +643,37 @@ def test_graphmoe_config_without_mode_stays_reading_b(tmp_path: Path) -> None:
         assert rel_err(want, AutoModelForCausalLM.from_pretrained(
             dense).eval()(tokens).logits) > 1e-3  # the experts (B perturbed) change the output
     assert {m.router.mode for m in loaded.modules() if hasattr(m, "router")} == {"message"}
+
+
+def test_graphmoe_means_refine_whichever_way_it_is_built(tmp_path: Path) -> None:
+    """``moe-hub convert --router graphmoe`` and ``MoELoraConfig(router="graphmoe")`` build the
+    same model, refine, and say so in the config they save; a config saved before ``mode``
+    existed (code-built or converted then: neither wrote it) still reads as message."""
+    from typer.testing import CliRunner
+
+    from moe_hub.cli.app import app
+
+    dense = save_tiny_dense(tmp_path / "dense")
+    result = CliRunner().invoke(app, ["convert", str(dense), str(tmp_path / "cli"), "--router",
+                                      "graphmoe", "--experts", "4", "--rank", "4",
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    from_cli = json.loads((tmp_path / "cli" / "config.json").read_text())["router_config"]
+    in_code = MoELoraConfig(text_config=tiny_config("llama").to_dict(), router="graphmoe",
+                            num_experts=4, lora_rank=4)
+    assert from_cli == in_code.router_config == {"mode": "refine"}
+    modes = {m.router.mode for m in MoELoraForCausalLM(in_code).modules()
+             if isinstance(m, MoELoraLinear)}
+    assert modes == {"refine"}
+    in_code.save_pretrained(tmp_path / "code")
+    assert MoELoraConfig.from_pretrained(tmp_path / "code").router_config["mode"] == "refine"
+    saved = json.loads((tmp_path / "code" / "config.json").read_text())
+    saved["router_config"] = {}
+    (tmp_path / "code" / "config.json").write_text(json.dumps(saved))
+    old = MoELoraConfig.from_pretrained(tmp_path / "code")
+    assert old.router_config == {"mode": "message"}
+    assert {m.router.mode for m in MoELoraForCausalLM(old).modules()
+            if isinstance(m, MoELoraLinear)} == {"message"}
 
 
 def test_graphmoe_info_names_the_sites_that_refine(tmp_path: Path) -> None:

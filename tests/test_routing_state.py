@@ -8,12 +8,19 @@ in which the two batches' gradients are added differs, so they agree to float32 
 
 from __future__ import annotations
 
+import gc
+import re
 import threading
+import weakref
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import torch
 from test_routers import build, ids, perturb, rel_err
+
+from moe_hub.modeling import MoELoraModel
+from moe_hub.modeling.routing import Router
 
 ROUTERS = ["rmoe", "graphmoe"]
 
@@ -27,7 +34,8 @@ def _model(router: str, **checkpointing) -> torch.nn.Module:
 def _grads(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return {n: g for n, g in zip(names, grads) if g is not None}
+    # A parameter the loss does not reach has gradient 0, compared like any other.
+    return {n: torch.zeros_like(p) if g is None else g for n, p, g in zip(names, params, grads)}
 
 
 def _assert_same(got: dict, want: dict) -> None:
@@ -37,6 +45,8 @@ def _assert_same(got: dict, want: dict) -> None:
     for name, grad in want.items():
         if grad.abs().sum() > 0:
             assert rel_err(got[name], grad) < 1e-5, name
+        else:  # no relative error of a zero: where none is expected, none may appear
+            assert not got[name].any(), name
 
 
 def _loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -122,3 +132,96 @@ def test_a_users_context_fn_is_composed_with_the_routing_one() -> None:
     _assert_same(_grads(model, _loss(model, first) + _loss(model, second)), separate)
     layers = model.config.text_config.num_hidden_layers
     assert entered == {"forward": 4 * layers, "recompute": 4 * layers}
+
+
+# Router outputs that carry [T, d_out] tensors: HyperMoE's residual at every site, GraphMoE
+# refine's output at its square sites. Gradient checkpointing exists to drop such activations, so
+# nothing may keep them once the forward that made them has returned: not the routing context the
+# checkpoint captures for recomputation, whatever the entry point (the causal LM, the backbone
+# called directly as TRL's fused head does, MoELoraModel), and not during backward either.
+ENTRY_POINTS = ["causal_lm", "backbone", "moe_lora_model"]
+
+
+def _entry_forward(model: torch.nn.Module, entry: str, tokens: torch.Tensor) -> torch.Tensor:
+    if entry == "causal_lm":
+        return model(tokens, labels=tokens).loss
+    if entry == "backbone":
+        return model.base_model(tokens).last_hidden_state.square().mean()
+    return model(tokens).last_hidden_state.square().mean()
+
+
+def _model_for(entry: str, router: str) -> torch.nn.Module:
+    model = _model(router)
+    if entry != "moe_lora_model":
+        return model
+    bare = MoELoraModel(model.config)
+    bare.load_state_dict(model.state_dict(), strict=False)
+    bare.train().activation_checkpointing_enable()
+    return bare
+
+
+def _watch_router_tensors(model: torch.nn.Module, phase: dict) -> list:
+    """(phase, layer, weakref) of every [T, d_out] tensor a router returns."""
+    seen: list = []
+
+    def hook(router: torch.nn.Module, args: tuple, out: Any) -> None:
+        for tensor in (out.output, out.residual):
+            if tensor is not None:
+                seen.append((phase["now"], router.site.layer, weakref.ref(tensor)))
+
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.register_forward_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("router", ["hypermoe", "graphmoe"])
+def test_router_outputs_are_released_when_the_forward_returns(router: str, entry: str) -> None:
+    model = _model_for(entry, router)
+    phase = {"now": "forward"}
+    seen = _watch_router_tensors(model, phase)
+    loss = _entry_forward(model, entry, ids(seed=8))
+    gc.collect()
+    assert seen
+    alive = [ref for _, _, ref in seen if ref() is not None]
+    assert not alive, f"{len(alive)} of {len(seen)} router outputs outlive the forward"
+    del loss
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_recomputed_router_outputs_are_released_layer_by_layer(entry: str) -> None:
+    """During backward each checkpointed layer is recomputed, last first: by the time a layer
+    recomputes, what the later layers' recomputation routed is gone."""
+    model = _model_for(entry, "hypermoe")
+    phase = {"now": "forward"}
+    seen = _watch_router_tensors(model, phase)
+    kept_at_recompute: list[int] = []
+
+    def check(router: torch.nn.Module, args: tuple) -> None:
+        if phase["now"] == "backward":
+            layer = router.site.layer
+            kept_at_recompute.append(sum(1 for p, lay, ref in seen if p == "backward"
+                                         and lay > layer and ref() is not None))
+
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.register_forward_pre_hook(check)
+    loss = _entry_forward(model, entry, ids(seed=8))
+    phase["now"] = "backward"
+    loss.backward()
+    assert any(p == "backward" for p, _, _ in seen)  # the layers were recomputed
+    assert kept_at_recompute and max(kept_at_recompute) == 0, kept_at_recompute
+
+
+def test_the_gradient_comparison_rejects_a_gradient_where_none_is_expected() -> None:
+    model = _model("rmoe")
+    want = _grads(model, _loss(model, ids(seed=3)))
+    got = {name: grad.clone() for name, grad in want.items()}
+    _assert_same(got, want)
+    name = next(n for n in want if ".lora_A" in n)
+    want[name] = torch.zeros(want[name].shape)
+    got[name] = torch.zeros(want[name].shape)
+    got[name][(0,) * got[name].dim()] = 1e-3  # spurious: the expected gradient is exactly 0
+    with pytest.raises(AssertionError, match=re.escape(name)):
+        _assert_same(got, want)

@@ -17,6 +17,16 @@ SITE_KEYS = ("path", "name")
 #: under ``model.`` and the head as ``lm_head`` (transformers' convention).
 CHECKPOINT_LAYOUT = 2
 KERNEL_CHOICES = ("auto", "triton", "torch")
+#: Router options whose default changed after checkpoints were saved without them: router ->
+#: option -> (what a config read from a file without it was built with, what a new config gets).
+#: Every config records the value in ``router_config``, so a checkpoint computes what it was built
+#: with whatever the code's defaults become, and a config built in code and one written by
+#: ``moe-hub convert`` mean the same model.
+ROUTER_OPTION_DEFAULTS: dict[str, dict[str, tuple[Any, Any]]] = {
+    # GraphMoE's reading A (``refine``) came after checkpoints that ran reading B and had no
+    # ``mode``; a config built in code without ``mode`` got ``message`` until then as well.
+    "graphmoe": {"mode": ("message", "refine")},
+}
 
 
 class MoELoraConfig(PretrainedConfig):
@@ -92,6 +102,10 @@ class MoELoraConfig(PretrainedConfig):
         self.text_config = text_config
         self.router = router
         self.router_config = dict(router_config or {})
+        # A config read from a file always carries ``transformers_version`` (as for site_keys).
+        saved = "transformers_version" in kwargs
+        for key, (before, now) in ROUTER_OPTION_DEFAULTS.get(router, {}).items():
+            self.router_config.setdefault(key, before if saved else now)
         self.num_experts = int(num_experts)
         self.num_experts_per_tok = int(num_experts_per_tok)
         self.lora_rank = int(lora_rank)

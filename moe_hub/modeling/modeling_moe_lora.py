@@ -58,7 +58,7 @@ from .routing import (
     RoutingContext,
     call_token_mask,
     checkpoint_context_fn,
-    float32_parameters,
+    float32_routing,
     load_balancing_loss,
     z_loss,
 )
@@ -139,10 +139,9 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         for module in dense.modules():
             if isinstance(module, Router):
                 module.connect(self.routing_sites)
-        with float32_parameters():
-            shared = ROUTERS[config.router].shared_modules(config, self.routing_sites)
+        shared = ROUTERS[config.router].shared_modules(config, self.routing_sites)
         if shared is not None:
-            self.moe_shared[config.router] = shared
+            self.moe_shared[config.router] = float32_routing(shared)
         self._adopt(dense)
         # Whatever the config said it was loaded from, this model is saved in the current layout.
         config.checkpoint_layout = CHECKPOINT_LAYOUT
@@ -542,9 +541,6 @@ class MoELoraForCausalLM(MoELoraPreTrainedModel, GenerationMixin):
                         weighted = weighted * loss_token_share(
                             labels, kwargs.get("shift_labels"), num_items, loss.device)
                     loss = loss + weighted
-            # Drop the recorded decisions; the routing state stays with the context, which lives
-            # as long as a checkpointed recomputation may need it.
-            ctx.outputs.clear()
         output = MoELoraCausalLMOutput(
             loss=loss,
             aux_loss=aux_loss,
@@ -575,6 +571,7 @@ def loss_token_share(
     return tokens / total.clamp_min(1.0)
 
 
+#: Experts and routers of a checkpoint (all of it but the base): the adapter-only format's file.
 ADAPTER_WEIGHTS = "moe_adapters.safetensors"
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "token")
 

@@ -21,8 +21,6 @@ Adapters: ``<prefix>.mlp.lora_A.<linear>`` [E, d_in, r], ``<prefix>.mlp.lora_B.<
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,14 +29,15 @@ import torch
 from torch import nn
 
 from .moe_lora_layer import (
+    LAYER_INDEX,
     RoutingHolder,
     is_linear,
     linear_features,
+    reset_lora_pair,
     site_kind,
     target_matches,
 )
 from .moe_lora_ops import (
-    autocast_off,
     decoding_regime,
     expert_compute_dtype,
     group_by_expert,
@@ -50,10 +49,9 @@ from .routing import (
     ParameterBank,
     RouterOutput,
     RoutingSite,
-    float32_parameters,
+    float32_routing,
+    without_autocast,
 )
-
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -105,15 +103,13 @@ class LoraLinear(nn.Module):
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.in_features)
-        nn.init.uniform_(self.lora_A, -bound, bound)
-        nn.init.zeros_(self.lora_B)
+        reset_lora_pair(self.lora_A, self.lora_B)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         # Same precision policy as the experts: 16-bit operands, one shared cast of x.
         dtype = expert_compute_dtype(x, self.lora_A.dtype)
-        with autocast_off(x.device):
+        with without_autocast(x.device):
             shrunk = self.lora_dropout(shared_cast(x, dtype)) @ self.lora_A.to(dtype)
             delta = shrunk @ self.lora_B.to(dtype)
         return result + (delta * self.scale).to(result.dtype)
@@ -143,15 +139,12 @@ class MoELoraBlock(nn.Module):
             self.lora_A[name] = nn.Parameter(torch.empty(experts, d_in, rank))
             self.lora_B[name] = nn.Parameter(torch.empty(experts, rank, d_out))
         self.lora_dropout = make_dropout(config)
-        with float32_parameters():  # routers compute in float32 whatever the default dtype
-            self.router = ROUTERS[config.router](site, config)
+        self.router = float32_routing(ROUTERS[config.router](site, config))
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
         for name, lora_A in self.lora_A.items():
-            bound = 1.0 / math.sqrt(lora_A.shape[1])
-            nn.init.uniform_(lora_A, -bound, bound)
-            nn.init.zeros_(self.lora_B[name])
+            reset_lora_pair(lora_A, self.lora_B[name])
         self.router.reset_parameters()
 
     def input_lora_A(self) -> torch.Tensor:
@@ -176,6 +169,25 @@ class MoELoraBlock(nn.Module):
 
     def mixture(self, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
         """sum_j g_j MLP_{e_j}(x) for ``x`` [..., d_in] under ``route``: [T, d_out]."""
+        return self._mix(x, route, mixture=True, change=False)[0]
+
+    def expert_change(self, x: torch.Tensor, route: RouterOutput, with_mixture: bool = False
+                      ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """What the routed experts change at ``x`` [T, d_in], E(x) = sum_j g_j MLP_{e_j}(x) -
+        f(x) (f the frozen MLP), [T, d_out]; with the mixture itself first when
+        ``with_mixture`` (one pass for both), else None.
+
+        E is computed from the experts' own terms, never as the difference of two MLP outputs:
+        the frozen down projection is linear, so E(x) = down_W(sum_j g_j (h_j - h_0)) +
+        sum_j g_j LoRA_down_j(h_j), h_j the slot's hidden activation and h_0 the frozen one
+        (plus (sum_j g_j - 1) f(x) when the weights are not renormalised). While B = 0, h_j is
+        h_0 bit for bit and E is exactly 0 in any precision: a difference of outputs would leave
+        the rounding of f (under bf16 autocast 2% of |f| after 3 GraphMoE steps) in the refined
+        input and the output."""
+        return self._mix(x, route, mixture=with_mixture, change=True)
+
+    def _mix(self, x: torch.Tensor, route: RouterOutput, mixture: bool, change: bool
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         base, layout = self.base_layer, self.layout
         flat = x.reshape(-1, self.site.in_features)
         tokens, top_k = route.indices.shape
@@ -187,6 +199,7 @@ class MoELoraBlock(nn.Module):
                     else group_by_expert(route.indices, experts))
         dtype = expert_compute_dtype(x, self.input_lora_A().dtype)
         expert_x = self.lora_dropout(shared_cast(x, dtype).reshape(-1, self.site.in_features))
+        frozen_slots: dict[str, torch.Tensor] = {}
 
         def first(name: str) -> torch.Tensor:
             # The frozen projection once per token; the shrink x A_e once per (token, chosen
@@ -194,27 +207,51 @@ class MoELoraBlock(nn.Module):
             frozen = base.get_submodule(name)(flat)
             delta = self._grouped(name, expert_x, route.indices, None, grouping, rows="token",
                                   per_slot=True)
-            return (frozen.unsqueeze(1) + delta.view(tokens, top_k, -1).to(frozen.dtype)
-                    ).view(tokens * top_k, -1)
+            slots = frozen.unsqueeze(1) + delta.view(tokens, top_k, -1).to(frozen.dtype)
+            if change:
+                # The frozen pre-activation in the slots' very layout: the activation then runs
+                # the same kernel path on both, element for element, and h_j - h_0 is exactly 0
+                # where the expert adds nothing.
+                frozen_slots[name] = frozen.unsqueeze(1).expand_as(slots).contiguous().view(
+                    tokens * top_k, -1)
+            return slots.view(tokens * top_k, -1)
 
         hidden = self._activate(first)
         weights = route.weights.reshape(-1, 1)
-        mixed = (hidden * weights.to(hidden.dtype)).view(tokens, top_k, -1).sum(dim=1)
         down = base.get_submodule(layout.down)
-        if getattr(down, "bias", None) is None:
-            out = down(mixed)
-        else:
-            # down(sum g h) carries the bias once; the expert sum carries it sum(g) times (not
-            # exactly 1 even when renormalised, in float32): down((sum g h) / sum g) * sum g does.
-            # The bias is never read outside down's own call, where an offloaded (device_map)
-            # weight exists only.
-            total = route.weights.to(mixed.dtype).sum(-1, keepdim=True)
-            out = down(mixed / total)
-            out = out * total.to(out.dtype)
         down_in = self.lora_dropout(hidden.to(dtype))
         down_delta = self._grouped(layout.down, down_in, route.indices, route.weights, grouping,
                                    rows="slot", per_slot=False)
-        return out + down_delta.to(out.dtype)
+        mixed_out = changed = None
+        if mixture:
+            mixed = (hidden * weights.to(hidden.dtype)).view(tokens, top_k, -1).sum(dim=1)
+            if getattr(down, "bias", None) is None:
+                out = down(mixed)
+            else:
+                # down(sum g h) carries the bias once; the expert sum carries it sum(g) times
+                # (not exactly 1 even when renormalised, in float32): down((sum g h) / sum g) *
+                # sum g does. The bias is never read outside down's own call, where an
+                # offloaded (device_map) weight exists only.
+                total = route.weights.to(mixed.dtype).sum(-1, keepdim=True)
+                out = down(mixed / total)
+                out = out * total.to(out.dtype)
+            mixed_out = out + down_delta.to(out.dtype)
+        if change:
+            frozen_hidden = self._activate(frozen_slots.__getitem__)
+            moved = ((hidden - frozen_hidden) * weights.to(hidden.dtype)).view(
+                tokens, top_k, -1).sum(dim=1)
+            out = down(moved)
+            if getattr(down, "bias", None) is not None:
+                out = out - down(moved.new_zeros(1, moved.shape[-1]))  # the bias is f's
+            if not self.router.normalize:
+                # Raw softmax weights scale the whole MLP: sum_j g_j f(x) - f(x).
+                # Summed as the mixture sums them (its weights' dtype), at least in float32.
+                summed = weights.to(torch.promote_types(hidden.dtype, torch.float32))
+                surplus = summed.view(tokens, top_k).sum(-1, keepdim=True) - 1
+                frozen_out = down(frozen_hidden.view(tokens, top_k, -1)[:, 0])
+                out = out + surplus.to(out.dtype) * frozen_out
+            changed = out + down_delta.to(out.dtype)
+        return mixed_out, changed
 
     def _activate(self, first: Callable[[str], torch.Tensor]) -> torch.Tensor:
         """The MLP's hidden activation from ``first(name)``, the output of each first linear."""
@@ -225,13 +262,6 @@ class MoELoraBlock(nn.Module):
             gate, up = first("gate_up_proj").chunk(2, dim=-1)
             return up * act(gate)
         return act(first("c_fc"))
-
-    def frozen_output(self, flat: torch.Tensor) -> torch.Tensor:
-        """The frozen MLP alone on ``flat`` [T, d_in] (no experts, no output dropout): the part
-        of ``mixture`` that is not the experts' change (GraphMoE's refinement subtracts it)."""
-        base = self.base_layer
-        hidden = self._activate(lambda name: base.get_submodule(name)(flat))
-        return base.get_submodule(self.layout.down)(hidden)
 
     def _grouped(self, name: str, rows_x: torch.Tensor, indices: torch.Tensor,
                  weights: torch.Tensor | None, grouping: torch.Tensor | None, rows: str,
@@ -266,7 +296,7 @@ def inject_moe_lora_blocks(
     patterns = config.target_modules
     mlps = [
         (name, module) for name, module in model.named_modules()
-        if name.rsplit(".", 1)[-1] == "mlp" and _LAYER_INDEX.search(name + ".")
+        if name.rsplit(".", 1)[-1] == "mlp" and LAYER_INDEX.search(name + ".")
     ]
     if not mlps:
         raise ValueError(
@@ -283,7 +313,7 @@ def inject_moe_lora_blocks(
         if not any(target_matches(f"{name}.{child}", patterns) for child in linears):
             continue
         hidden = linear_features(getattr(mlp, layout.first[0]))[0]
-        layer = int(_LAYER_INDEX.search(name + ".").group(1))
+        layer = int(LAYER_INDEX.search(name + ".").group(1))
         site = RoutingSite(len(sites), layer, site_kind(name, config), site_name(name), hidden,
                            hidden)
         parent_name, _, child = name.rpartition(".")
@@ -298,7 +328,7 @@ def inject_moe_lora_blocks(
         )
     plain = [
         name for name, module in model.named_modules()
-        if is_linear(module) and _LAYER_INDEX.search(name + ".")
+        if is_linear(module) and LAYER_INDEX.search(name + ".")
         and not any(name.startswith(prefix) for prefix in routed)
         and target_matches(name, patterns)
     ]

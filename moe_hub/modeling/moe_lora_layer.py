@@ -34,7 +34,7 @@ from .routing import (
     RoutingSite,
     context_scope,
     current_context,
-    float32_parameters,
+    float32_routing,
 )
 
 try:
@@ -90,6 +90,15 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
 
 
+def reset_lora_pair(lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    """LoRA's init for one adapter or a stack of them (A [..., d_in, r], B [..., r, d_out]): A ~
+    kaiming-uniform(a=sqrt(5)) over d_in, i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)), and B = 0, so the
+    adapted layer starts as its base."""
+    bound = 1.0 / math.sqrt(lora_A.shape[-2])
+    nn.init.uniform_(lora_A, -bound, bound)
+    nn.init.zeros_(lora_B)
+
+
 class MoELoraLinear(nn.Module):
     """y = base(x) + scale * sum_j g_j(x) * (dropout(x) A_{e_j}) B_{e_j}  (+ router residual)."""
 
@@ -107,8 +116,7 @@ class MoELoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(experts, rank, site.out_features))
         dropout = config.lora_dropout
         self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-        with float32_parameters():  # routers compute in float32 whatever the default dtype
-            self.router = ROUTERS[config.router](site, config)
+        self.router = float32_routing(ROUTERS[config.router](site, config))
         self._packed_rows = 0
         self.pack_shrink()
         self.register_state_dict_post_hook(_contiguous_packed_views)
@@ -132,10 +140,7 @@ class MoELoraLinear(nn.Module):
         return self
 
     def reset_adapter_parameters(self) -> None:
-        """LoRA init: A ~ kaiming-uniform(a=sqrt(5)) over d_in, B = 0 (starts as the base)."""
-        bound = 1.0 / math.sqrt(self.site.in_features)
-        nn.init.uniform_(self.lora_A, -bound, bound)
-        nn.init.zeros_(self.lora_B)
+        reset_lora_pair(self.lora_A, self.lora_B)
         self.router.reset_parameters()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -252,7 +257,8 @@ def _contiguous_packed_views(module: MoELoraLinear, state_dict: dict[str, Any], 
             state_dict[name] = value.clone(memory_format=torch.contiguous_format)
 
 
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+#: The decoder layer number inside a module name (``layers.3.``, ``h.3.``).
+LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 def target_matches(name: str, patterns: list[str] | None) -> bool:
@@ -277,7 +283,7 @@ def find_target_linears(model: nn.Module, patterns: list[str] | None) -> list[tu
     """
     found = []
     for name, module in model.named_modules():
-        match = _LAYER_INDEX.search(name + ".")
+        match = LAYER_INDEX.search(name + ".")
         if match is None or not is_linear(module) or not target_matches(name, patterns):
             continue
         found.append((name, int(match.group(1))))
@@ -289,7 +295,7 @@ def candidate_linear_names(model: nn.Module) -> list[str]:
     names = []
     for name, module in model.named_modules():
         short = name.rsplit(".", 1)[-1]
-        if is_linear(module) and _LAYER_INDEX.search(name + ".") and short not in names:
+        if is_linear(module) and LAYER_INDEX.search(name + ".") and short not in names:
             names.append(short)
     return names
 
@@ -298,7 +304,7 @@ def site_kind(name: str, config: Any) -> str:
     """The kind of the site at module ``name``: its path inside the decoder layer
     (``self_attn.q_proj``, GPT-2's ``attn.c_proj`` vs ``mlp.c_proj``), or its last name for
     checkpoints saved before kinds were paths (``config.site_keys == "name"``)."""
-    match = _LAYER_INDEX.search(name + ".")
+    match = LAYER_INDEX.search(name + ".")
     if getattr(config, "site_keys", "path") == "name" or match is None:
         return name.rsplit(".", 1)[-1]
     return (name + ".")[match.end():-1]

@@ -23,10 +23,10 @@ here and the op runs with autocast off.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
-
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
+
+from .routing import without_autocast
 
 # The kernel file always ships (and imports triton only if it can), so one of these succeeds.
 try:  # inside a checkpoint the kernel file sits beside this one
@@ -81,12 +81,6 @@ def shared_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return casts[key]
 
 
-def autocast_off(device: torch.device) -> AbstractContextManager:
-    if torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return nullcontext()
-
-
 def moe_lora_delta(
     x: torch.Tensor,
     lora_A: torch.Tensor,
@@ -107,7 +101,7 @@ def moe_lora_delta(
     """
     dtype = expert_compute_dtype(x, lora_A.dtype)
     x = shared_cast(x, dtype)
-    with autocast_off(x.device):
+    with without_autocast(x.device):
         if kernel == "triton" or (kernel == "auto" and triton_supported(x)):
             # The op casts the masters once per call and returns their gradients in fp32.
             return triton_moe_lora_delta(x, lora_A, lora_B, indices, weights, scale, grouping)
@@ -212,7 +206,7 @@ def moe_lora_slots_delta(
     """``grouped_slots_delta`` (see there) on the Triton kernels where ``kernel`` picks them,
     else in torch; ``masked_dense_slots_delta`` when ``grouping`` is None (the decoding regime).
     ``x`` is already in the compute dtype; ``indices`` [T, k]."""
-    with autocast_off(x.device):
+    with without_autocast(x.device):
         if grouping is None:
             return masked_dense_slots_delta(x, lora_A, lora_B, indices, weights, scale,
                                             rows=rows, per_slot=per_slot)

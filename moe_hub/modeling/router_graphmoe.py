@@ -16,7 +16,8 @@ Notation: a site has input x [T, d_in], E LoRA experts, top-k; W_g [E, d_in] is 
 (input r = LoRA rank, hidden m = ``message_size``) is shared by all sites
 (``moe_shared.graphmoe``). select() is topk's: softmax over E, top-k, renormalised.
 
-``mode=refine`` (reading A; what ``--router graphmoe`` converts to). The experts run again, at
+``mode=refine`` (reading A; the default, what ``--router graphmoe`` converts to and what
+``MoELoraConfig(router="graphmoe")`` builds). The experts run again, at
 every step, on the representation the previous step refined ("iterative thinking steps",
 "iterative refinement of representations"); the routing of step t reads that representation and
 a recurrent state carried across the steps ("recurrent routing strategy"). With f the site's
@@ -36,12 +37,15 @@ computed as   linear: base(x) + sum_t E_t(u_{t-1})
               block:  mix_1(x) + sum_{t>=2} E_t(u_{t-1})  (mix_1 = sum g MLP_e(x) = f(x) + E_1(x))
 so that T = 1 is topk's output bit for bit. The refinement adds what the experts change, not
 whole MLP outputs: every E_t is 0 while lora_B = 0, so a fresh conversion still equals the dense
-base (re-adding whole MLP outputs would apply the frozen MLP T times to an untrained model).
+base (re-adding whole MLP outputs would apply the frozen MLP T times to an untrained model). A
+block computes E_t from the experts' own terms (``MoELoraBlock.expert_change``), not as mix_t -
+f: the two would round differently (under bf16 autocast, by 2% of |f| after 3 steps), and
+E_t is then exactly 0 while lora_B = 0 in any precision.
 u_t lives in both the site's input and output space, so refinement needs d_in = d_out: every MLP
 block at block granularity, square projections (q_proj, o_proj in most models) at linear
 granularity. Other sites run one step (exactly topk) whatever ``steps`` says; ``moe-hub info``
-lists them. Compute grows linearly with T (the experts run T times, a block's frozen MLP T more
-times for f(u)); parameters grow by U_g per refining site and the shared cell.
+lists them. Compute grows linearly with T (the experts run T times, with a block's frozen MLP
+on each refined input); parameters grow by U_g per refining site and the shared cell.
 
 ``mode=message`` (reading B; every checkpoint written before ``mode`` existed, whose config has
 no ``mode``, is this). The router alone iterates; the experts run once, on x, with the last
@@ -60,12 +64,14 @@ step's choices (``indices``); the balance loss sees every step's (``logit_indice
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .configuration_moe_lora import ROUTER_OPTION_DEFAULTS
 from .router_rmoe import Float32GRUCell, gru_step
 from .routing import (
     ExpertStep,
@@ -108,6 +114,22 @@ def steps_summary(config: Any, sites: list[RoutingSite]) -> str:
     return "; ".join(parts)
 
 
+def _caller_precision(device: torch.device) -> Callable[[Callable], Callable]:
+    """Wraps a step so that it runs under the autocast in force here, from inside the router's
+    autocast-off region."""
+    if not torch.is_autocast_enabled(device.type):
+        return lambda step: step
+    dtype = torch.get_autocast_dtype(device.type)
+
+    def wrap(step: Callable) -> Callable:
+        def in_autocast(*args: Any) -> Any:
+            with torch.autocast(device.type, dtype=dtype):
+                return step(*args)
+        return in_autocast
+
+    return wrap
+
+
 def input_lora_A(experts: Any) -> torch.Tensor:
     """[E, d_in, r]: the LoRA A that reads the site input (a block's first MLP linear)."""
     return experts.input_lora_A() if hasattr(experts, "input_lora_A") else experts.lora_A
@@ -116,11 +138,13 @@ def input_lora_A(experts: Any) -> torch.Tensor:
 @register_router
 class GraphMoERouter(Router):
     name = "graphmoe"
-    # A config without ``mode`` is a checkpoint from before reading A: it stays reading B.
+    # ``mode`` is always in the config (MoELoraConfig records it; a saved config without it
+    # is from before reading A and reads as ``message``): this default only serves a config
+    # object whose router_config was replaced after construction.
     defaults: ClassVar[dict[str, Any]] = {
-        "mode": "message", "steps": 2, "message_size": 32, "init_std": 0.02,
+        "mode": ROUTER_OPTION_DEFAULTS["graphmoe"]["mode"][1], "steps": 2, "message_size": 32,
+        "init_std": 0.02,
     }
-    recorded_defaults: ClassVar[dict[str, Any]] = {"mode": "refine"}
 
     def __init__(self, site: RoutingSite, config: Any) -> None:
         super().__init__(site, config)
@@ -162,22 +186,20 @@ class GraphMoERouter(Router):
             expert_step: ExpertStep) -> tuple[RouterOutput, torch.Tensor]:
         if not self.refines:
             return super().run(x, ctx, experts, expert_step)
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
-            # The router computes with autocast off; the experts keep the caller's precision.
-            dtype = torch.get_autocast_dtype(device)
-            caller_step = expert_step
-
-            def expert_step(inputs: torch.Tensor, route: RouterOutput) -> torch.Tensor:
-                with torch.autocast(device, dtype=dtype):
-                    return caller_step(inputs, route)
-
+        # The router computes with autocast off; the experts keep the caller's precision.
+        in_caller_precision = _caller_precision(x.device)
+        change_step = getattr(experts, "expert_change", None)
         with without_autocast(x.device):
-            route = self(x, ctx, experts, expert_step)
+            route = self(x, ctx, experts, in_caller_precision(expert_step),
+                         None if change_step is None else in_caller_precision(change_step))
         return route, route.output
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext, experts: Any,
-                expert_step: ExpertStep | None = None) -> RouterOutput:
+                expert_step: ExpertStep | None = None,
+                change_step: Callable[..., tuple[torch.Tensor | None, torch.Tensor]] | None
+                = None) -> RouterOutput:
+        """``change_step(inputs, decision, with_mixture)``: a site whose step output contains
+        its frozen part (a block's mixture) gives (that output or None, the experts' change)."""
         if not self.refines:
             return self._message(x, ctx, experts)
         if expert_step is None:
@@ -185,7 +207,7 @@ class GraphMoERouter(Router):
                 f"graphmoe mode=refine runs the experts of {self.site.name} at every step: call "
                 f"the site module (or router.run with its expert step), not the router alone"
             )
-        return self._refine(x, ctx, experts, expert_step)
+        return self._refine(x, ctx, experts, expert_step, change_step)
 
     def _state_logits(self, state: torch.Tensor) -> torch.Tensor:
         return F.linear(state, self.message_weight.float())
@@ -199,11 +221,9 @@ class GraphMoERouter(Router):
         return torch.einsum("te,ter->tr", gates, activations)
 
     def _refine(self, x: torch.Tensor, ctx: RoutingContext, experts: Any,
-                expert_step: ExpertStep) -> RouterOutput:
+                expert_step: ExpertStep, change_step: Callable | None) -> RouterOutput:
         cell = ctx.shared[self.name]
         lora_A = input_lora_A(experts).float()
-        # A block's step output contains its frozen MLP; a linear's is the experts' change only.
-        frozen = getattr(experts, "frozen_output", None)
         inputs, output, change, state = x, None, None, None
         step_logits, step_indices = [], []
         for step in range(self.site_steps):
@@ -212,9 +232,11 @@ class GraphMoERouter(Router):
             if state is not None:
                 logits = logits + self._state_logits(state)
             indices, weights = self.select(logits)
-            routed = expert_step(inputs, RouterOutput(indices=indices, weights=weights,
-                                                      logits=logits))
-            changed = routed if frozen is None else routed - frozen(inputs).to(routed.dtype)
+            decision = RouterOutput(indices=indices, weights=weights, logits=logits)
+            if change_step is None:  # a linear's step output is the experts' change only
+                routed = changed = expert_step(inputs, decision)
+            else:  # a block's contains its frozen MLP: the change comes from the experts' terms
+                routed, changed = change_step(inputs, decision, output is None)
             # E_1 enters the output as routed (topk's exact value); later steps as their change.
             output = routed if output is None else output + changed
             change = changed if change is None else change + changed  # u_t - x

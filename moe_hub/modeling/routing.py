@@ -18,7 +18,9 @@ torch.compile traces, where a ``ContextVar`` would break the graph). Gradient
 checkpointing recomputes layers during backward, after the forward has returned and possibly on
 another thread; :func:`checkpoint_context_fn` captures the contexts current when a checkpointed
 layer first runs and installs exactly those while it is recomputed. So two forwards before one
-backward, or two threads, never read each other's routing state.
+backward, or two threads, never read each other's routing state. What it keeps for that is the
+routing state only (:meth:`RoutingContext.for_recomputation`): the recorded decisions carry
+per-site activations, dropped when the forward's scope ends (:func:`context_scope`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +92,19 @@ class RoutingContext:
         self.shared = shared
         self.state: dict[Any, torch.Tensor] = {}
         self.outputs: dict[int, RouterOutput] = {}
+        self.recording = True
+
+    def for_recomputation(self) -> RoutingContext:
+        """What a checkpointed layer's recomputation needs of this context: the same mask, shared
+        modules and routing state (the very dict: a recomputed site reads the state an earlier
+        site wrote in the first pass), but no decisions. The recorded outputs hold [T, d_out]
+        tensors (HyperMoE's residual, GraphMoE's refined output) that checkpointing exists to
+        drop, and the losses were already taken from the first pass: the recomputation records
+        nothing, and the checkpoint that keeps this view keeps none of them alive."""
+        view = RoutingContext(self.token_mask, self.shared)
+        view.state = self.state
+        view.recording = False
+        return view
 
     def flat_mask(self, num_tokens: int) -> torch.Tensor | None:
         """The padding mask of the ``num_tokens`` rows a site sees, flattened, or ``None`` when
@@ -112,8 +127,8 @@ class RoutingContext:
         return mask
 
     def record(self, site: RoutingSite, output: RouterOutput) -> None:
-        # Keyed by site: a checkpointed layer's recomputation overwrites, never appends.
-        self.outputs[site.index] = output
+        if self.recording:
+            self.outputs[site.index] = output
 
 
 def call_token_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor | None,
@@ -154,8 +169,10 @@ class _Float32Linear(torch.autograd.Function):
 
 
 def without_autocast(device: torch.device) -> AbstractContextManager:
-    """Where routers run: ``F.linear(x.float(), w.float())`` inside an autocast region still
-    computes in the autocast dtype, so sites call their router with autocast switched off."""
+    """Autocast off on ``device`` for the block (nothing to do when it is not on). Where routers
+    run: ``F.linear(x.float(), w.float())`` inside an autocast region still computes in the
+    autocast dtype, so sites call their router with autocast switched off; the expert ops run
+    their matmuls in the dtype they chose themselves."""
     if torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return nullcontext()
@@ -194,9 +211,14 @@ def _installed(contexts: dict[object, RoutingContext]) -> Iterator[None]:
 
 @contextmanager
 def context_scope(owner: object, ctx: RoutingContext) -> Iterator[RoutingContext]:
-    """Make ``ctx`` current for ``owner`` in this thread until the block exits."""
-    with _installed({**_current(), owner: ctx}):
-        yield ctx
+    """Make ``ctx`` current for ``owner`` in this thread until the block exits, then drop its
+    recorded decisions: they belong to this forward, whichever entry point opened the scope
+    (the causal LM, the backbone called directly, ``MoELoraModel``), and read inside it."""
+    try:
+        with _installed({**_current(), owner: ctx}):
+            yield ctx
+    finally:
+        ctx.outputs.clear()
 
 
 ContextFn = Callable[[], tuple[AbstractContextManager, AbstractContextManager]]
@@ -209,7 +231,7 @@ def checkpoint_context_fn(user_fn: ContextFn | None = None) -> ContextFn:
     ``context_fn``, is composed with it (its contexts are entered inside ours)."""
 
     def context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
-        captured = _current()
+        captured = {owner: ctx.for_recomputation() for owner, ctx in _current().items()}
         forward_cm, recompute_cm = user_fn() if user_fn is not None else (nullcontext(),
                                                                           nullcontext())
         return forward_cm, _stacked(_installed(captured), recompute_cm)
@@ -295,9 +317,6 @@ class Router(nn.Module):
     load_balance: ClassVar[bool] = True
     #: Router-specific options (``router_config`` keys) with their defaults.
     defaults: ClassVar[dict[str, Any]] = {}
-    #: Options written into every newly converted config, where they differ from what a config
-    #: without the key means (an old checkpoint keeps computing what it computed).
-    recorded_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, site: RoutingSite, config: Any) -> None:
         super().__init__()
@@ -391,18 +410,24 @@ _OPTION_TYPES: dict[type, tuple[Any, str, str]] = {
 }
 
 ROUTERS: dict[str, type[Router]] = {}
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
-@contextmanager
-def float32_parameters() -> Iterator[None]:
-    """Create parameters in float32 inside the block whatever torch's default dtype (a model built
-    under ``torch.set_default_dtype(torch.bfloat16)`` still gets float32 routers)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+def float32_routing(module: ModuleT) -> ModuleT:
+    """``module`` (a router, a shared routing module) with float32 parameters, initialised in
+    float32: routers compute in float32 whatever torch's default dtype, so a model built under
+    ``torch.set_default_dtype(torch.bfloat16)`` still gets float32 routers. Cast after
+    construction, never by switching the default dtype around it: that is process-wide, and
+    every other thread would create float32 tensors meanwhile. Values drawn in 16 bits are drawn
+    again once in float32 (each submodule's ``reset_parameters``); built in float32 already, the
+    module is returned untouched."""
+    if all(p.dtype == torch.float32 for p in module.parameters()):
+        return module
+    module.float()
+    for part in module.modules():
+        if hasattr(part, "reset_parameters"):
+            part.reset_parameters()
+    return module
 
 
 def register_router(cls: type[Router]) -> type[Router]:

@@ -110,27 +110,44 @@ def forget_key_mapping(model: Any, key_mapping: dict[str, str], config: Any = No
     model._weight_conversions = kept
 
 
+def conversion_rules(dense: Any) -> tuple[list, list, Any]:
+    """(renamings, converters, rename function) of the installed transformers' conversion
+    mapping for ``dense``: the rules by which ``from_pretrained`` reads a checkpoint's keys
+    (GPT-NeoX's ``embed_out`` is ``lm_head``, legacy LayerNorm ``gamma`` is ``weight``, MoE
+    experts stored one by one are stacked). The dense model is not registered in a moe-hub
+    model, so transformers would not apply them: adapter-only loading and conversion both ask
+    here. Empty rules and no function for a transformers without that API."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+    except ImportError:
+        return [], [], None
+    rules = get_model_conversion_mapping(dense)
+    return ([r for r in rules if isinstance(r, WeightRenaming)],
+            [r for r in rules if isinstance(r, WeightConverter)], rename_source_key)
+
+
 def dense_names_of_keys(dense: Any, keys: list[str], known: Collection[str],
                         config: Any = None) -> dict[str, str]:
     """Checkpoint key -> the dense model's name for it under the installed transformers' renaming
-    rules (GPT-NeoX's ``embed_out`` is ``lm_head``, legacy LayerNorm ``gamma`` is ``weight``).
+    rules (``conversion_rules``).
 
     Without the rules' API, a key is taken as its own name; a key that then is none of the
     ``known`` dense names (one a rule would have renamed) stops loading with the tested range.
     """
-    state = dict.fromkeys(dense.state_dict())
     try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, rename_source_key
-    except ImportError:
-        unknown = next((key for key in keys if key not in known), None)
-        if unknown is not None:
-            raise changed(f"the renaming of checkpoint keys such as {unknown!r}", config) from None
-        return {key: key for key in keys}
-    try:
-        rules = [r for r in get_model_conversion_mapping(dense)
-                 if isinstance(r, WeightRenaming)]
-        return {key: rename_source_key(key, rules, [], dense.base_model_prefix, state)[0]
+        renamings, _, rename = conversion_rules(dense)
+        if rename is None:
+            unknown = next((key for key in keys if key not in known), None)
+            if unknown is not None:
+                raise changed(f"the renaming of checkpoint keys such as {unknown!r}", config)
+            return {key: key for key in keys}
+        state = dict.fromkeys(dense.state_dict())
+        return {key: rename(key, renamings, [], dense.base_model_prefix, state)[0]
                 for key in keys}
     except (TypeError, AttributeError) as error:
         raise changed("transformers.core_model_loading.rename_source_key", config) from error
