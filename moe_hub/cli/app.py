@@ -12,7 +12,6 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.markup import escape
 
@@ -82,7 +81,7 @@ register("finetune", finetune_command)
 register("push", push_command)
 
 
-def _escape_help(command: click.Command) -> None:
+def _escape_help(command: Any) -> None:
     """Help texts show defaults as ``[nf4]``, which typer's rich formatter would read as a markup
     tag and drop: escape every help text so it prints as written."""
     if command.help:
@@ -94,8 +93,9 @@ def _escape_help(command: click.Command) -> None:
         _escape_help(sub)
 
 
-def build_command() -> click.Command:
-    """The click command behind ``moe-hub`` with its help texts made markup-safe."""
+def build_command() -> Any:
+    """The click command behind ``moe-hub`` with its help texts made markup-safe. (typer 0.29
+    vendors its own click: ``click`` itself need not be installed, so it is not imported.)"""
     command = typer.main.get_command(app)
     _escape_help(command)
     return command
