@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import (
     ADAPTER_WEIGHTS,
+    check_output,
     copy_code,
     dense_weight_files,
     publish,
@@ -162,9 +163,10 @@ def convert(
     out = Path(out)
     # Everything that can be checked without BASE is checked before BASE is read or OUT made.
     options.validate()
+    check_output(out, options.overwrite,
+                 [("BASE", base), *(("--from-adapters adapter", adapter)
+                                    for adapter in options.from_adapters or ())])
     source = _classify_base(base, options)
-    if out.exists() and not options.overwrite:
-        raise MoEHubError(f"{out} already exists: pass --overwrite to replace it")
     adapters = None
     if options.from_adapters:
         from . import from_adapters

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import (
     ADAPTER_WEIGHTS,
     INDEX_FILE,
+    check_output,
     copy_code,
     publish,
     require_checkpoint,
@@ -514,8 +515,7 @@ def finetune(
     options.validate()
     checkpoint = require_checkpoint(checkpoint)
     output = Path(output)
-    if output.exists() and not options.overwrite:
-        raise MoEHubError(f"{output} already exists: pass --overwrite to replace it")
+    check_output(output, options.overwrite, _inputs(checkpoint, data, options), "--output")
     run_dir = Path(options.checkpoint_dir or f"{output}.checkpoints")
     resume_from = _resume_point(options, run_dir)
 
@@ -580,6 +580,22 @@ def finetune(
         _print_summary(metrics, output, progress)
     trainer.accelerator.wait_for_everyone()
     return metrics
+
+
+def _inputs(checkpoint: Path, data: Any, options: FinetuneOptions) -> list[tuple[str, Any]]:
+    """Everything a run reads that a local OUT could overlap: CKPT, the base an adapter-only
+    CKPT loads from, the data and tokenizer (non-paths are skipped by ``check_output``)."""
+    from .checkpoint import read_checkpoint_config
+
+    config = read_checkpoint_config(checkpoint)
+    inputs: list[tuple[str, Any]] = [("CKPT", checkpoint)]
+    if config.get("adapter_only") and isinstance(config.get("base_model_name_or_path"), str):
+        inputs.append(("the base of CKPT", config["base_model_name_or_path"]))
+    for label, value in (("--data", data), ("--eval-data", options.eval_data),
+                         ("--tokenizer", options.tokenizer)):
+        if isinstance(value, (str, os.PathLike)):
+            inputs.append((label, value))
+    return inputs
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -83,9 +83,16 @@ def test_existing_out_needs_overwrite(tmp_path: Path, dense: Path) -> None:
     code, output = _run(str(dense), str(out))
     assert code != 0 and "--overwrite" in output
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces checkpoints only: a folder of the user's own files stays as it is.
     code, output = _run(str(dense), str(out), "--overwrite", "--experts", "2", "--rank", "2")
-    assert code == 0, output
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert code != 0 and "only replaces a moe-hub checkpoint" in output, output
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    for seed in ("0", "1"):  # an empty folder, then the checkpoint written into it
+        code, output = _run(str(dense), str(out), "--overwrite", "--experts", "2", "--rank", "2",
+                            "--seed", seed)
+        assert code == 0, output
+        assert (out / "config.json").is_file()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage-header"])
