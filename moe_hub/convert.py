@@ -10,6 +10,7 @@ an interrupt leaves no OUT behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -97,9 +98,41 @@ class ConvertOptions:
         except ValueError as err:
             raise MoEHubError(str(err)) from None
 
+    def check_numbers(self) -> None:
+        """Refuse counts and scales no model can use, naming the flag. The config's own checks
+        know no flags, and an infinite or NaN alpha or init_std would pass them and only show
+        as NaN outputs (or a torch error half-way through writing OUT)."""
+        for flag, value in (("--experts", self.experts), ("--top-k", self.top_k),
+                            ("--rank", self.rank)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise MoEHubError(f"{flag} takes a whole number, got {value!r}")
+            if value < 1:
+                raise MoEHubError(f"{flag} must be at least 1 (got {value})")
+        # top-k above the expert count is the config's check (its message names both flags),
+        # after --from-adapters has said whether there are fewer experts than adapters.
+        if self.alpha is not None and not (_is_real(self.alpha) and self.alpha > 0):
+            raise MoEHubError(f"--alpha must be a finite number above 0 (got {self.alpha!r}); "
+                              f"omit it for 2 * rank")
+        if not (_is_real(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise MoEHubError(f"--dropout must be in [0, 1) (got {self.dropout!r})")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            value = getattr(self, name)
+            if not (_is_real(value) and value >= 0):
+                raise MoEHubError(f"{name} must be a finite number >= 0 (got {value!r})")
+        for key, value in self.router_config.items():
+            # Types were checked by the router; a float option is never meant to be inf or NaN.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise MoEHubError(f"--router-opt {key} must be finite (got {value})")
+            if key == "init_std" and _is_real(value) and value < 0:
+                raise MoEHubError(f"--router-opt init_std must be >= 0 (got {value}): it is the "
+                                  f"standard deviation of the router's initial weights")
+
     def validate(self) -> None:
         """Check the options on their own, before any BASE is read; raise naming the fix."""
         self.check_router()
+        self.check_numbers()
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise MoEHubError(f"unknown dtype {self.dtype!r}: pass --dtype auto, "
                               f"{', '.join(DTYPE_NAMES)}")
@@ -139,6 +172,12 @@ class ConvertOptions:
             )
         except (ValueError, TypeError) as err:
             raise MoEHubError(str(err)) from None
+
+
+def _is_real(value: Any) -> bool:
+    """A finite int or float (bools excluded: True is no rate)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
 
 
 def convert(
