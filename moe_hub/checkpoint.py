@@ -99,11 +99,10 @@ def check_output(out: Path, overwrite: bool, inputs: list[tuple[str, str | os.Pa
 
     ``inputs`` are (how the user named it, path) of everything the run reads; entries that are
     not local paths (Hub ids) are skipped. Paths are compared resolved, so a symlink or ``..``
-    cannot hide that OUT is, holds or lies inside an input. An existing OUT is replaced only with
+    cannot hide that OUT is, holds or lies inside an input; inside one is refused even when OUT
+    is new, as the input folder would change under the user. An existing OUT is replaced only with
     ``overwrite`` and only when it is a moe-hub checkpoint or an empty folder: publishing removes
     the old OUT whole, so anything else in it would be lost."""
-    if not (out.exists() or out.is_symlink()):
-        return
     target = out.resolve()
     for label, given in inputs:
         path = Path(given).expanduser()
@@ -118,10 +117,17 @@ def check_output(out: Path, overwrite: bool, inputs: list[tuple[str, str | os.Pa
             relation = "lies inside"
         else:
             continue
-        raise MoEHubError(f"{out_label} {out} {relation} {label} {given}: writing there would "
-                          f"destroy an input, so pass another {out_label}")
+        raise MoEHubError(f"{out_label} {out} {relation} {label} {given}: pass another "
+                          f"{out_label}, outside every input")
+    if not (out.exists() or out.is_symlink()):
+        return
     if not overwrite:
         raise MoEHubError(f"{out} already exists: pass --overwrite to replace it")
+    if out.is_symlink():
+        # Publishing would replace the link, not the folder it names, and leave the old link
+        # behind under a hidden name.
+        raise MoEHubError(f"{out_label} {out} is a symbolic link: pass the folder it points to "
+                          f"({target}) or another {out_label}")
     if target.is_dir() and (not any(target.iterdir()) or is_checkpoint_dir(target)):
         return
     kind = "a folder that is not a moe-hub checkpoint" if target.is_dir() else "not a folder"

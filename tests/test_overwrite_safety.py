@@ -71,7 +71,8 @@ def test_adapter_only_onto_its_own_base_is_refused_and_base_kept(tmp_path: Path,
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("where", ["base", "parent", "inside", "symlink", "user-files", "file"])
+@pytest.mark.parametrize("where", ["base", "parent", "inside", "new-inside", "symlink",
+                                   "user-files", "file"])
 def test_overwrite_never_replaces_base_or_user_data(tmp_path: Path, dense: Path,
                                                     where: str) -> None:
     sibling = save_tiny_dense(dense.parent / "sibling", seed=1)
@@ -86,7 +87,7 @@ def test_overwrite_never_replaces_base_or_user_data(tmp_path: Path, dense: Path,
     a_file = tmp_path / "notes.txt"
     a_file.write_text("keep")
     out = {"base": dense, "parent": dense.parent, "inside": inside, "symlink": link,
-           "user-files": user, "file": a_file}[where]
+           "user-files": user, "file": a_file, "new-inside": dense / "moe"}[where]
     before = snapshot(tmp_path)
     code, output = _convert_cli(dense, out, "--overwrite")
     assert_refused(code, output, "--overwrite" if where in ("user-files", "file") else "BASE")
@@ -117,6 +118,17 @@ def test_overwrite_replaces_a_checkpoint_or_an_empty_folder(tmp_path: Path, dens
     empty.mkdir()
     convert(dense, empty, progress=False, overwrite=True, **FAST)
     assert (empty / "config.json").is_file()
+
+
+def test_overwrite_refuses_a_symlink_to_a_checkpoint(tmp_path: Path, dense: Path) -> None:
+    # Publishing would swap the link for a folder and leave the old link under a hidden name.
+    out = convert(dense, tmp_path / "moe", progress=False, **FAST)
+    link = tmp_path / "link"
+    link.symlink_to(out, target_is_directory=True)
+    before = snapshot(tmp_path)
+    code, output = _convert_cli(dense, link, "--overwrite")
+    assert_refused(code, output, "symbolic link", str(out))
+    assert snapshot(tmp_path) == before
 
 
 def test_python_api_refuses_before_reading_base(tmp_path: Path, dense: Path) -> None:
