@@ -93,16 +93,10 @@ def is_checkpoint_dir(path: Path) -> bool:
     return isinstance(config, dict) and config.get("model_type") == MODEL_TYPE
 
 
-def check_output(out: Path, overwrite: bool, inputs: list[tuple[str, str | os.PathLike]],
-                 out_label: str = "OUT") -> None:
-    """Refuse an OUT that writing would destroy data through, before any work is done.
-
-    ``inputs`` are (how the user named it, path) of everything the run reads; entries that are
-    not local paths (Hub ids) are skipped. Paths are compared resolved, so a symlink or ``..``
-    cannot hide that OUT is, holds or lies inside an input; inside one is refused even when OUT
-    is new, as the input folder would change under the user. An existing OUT is replaced only with
-    ``overwrite`` and only when it is a moe-hub checkpoint or an empty folder: publishing removes
-    the old OUT whole, so anything else in it would be lost."""
+def refuse_overlap(out: Path, inputs: list[tuple[str, str | os.PathLike]],
+                   out_label: str) -> None:
+    """Raise when ``out`` is, contains or lies inside one of ``inputs`` (see ``check_output``);
+    an input that does not exist locally (a Hub id) cannot overlap."""
     target = out.resolve()
     for label, given in inputs:
         path = Path(given).expanduser()
@@ -119,6 +113,20 @@ def check_output(out: Path, overwrite: bool, inputs: list[tuple[str, str | os.Pa
             continue
         raise MoEHubError(f"{out_label} {out} {relation} {label} {given}: pass another "
                           f"{out_label}, outside every input")
+
+
+def check_output(out: Path, overwrite: bool, inputs: list[tuple[str, str | os.PathLike]],
+                 out_label: str = "OUT") -> None:
+    """Refuse an OUT that writing would destroy data through, before any work is done.
+
+    ``inputs`` are (how the user named it, path) of everything the run reads; entries that are
+    not local paths (Hub ids) are skipped. Paths are compared resolved, so a symlink or ``..``
+    cannot hide that OUT is, holds or lies inside an input; inside one is refused even when OUT
+    is new, as the input folder would change under the user. An existing OUT is replaced only with
+    ``overwrite`` and only when it is a moe-hub checkpoint or an empty folder: publishing removes
+    the old OUT whole, so anything else in it would be lost."""
+    refuse_overlap(out, inputs, out_label)
+    target = out.resolve()
     if not (out.exists() or out.is_symlink()):
         return
     if not overwrite:

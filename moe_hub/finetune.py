@@ -31,6 +31,7 @@ from .checkpoint import (
     check_output,
     copy_code,
     publish,
+    refuse_overlap,
     require_checkpoint,
     staging_dir,
     write_index,
@@ -515,8 +516,18 @@ def finetune(
     options.validate()
     checkpoint = require_checkpoint(checkpoint)
     output = Path(output)
-    check_output(output, options.overwrite, _inputs(checkpoint, data, options), "--output")
+    inputs = _inputs(checkpoint, data, options)
+    check_output(output, options.overwrite, inputs, "--output")
     run_dir = Path(options.checkpoint_dir or f"{output}.checkpoints")
+    refuse_overlap(run_dir, inputs, "checkpoint_dir")
+    ours, final = run_dir.resolve(), output.resolve()
+    if ours == final or final in ours.parents or ours in final.parents:
+        # Publishing replaces OUT whole and the run folder is removed after it: either would
+        # take the other with it.
+        raise MoEHubError(f"checkpoint_dir {run_dir} overlaps --output {output}: pass a "
+                          f"checkpoint_dir outside it (the default is {output}.checkpoints)")
+    # A run folder the user already had is theirs: only this run's checkpoints leave it.
+    run_dir_existed = run_dir.exists()
     resume_from = _resume_point(options, run_dir)
 
     from .modeling import MoELoraConfig
@@ -575,7 +586,7 @@ def finetune(
         _write_output(checkpoint, output, trainer.accelerator.unwrap_model(trainer.model),
                       options, data, prepared, metrics, stats, trainer.state.log_history)
         if not options.keep_checkpoints:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            _remove_run_checkpoints(run_dir, run_dir_existed)
         metrics["output"] = str(output)
         _print_summary(metrics, output, progress)
     trainer.accelerator.wait_for_everyone()
@@ -596,6 +607,23 @@ def _inputs(checkpoint: Path, data: Any, options: FinetuneOptions) -> list[tuple
         if isinstance(value, (str, os.PathLike)):
             inputs.append((label, value))
     return inputs
+
+
+def _remove_run_checkpoints(run_dir: Path, existed: bool) -> None:
+    """Remove the Trainer checkpoints of a finished run: the whole folder when this run made it,
+    else only its checkpoint-N folders (and the folder itself once that leaves it empty)."""
+    if not existed:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    for child in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        if child.is_dir() and not child.is_symlink() and child.name.rpartition("-")[2].isdigit():
+            shutil.rmtree(child, ignore_errors=True)
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass  # it holds the user's own files
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

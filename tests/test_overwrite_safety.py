@@ -203,3 +203,27 @@ def test_full_checkpoint_without_base_tensors_does_not_load(tmp_path: Path, dens
     index_path.write_text(json.dumps(index))
     with pytest.raises(ValueError, match="none of the base weights"):
         MoELoraForCausalLM.from_pretrained(ckpt)
+
+
+def test_finetune_checkpoint_dir_removes_only_its_own_checkpoints(tmp_path: Path, ckpt: Path,
+                                                                  data: Path) -> None:
+    # The run folder is removed after a successful run: a folder the user named for it keeps
+    # whatever else it held.
+    run_dir = tmp_path / "my-runs"
+    run_dir.mkdir()
+    (run_dir / "thesis.txt").write_text("years of work")
+    finetune(ckpt, data, tmp_path / "ft", checkpoint_dir=str(run_dir), max_steps=1, save_steps=1,
+             **{k: v for k, v in FT_FAST.items() if k != "save_steps"})
+    assert (tmp_path / "ft" / "config.json").is_file()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["thesis.txt"]
+
+
+@pytest.mark.parametrize("where", ["ckpt", "output", "inside-ckpt"])
+def test_finetune_checkpoint_dir_is_no_input_or_output(tmp_path: Path, ckpt: Path, data: Path,
+                                                       where: str) -> None:
+    out = tmp_path / "ft"
+    run_dir = {"ckpt": ckpt, "output": out, "inside-ckpt": ckpt / "runs"}[where]
+    before = snapshot(tmp_path)
+    with pytest.raises(MoEHubError, match="checkpoint_dir"):
+        finetune(ckpt, data, out, checkpoint_dir=str(run_dir), max_steps=1, **FT_FAST)
+    assert snapshot(tmp_path) == before
