@@ -15,6 +15,7 @@ interrupted or diverged run can be resumed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -146,8 +147,15 @@ class FinetuneOptions:
                               f"train for --epochs")
         if self.max_steps < 1 and self.epochs <= 0:
             raise MoEHubError("nothing to train: pass epochs > 0 or max_steps >= 1")
-        if self.lr <= 0:
-            raise MoEHubError(f"lr must be positive (got {self.lr})")
+        # NaN passes every comparison, and an infinite rate or weight decay gives NaN weights
+        # on the first step: both are refused by name.
+        if not (_is_real(self.lr) and self.lr > 0):
+            raise MoEHubError(f"--lr must be a finite number above 0 (got {self.lr!r})")
+        for name, flag in (("epochs", "--epochs"), ("warmup", "--warmup"),
+                           ("weight_decay", "weight_decay")):
+            value = getattr(self, name)
+            if not (_is_real(value) and value >= 0):
+                raise MoEHubError(f"{flag} must be a finite number >= 0 (got {value!r})")
         self.resolved_precision()  # both flags, or fp16 without a GPU: refuse before loading
 
     def resolved_precision(self, cuda: bool | None = None, cuda_bf16: bool | None = None
@@ -176,6 +184,12 @@ class FinetuneOptions:
         if self.compute_dtype == "auto":
             return PRECISION_DTYPES[self.resolved_precision()]
         return COMPUTE_DTYPES[self.compute_dtype]
+
+
+def _is_real(value: Any) -> bool:
+    """A finite int or float (bools excluded)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
 
 
 class NonFiniteLoss(RuntimeError):

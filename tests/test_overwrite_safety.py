@@ -227,3 +227,14 @@ def test_finetune_checkpoint_dir_is_no_input_or_output(tmp_path: Path, ckpt: Pat
     with pytest.raises(MoEHubError, match="checkpoint_dir"):
         finetune(ckpt, data, out, checkpoint_dir=str(run_dir), max_steps=1, **FT_FAST)
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(("option", "value", "flag"), [
+    ("lr", float("nan"), "--lr"), ("lr", float("inf"), "--lr"),
+    ("epochs", float("nan"), "--epochs"), ("warmup", -1.0, "--warmup"),
+    ("weight_decay", float("inf"), "weight_decay")])
+def test_finetune_refuses_rates_that_cannot_train(option: str, value: float, flag: str) -> None:
+    from moe_hub.finetune import FinetuneOptions
+
+    with pytest.raises(MoEHubError, match=flag):
+        FinetuneOptions(**{option: value}).validate()
