@@ -38,7 +38,7 @@ from .gguf_source import gguf_provenance
 from .hub_ids import is_hub_id
 from .modeling import MoELoraConfig, MoELoraForCausalLM
 from .modeling.routing import ROUTERS
-from .options_file import read_options_file
+from .options_file import is_finite_number, read_options_file
 from .progress import third_party_progress
 from .safetensors_io import read_header, rewrite_shard, tensor_names, write_tensors
 from .skeleton import model_skeleton
@@ -112,20 +112,20 @@ class ConvertOptions:
                 raise MoEHubError(f"{flag} must be at least 1 (got {value})")
         # top-k above the expert count is the config's check (its message names both flags),
         # after --from-adapters has said whether there are fewer experts than adapters.
-        if self.alpha is not None and not (_is_real(self.alpha) and self.alpha > 0):
+        if self.alpha is not None and not (is_finite_number(self.alpha) and self.alpha > 0):
             raise MoEHubError(f"--alpha must be a finite number above 0 (got {self.alpha!r}); "
                               f"omit it for 2 * rank")
-        if not (_is_real(self.dropout) and 0.0 <= self.dropout < 1.0):
+        if not (is_finite_number(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise MoEHubError(f"--dropout must be in [0, 1) (got {self.dropout!r})")
         for name in ("aux_loss_coef", "z_loss_coef"):
             value = getattr(self, name)
-            if not (_is_real(value) and value >= 0):
+            if not (is_finite_number(value) and value >= 0):
                 raise MoEHubError(f"{name} must be a finite number >= 0 (got {value!r})")
         for key, value in self.router_config.items():
             # Types were checked by the router; a float option is never meant to be inf or NaN.
             if isinstance(value, float) and not math.isfinite(value):
                 raise MoEHubError(f"--router-opt {key} must be finite (got {value})")
-            if key == "init_std" and _is_real(value) and value < 0:
+            if key == "init_std" and is_finite_number(value) and value < 0:
                 raise MoEHubError(f"--router-opt init_std must be >= 0 (got {value}): it is the "
                                   f"standard deviation of the router's initial weights")
 
@@ -173,11 +173,6 @@ class ConvertOptions:
         except (ValueError, TypeError) as err:
             raise MoEHubError(str(err)) from None
 
-
-def _is_real(value: Any) -> bool:
-    """A finite int or float (bools excluded: True is no rate)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
 
 
 def convert(

@@ -15,7 +15,6 @@ interrupted or diverged run can be resumed.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -39,7 +38,7 @@ from .checkpoint import (
 )
 from .data import PadCollator, model_max_length, pad_token_id, prepare_data
 from .errors import MoEHubError
-from .options_file import read_options_file
+from .options_file import is_finite_number, read_options_file
 from .routing_stats import HEATMAP_FILE, STATS_FILE, RoutingStats
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
@@ -149,12 +148,12 @@ class FinetuneOptions:
             raise MoEHubError("nothing to train: pass epochs > 0 or max_steps >= 1")
         # NaN passes every comparison, and an infinite rate or weight decay gives NaN weights
         # on the first step: both are refused by name.
-        if not (_is_real(self.lr) and self.lr > 0):
+        if not (is_finite_number(self.lr) and self.lr > 0):
             raise MoEHubError(f"--lr must be a finite number above 0 (got {self.lr!r})")
         for name, flag in (("epochs", "--epochs"), ("warmup", "--warmup"),
                            ("weight_decay", "weight_decay")):
             value = getattr(self, name)
-            if not (_is_real(value) and value >= 0):
+            if not (is_finite_number(value) and value >= 0):
                 raise MoEHubError(f"{flag} must be a finite number >= 0 (got {value!r})")
         self.resolved_precision()  # both flags, or fp16 without a GPU: refuse before loading
 
@@ -185,11 +184,6 @@ class FinetuneOptions:
             return PRECISION_DTYPES[self.resolved_precision()]
         return COMPUTE_DTYPES[self.compute_dtype]
 
-
-def _is_real(value: Any) -> bool:
-    """A finite int or float (bools excluded)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
 
 
 class NonFiniteLoss(RuntimeError):
