@@ -84,6 +84,66 @@ def require_checkpoint(path: str | Path) -> Path:
     return Path(path)
 
 
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether ``path`` holds a moe-hub checkpoint (its config.json names ``MODEL_TYPE``)."""
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == MODEL_TYPE
+
+
+def refuse_overlap(out: Path, inputs: list[tuple[str, str | os.PathLike]],
+                   out_label: str) -> None:
+    """Raise when ``out`` is, contains or lies inside one of ``inputs`` (see ``check_output``);
+    an input that does not exist locally (a Hub id) cannot overlap."""
+    target = out.resolve()
+    for label, given in inputs:
+        path = Path(given).expanduser()
+        if not path.exists():
+            continue
+        source = path.resolve()
+        if target == source:
+            relation = "is"
+        elif target in source.parents:
+            relation = "contains"
+        elif source in target.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise MoEHubError(f"{out_label} {out} {relation} {label} {given}: pass another "
+                          f"{out_label}, outside every input")
+
+
+def check_output(out: Path, overwrite: bool, inputs: list[tuple[str, str | os.PathLike]],
+                 out_label: str = "OUT") -> None:
+    """Refuse an OUT that writing would destroy data through, before any work is done.
+
+    ``inputs`` are (how the user named it, path) of everything the run reads; entries that are
+    not local paths (Hub ids) are skipped. Paths are compared resolved, so a symlink or ``..``
+    cannot hide that OUT is, holds or lies inside an input; inside one is refused even when OUT
+    is new, as the input folder would change under the user. An existing OUT is replaced only with
+    ``overwrite`` and only when it is a moe-hub checkpoint or an empty folder: publishing removes
+    the old OUT whole, so anything else in it would be lost."""
+    refuse_overlap(out, inputs, out_label)
+    target = out.resolve()
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise MoEHubError(f"{out} already exists: pass --overwrite to replace it")
+    if out.is_symlink():
+        # Publishing would replace the link, not the folder it names, and leave the old link
+        # behind under a hidden name.
+        raise MoEHubError(f"{out_label} {out} is a symbolic link: pass the folder it points to "
+                          f"({target}) or another {out_label}")
+    if target.is_dir() and (not any(target.iterdir()) or is_checkpoint_dir(target)):
+        return
+    kind = "a folder that is not a moe-hub checkpoint" if target.is_dir() else "not a folder"
+    raise MoEHubError(f"{out_label} {out} is {kind}: --overwrite only replaces a moe-hub "
+                      f"checkpoint or an empty folder, so pass another {out_label} or move "
+                      f"{out} away yourself")
+
+
 def dense_weight_files(dense_dir: Path, allow_pickle: bool, scratch: Path) -> list[Path]:
     """The base's safetensors shards in index order. Pickle-only bases are refused unless
     ``allow_pickle``; then each ``.bin`` is loaded with ``weights_only=True`` and re-saved as

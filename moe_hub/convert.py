@@ -10,6 +10,7 @@ an interrupt leaves no OUT behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import (
     ADAPTER_WEIGHTS,
+    check_output,
     copy_code,
     dense_weight_files,
     publish,
@@ -36,7 +38,7 @@ from .gguf_source import gguf_provenance
 from .hub_ids import is_hub_id
 from .modeling import MoELoraConfig, MoELoraForCausalLM
 from .modeling.routing import ROUTERS
-from .options_file import read_options_file
+from .options_file import is_finite_number, read_options_file
 from .progress import third_party_progress
 from .safetensors_io import read_header, rewrite_shard, tensor_names, write_tensors
 from .skeleton import model_skeleton
@@ -96,9 +98,41 @@ class ConvertOptions:
         except ValueError as err:
             raise MoEHubError(str(err)) from None
 
+    def check_numbers(self) -> None:
+        """Refuse counts and scales no model can use, naming the flag. The config's own checks
+        know no flags, and an infinite or NaN alpha or init_std would pass them and only show
+        as NaN outputs (or a torch error half-way through writing OUT)."""
+        for flag, value in (("--experts", self.experts), ("--top-k", self.top_k),
+                            ("--rank", self.rank)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise MoEHubError(f"{flag} takes a whole number, got {value!r}")
+            if value < 1:
+                raise MoEHubError(f"{flag} must be at least 1 (got {value})")
+        # top-k above the expert count is the config's check (its message names both flags),
+        # after --from-adapters has said whether there are fewer experts than adapters.
+        if self.alpha is not None and not (is_finite_number(self.alpha) and self.alpha > 0):
+            raise MoEHubError(f"--alpha must be a finite number above 0 (got {self.alpha!r}); "
+                              f"omit it for 2 * rank")
+        if not (is_finite_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise MoEHubError(f"--dropout must be in [0, 1) (got {self.dropout!r})")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            value = getattr(self, name)
+            if not (is_finite_number(value) and value >= 0):
+                raise MoEHubError(f"{name} must be a finite number >= 0 (got {value!r})")
+        for key, value in self.router_config.items():
+            # Types were checked by the router; a float option is never meant to be inf or NaN.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise MoEHubError(f"--router-opt {key} must be finite (got {value})")
+            if key == "init_std" and is_finite_number(value) and value < 0:
+                raise MoEHubError(f"--router-opt init_std must be >= 0 (got {value}): it is the "
+                                  f"standard deviation of the router's initial weights")
+
     def validate(self) -> None:
         """Check the options on their own, before any BASE is read; raise naming the fix."""
         self.check_router()
+        self.check_numbers()
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise MoEHubError(f"unknown dtype {self.dtype!r}: pass --dtype auto, "
                               f"{', '.join(DTYPE_NAMES)}")
@@ -140,6 +174,7 @@ class ConvertOptions:
             raise MoEHubError(str(err)) from None
 
 
+
 def convert(
     base: str | os.PathLike,
     out: str | os.PathLike,
@@ -162,9 +197,10 @@ def convert(
     out = Path(out)
     # Everything that can be checked without BASE is checked before BASE is read or OUT made.
     options.validate()
+    check_output(out, options.overwrite,
+                 [("BASE", base), *(("--from-adapters adapter", adapter)
+                                    for adapter in options.from_adapters or ())])
     source = _classify_base(base, options)
-    if out.exists() and not options.overwrite:
-        raise MoEHubError(f"{out} already exists: pass --overwrite to replace it")
     adapters = None
     if options.from_adapters:
         from . import from_adapters

@@ -28,15 +28,17 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import (
     ADAPTER_WEIGHTS,
     INDEX_FILE,
+    check_output,
     copy_code,
     publish,
+    refuse_overlap,
     require_checkpoint,
     staging_dir,
     write_index,
 )
 from .data import PadCollator, model_max_length, pad_token_id, prepare_data
 from .errors import MoEHubError
-from .options_file import read_options_file
+from .options_file import is_finite_number, read_options_file
 from .routing_stats import HEATMAP_FILE, STATS_FILE, RoutingStats
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
@@ -144,8 +146,15 @@ class FinetuneOptions:
                               f"train for --epochs")
         if self.max_steps < 1 and self.epochs <= 0:
             raise MoEHubError("nothing to train: pass epochs > 0 or max_steps >= 1")
-        if self.lr <= 0:
-            raise MoEHubError(f"lr must be positive (got {self.lr})")
+        # NaN passes every comparison, and an infinite rate or weight decay gives NaN weights
+        # on the first step: both are refused by name.
+        if not (is_finite_number(self.lr) and self.lr > 0):
+            raise MoEHubError(f"--lr must be a finite number above 0 (got {self.lr!r})")
+        for name, flag in (("epochs", "--epochs"), ("warmup", "--warmup"),
+                           ("weight_decay", "weight_decay")):
+            value = getattr(self, name)
+            if not (is_finite_number(value) and value >= 0):
+                raise MoEHubError(f"{flag} must be a finite number >= 0 (got {value!r})")
         self.resolved_precision()  # both flags, or fp16 without a GPU: refuse before loading
 
     def resolved_precision(self, cuda: bool | None = None, cuda_bf16: bool | None = None
@@ -174,6 +183,7 @@ class FinetuneOptions:
         if self.compute_dtype == "auto":
             return PRECISION_DTYPES[self.resolved_precision()]
         return COMPUTE_DTYPES[self.compute_dtype]
+
 
 
 class NonFiniteLoss(RuntimeError):
@@ -514,9 +524,18 @@ def finetune(
     options.validate()
     checkpoint = require_checkpoint(checkpoint)
     output = Path(output)
-    if output.exists() and not options.overwrite:
-        raise MoEHubError(f"{output} already exists: pass --overwrite to replace it")
+    inputs = _inputs(checkpoint, data, options)
+    check_output(output, options.overwrite, inputs, "--output")
     run_dir = Path(options.checkpoint_dir or f"{output}.checkpoints")
+    refuse_overlap(run_dir, inputs, "checkpoint_dir")
+    ours, final = run_dir.resolve(), output.resolve()
+    if ours == final or final in ours.parents or ours in final.parents:
+        # Publishing replaces OUT whole and the run folder is removed after it: either would
+        # take the other with it.
+        raise MoEHubError(f"checkpoint_dir {run_dir} overlaps --output {output}: pass a "
+                          f"checkpoint_dir outside it (the default is {output}.checkpoints)")
+    # A run folder the user already had is theirs: only this run's checkpoints leave it.
+    run_dir_existed = run_dir.exists()
     resume_from = _resume_point(options, run_dir)
 
     from .modeling import MoELoraConfig
@@ -575,11 +594,44 @@ def finetune(
         _write_output(checkpoint, output, trainer.accelerator.unwrap_model(trainer.model),
                       options, data, prepared, metrics, stats, trainer.state.log_history)
         if not options.keep_checkpoints:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            _remove_run_checkpoints(run_dir, run_dir_existed)
         metrics["output"] = str(output)
         _print_summary(metrics, output, progress)
     trainer.accelerator.wait_for_everyone()
     return metrics
+
+
+def _inputs(checkpoint: Path, data: Any, options: FinetuneOptions) -> list[tuple[str, Any]]:
+    """Everything a run reads that a local OUT could overlap: CKPT, the base an adapter-only
+    CKPT loads from, the data and tokenizer (non-paths are skipped by ``check_output``)."""
+    from .checkpoint import read_checkpoint_config
+
+    config = read_checkpoint_config(checkpoint)
+    inputs: list[tuple[str, Any]] = [("CKPT", checkpoint)]
+    if config.get("adapter_only") and isinstance(config.get("base_model_name_or_path"), str):
+        inputs.append(("the base of CKPT", config["base_model_name_or_path"]))
+    for label, value in (("--data", data), ("--eval-data", options.eval_data),
+                         ("--tokenizer", options.tokenizer)):
+        if isinstance(value, (str, os.PathLike)):
+            inputs.append((label, value))
+    return inputs
+
+
+def _remove_run_checkpoints(run_dir: Path, existed: bool) -> None:
+    """Remove the Trainer checkpoints of a finished run: the whole folder when this run made it,
+    else only its checkpoint-N folders (and the folder itself once that leaves it empty)."""
+    if not existed:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    for child in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        if child.is_dir() and not child.is_symlink() and child.name.rpartition("-")[2].isdigit():
+            shutil.rmtree(child, ignore_errors=True)
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass  # it holds the user's own files
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

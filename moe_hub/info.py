@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import ADAPTER_WEIGHTS, require_checkpoint
+from .errors import MoEHubError
+from .modeling.modeling_moe_lora import _legacy_key_mapping
 from .safetensors_io import read_header, tensor_names
 
 
@@ -18,6 +20,8 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
 
     path = require_checkpoint(path)
     config = MoELoraConfig.from_pretrained(path)
+    # Read before the skeleton is built: building one marks the config as the current layout.
+    legacy = _legacy_key_mapping(config)
     model = model_skeleton(config)
     adapter_names = set(model.adapter_parameter_names())
     tied = set(model.tied_parameter_names())
@@ -26,6 +30,7 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
     added = sum(p.numel() for n, p in model.named_parameters() if n in adapter_names)
     files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file()}
     tensors = _stored_tensors(path, adapter_names)
+    _check_loadable(path, model, tensors, legacy)
     adapter_bytes = sum(t.nbytes for t in tensors if t.adapter)
     base_bytes = sum(t.nbytes for t in tensors if not t.adapter)
     return {
@@ -73,6 +78,7 @@ class _StoredTensor:
     file: Path
     nbytes: int
     adapter: bool
+    shape: tuple[int, ...]
 
 
 def _stored_tensors(path: Path, adapter_names: set[str]) -> list[_StoredTensor]:
@@ -85,8 +91,35 @@ def _stored_tensors(path: Path, adapter_names: set[str]) -> list[_StoredTensor]:
         for name in tensor_names(header):
             begin, end = header[name]["data_offsets"]
             adapter = name in adapter_names or file.name == ADAPTER_WEIGHTS
-            found.append(_StoredTensor(name, file, end - begin, adapter))
+            found.append(_StoredTensor(name, file, end - begin, adapter,
+                                       tuple(header[name]["shape"])))
     return found
+
+
+def _check_loadable(path: Path, model: Any, tensors: list[_StoredTensor],
+                    legacy: dict[str, str]) -> None:
+    """Raise when loading would fail or fill weights at random (a missing adapter file, shapes
+    that disagree with config.json): the counts info prints are the config's, and would
+    describe a model this folder cannot give."""
+    from .modeling.modeling_moe_lora import _rename
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    wanted = set(model.adapter_parameter_names())
+    if not model.config.adapter_only:  # an adapter-only base is checked where it is loaded
+        wanted |= set(params) - set(model.tied_parameter_names())
+    stored = {_rename(t.name, legacy): t for t in tensors}
+    missing = sorted(wanted - stored.keys())
+    if missing:
+        hint = "" if (path / ADAPTER_WEIGHTS).is_file() else f"; it has no {ADAPTER_WEIGHTS}"
+        raise MoEHubError(f"{path} cannot load: it lacks {len(missing)} of the model's tensors "
+                          f"(e.g. {missing[0]}){hint}; re-create it with `moe-hub convert`")
+    for name in sorted(wanted):
+        found, expected = stored[name].shape, tuple(params[name].shape)
+        if found != expected:
+            raise MoEHubError(
+                f"{path} cannot load: {name} has shape {list(found)} in "
+                f"{stored[name].file.name} but config.json makes it {list(expected)}; restore "
+                f"the config.json that was written with these weights")
 
 
 def _experts_trained(path: Path, tensors: list[_StoredTensor]) -> bool:

@@ -1,8 +1,10 @@
-"""Option files (YAML or JSON) for `convert --config` and `finetune --config`."""
+"""Option files (YAML or JSON) for `convert --config` and `finetune --config`, and the number
+check both commands' options share."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -26,3 +28,10 @@ def read_options_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise MoEHubError(f"{path} must hold a mapping of option names to values")
     return data
+
+
+def is_finite_number(value: Any) -> bool:
+    """A finite int or float. NaN passes every comparison and bools are ints to Python, so range
+    checks on options start here."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)

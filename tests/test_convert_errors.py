@@ -46,6 +46,21 @@ def dense(tmp_path: Path) -> Path:
         (["--router", "nosuch"], ["unknown router", "topk"]),
         (["--targets", "nosuch_proj"], ["--targets", "q_proj"]),
         (["--dropout", "1.5"], ["dropout"]),
+        # Numbers no model can use: each refused naming its flag, before BASE is read.
+        (["--alpha", "inf"], ["--alpha"]),
+        (["--alpha", "nan"], ["--alpha"]),
+        (["--alpha", "-1"], ["--alpha"]),
+        (["--alpha", "0"], ["--alpha"]),
+        (["--rank", "-2"], ["--rank"]),
+        (["--experts", "0"], ["--experts"]),
+        (["--experts", "-3"], ["--experts"]),
+        (["--top-k", "0"], ["--top-k"]),
+        (["--top-k", "3", "--experts", "2"], ["--top-k", "--experts"]),
+        (["--dropout", "nan"], ["--dropout"]),
+        (["--dropout", "-0.1"], ["--dropout"]),
+        (["--dropout", "1"], ["--dropout"]),
+        (["--router-opt", "init_std=-0.5"], ["init_std"]),
+        (["--router-opt", "init_std=nan"], ["init_std"]),
         (["--dtype", "float8"], ["--dtype"]),
     ],
 )
@@ -53,6 +68,26 @@ def test_bad_options(tmp_path: Path, dense: Path, args: list[str], needles: list
     out = tmp_path / "out"
     code, output = _run(str(dense), str(out), *args)
     _assert_clean_failure(tmp_path, out, code, output, *needles)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "flag"),
+    [("alpha", float("inf"), "--alpha"), ("alpha", float("nan"), "--alpha"),
+     ("rank", -1, "--rank"), ("experts", 0, "--experts"), ("top_k", 0, "--top-k"),
+     ("dropout", float("nan"), "--dropout"), ("router_config", {"init_std": -1.0}, "init_std"),
+     ("aux_loss_coef", float("nan"), "aux_loss_coef")],
+)
+def test_python_api_refuses_impossible_numbers_before_reading_base(
+        tmp_path: Path, option: str, value: object, flag: str) -> None:
+    from moe_hub.convert import convert
+    from moe_hub.errors import MoEHubError
+
+    out = tmp_path / "out"
+    # BASE does not exist: the options are checked before it is even looked at.
+    with pytest.raises(MoEHubError, match=flag) as caught:
+        convert(tmp_path / "nowhere", out, progress=False, **{option: value})
+    assert "\n" not in str(caught.value)
+    assert not out.exists()
 
 
 def test_missing_base(tmp_path: Path) -> None:
@@ -83,9 +118,16 @@ def test_existing_out_needs_overwrite(tmp_path: Path, dense: Path) -> None:
     code, output = _run(str(dense), str(out))
     assert code != 0 and "--overwrite" in output
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces checkpoints only: a folder of the user's own files stays as it is.
     code, output = _run(str(dense), str(out), "--overwrite", "--experts", "2", "--rank", "2")
-    assert code == 0, output
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert code != 0 and "only replaces a moe-hub checkpoint" in output, output
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    for seed in ("0", "1"):  # an empty folder, then the checkpoint written into it
+        code, output = _run(str(dense), str(out), "--overwrite", "--experts", "2", "--rank", "2",
+                            "--seed", seed)
+        assert code == 0, output
+        assert (out / "config.json").is_file()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage-header"])

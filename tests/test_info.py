@@ -73,3 +73,35 @@ def test_info_sizes_add_up_on_a_converted_checkpoint(tmp_path: Path) -> None:
         - info["bytes"]["adapters"] - info["bytes"]["base_weights"]
     # Only the safetensors headers (JSON, a few KiB here) are outside the tensor bytes.
     assert 0 < header_overhead < 64 * 1024
+
+
+def _info_cli_result(path: Path) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from moe_hub.cli.app import app
+
+    result = CliRunner().invoke(app, ["info", str(path), "--json"])
+    return result.exit_code, result.output
+
+
+def test_info_refuses_a_checkpoint_that_cannot_load(tmp_path: Path) -> None:
+    """Missing experts, or experts whose shapes disagree with config.json, load as an error:
+    info says so instead of printing numbers for a model that does not exist."""
+    dense = save_tiny_dense(tmp_path / "dense")
+    good = convert(dense, tmp_path / "moe", experts=2, rank=2, top_k=1, progress=False)
+    assert _info_cli_result(good)[0] == 0
+
+    no_adapters = convert(dense, tmp_path / "no-adapters", experts=2, rank=2, top_k=1,
+                          progress=False)
+    (no_adapters / "moe_adapters.safetensors").unlink()
+    wrong_rank = convert(dense, tmp_path / "wrong-rank", experts=2, rank=2, top_k=1,
+                         progress=False)
+    config = json.loads((wrong_rank / "config.json").read_text())
+    config["lora_rank"] = 4
+    (wrong_rank / "config.json").write_text(json.dumps(config))
+    for path, needle in ((no_adapters, "lacks"), (wrong_rank, "shape")):
+        code, output = _info_cli_result(path)
+        assert code != 0, output
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and needle in errors[0], output
+        assert "Traceback" not in output

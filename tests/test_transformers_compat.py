@@ -164,3 +164,17 @@ def test_checkpoint_from_another_environment_loads_with_its_logits(foreign_check
         print(float(error))
     """, cwd=tmp_path)
     assert float(out.split()[-1]) < 1e-5
+
+
+def test_reported_missing_keys_reads_both_report_shapes() -> None:
+    """The missing-base check reads the loading report in 5.0's returned pair and in the later
+    in-place report object; a report of another shape gives None (the check is skipped)."""
+    from types import SimpleNamespace
+
+    from moe_hub.modeling.transformers_compat import reported_missing_keys
+
+    assert reported_missing_keys(({"a"}, set()), ()) == {"a"}
+    report = SimpleNamespace(missing_keys={"b"}, unexpected_keys=set())
+    assert reported_missing_keys(None, (report,)) == {"b"}
+    assert reported_missing_keys(None, (object(),)) is None
+    assert reported_missing_keys(None, ()) is None

@@ -64,7 +64,7 @@ def convert_command(
     adapter_only: Annotated[bool | None, typer.Option(
         "--adapter-only", help="Store experts + routers only; the base loads from BASE")] = None,
     overwrite: Annotated[bool | None, typer.Option(
-        "--overwrite", help="Replace OUT if it exists")] = None,
+        "--overwrite", help="Replace OUT if it is a moe-hub checkpoint or an empty folder")] = None,
     from_adapters: Annotated[str | None, typer.Option(
         help="Comma-separated PEFT LoRA adapters (directories or Hub ids) trained on BASE: "
              "adapter i becomes expert i")] = None,

@@ -64,7 +64,8 @@ def finetune_command(
         help="Continue from this checkpoint-N directory")] = None,
     tokenizer: Annotated[str | None, typer.Option(
         help="Tokenizer name or path [the checkpoint's]")] = None,
-    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace OUT")] = None,
+    overwrite: Annotated[bool | None, typer.Option(
+        "--overwrite", help="Replace OUT if it is a moe-hub checkpoint or an empty folder")] = None,
     config: Annotated[Path | None, typer.Option(
         help="YAML/JSON file with these options or any TrainingArguments field (flags win)")
     ] = None,

@@ -74,6 +74,7 @@ from .transformers_compat import (
     init_guard,
     no_init_weights,
     optional_file,
+    reported_missing_keys,
 )
 
 __all__ = ["MoELoraForCausalLM", "MoELoraModel", "MoELoraPreTrainedModel"]
@@ -309,12 +310,35 @@ class MoELoraPreTrainedModel(PreTrainedModel):
     def _adjust_missing_and_unexpected_keys(self, *args: Any, **kwargs: Any) -> Any:
         # transformers' hook for trimming the loading report (private, and its signature moved
         # within 5.x: the compat helper handles both; only warnings depend on it)
-        return filter_loading_report(
+        result = filter_loading_report(
             super()._adjust_missing_and_unexpected_keys(*args, **kwargs), args,
             # An adapter-only checkpoint's base has no experts or routers: read right after it.
             drop_missing=self.adapter_parameter_names() if self.config.adapter_only else (),
             drop_unexpected_prefix=None if self._keeps_head else self._head_prefix + ".",
         )
+        self._refuse_missing_base(reported_missing_keys(result, args))
+        return result
+
+    def _refuse_missing_base(self, missing: Any) -> None:
+        """transformers initialises missing weights at random and only warns: with every base
+        weight missing (a base folder overwritten by its own checkpoint, shards lost) the model
+        would run and train on noise, so that case stops loading."""
+        if missing is None:
+            return
+        skip = set(self.adapter_parameter_names()) | set(self.tied_parameter_names())
+        base = [name for name, _ in self.named_parameters(remove_duplicate=False)
+                if name not in skip]
+        if not base or any(name not in missing for name in base):
+            return
+        if self.config.adapter_only:
+            raise ValueError(
+                f"the base model {self.config.base_model_name_or_path} holds none of the base "
+                f"weights this adapter-only checkpoint needs (e.g. {base[0]}): set "
+                f"base_model_name_or_path in its config.json to the dense model it was "
+                f"converted from")
+        raise ValueError(
+            f"the checkpoint's weight files hold none of the base weights (e.g. {base[0]}): "
+            f"they are incomplete; re-create the checkpoint with `moe-hub convert`")
 
     def _routing_scope(self, attention_mask: torch.Tensor | None, input_ids: Any = None,
                        inputs_embeds: Any = None):

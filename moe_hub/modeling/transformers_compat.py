@@ -89,6 +89,18 @@ def filter_loading_report(result: Any, args: tuple, *, drop_missing: Iterable[st
     return result
 
 
+def reported_missing_keys(result: Any, args: tuple) -> Collection[str] | None:
+    """The missing keys of transformers' loading report as ``filter_loading_report`` saw it
+    (both shapes of the private hook), None for a report of another shape: the caller's check
+    is then skipped, as the report gives no reliable answer."""
+    if isinstance(result, tuple) and len(result) == 2:
+        keys = result[0]
+    else:
+        report = args[0] if result is None and args else None
+        keys = getattr(report, "missing_keys", None)
+    return keys if isinstance(keys, (set, list, tuple, frozenset)) else None
+
+
 def forget_key_mapping(model: Any, key_mapping: dict[str, str], config: Any = None) -> None:
     """Make ``save_pretrained`` write this model's names rather than map ``key_mapping``'s
     renamings back to the names they were loaded from. transformers keeps the loading's renamings
