@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from moe_hub.kernels.moe_lora_triton import triton_moe_lora_delta, triton_supported
-from moe_hub.modeling.moe_lora_ops import group_by_expert, grouped_delta, masked_dense_delta
+from moe_hub.modeling.moe_lora_ops import group_by_expert, grouped_slots_delta, masked_dense_delta
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -93,8 +93,8 @@ def main() -> None:
 
     variants: dict[str, Callable] = {
         "torch masked-dense": masked_dense_delta,
-        "torch grouped (loop over experts)": lambda x, a, b, i, w, c: grouped_delta(
-            x, a, b, i, w, c, group_by_expert(i, a.shape[0])),
+        "torch grouped (loop over experts)": lambda x, a, b, i, w, c: grouped_slots_delta(
+            x, a, b, group_by_expert(i, a.shape[0]), w, i.shape[1], c),
     }
     if triton_supported(x):
         variants = {"moe-hub triton": triton_moe_lora_delta, **variants}

@@ -54,6 +54,7 @@ from .router_rmoe import RecurrentRouter  # noqa: F401
 from .router_topk import TopKRouter  # noqa: F401
 from .routing import (
     ROUTERS,
+    Float32Modules,
     Router,
     RoutingContext,
     call_token_mask,
@@ -126,7 +127,7 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         # One text config object for both: resizing the vocabulary or choosing the attention
         # implementation through this model's config reaches the dense forward.
         config.text_config = dense.config
-        self.moe_shared = nn.ModuleDict()
+        self.moe_shared = Float32Modules()
         self._routing = RoutingHolder(self.moe_shared)
         #: dense name prefix -> this model's (``model``, ``lm_head``; other children keep theirs)
         self._dense_prefixes = _dense_prefixes(dense)

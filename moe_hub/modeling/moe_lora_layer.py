@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .moe_lora_fused import gated_expand, gathered_expand, pack_shrink, packed_rows, packed_weight
+from .moe_lora_fused import PackedShrink, batched_shrink, gated_expand, gathered_expand
 from .moe_lora_ops import (
     HALF_DTYPES,
     expert_compute_dtype,
@@ -117,26 +117,17 @@ class MoELoraLinear(nn.Module):
         dropout = config.lora_dropout
         self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.router = float32_routing(ROUTERS[config.router](site, config))
-        self._packed_rows = 0
-        self.pack_shrink()
-        self.register_state_dict_post_hook(_contiguous_packed_views)
+        self._packed = PackedShrink()
         self.reset_adapter_parameters()
-
-    def pack_shrink(self) -> None:
-        """Store A (and the router weight, see ``moe_lora_fused``) as views of one
-        [E*r (+E), d_in] tensor. Called at build, after every ``.to()``/``.float()`` and on
-        ``train()``/``eval()`` (from_pretrained ends with ``eval()``): loading and casting
-        replace the parameters' tensors."""
-        self._packed_rows = pack_shrink(self.lora_A, self.router.logits_weight())
 
     def _apply(self, fn: Any, recurse: bool = True) -> MoELoraLinear:
         super()._apply(fn, recurse)
-        self.pack_shrink()
+        self._packed.clear()  # its sources were replaced: free it now, not at the next decode
         return self
 
     def train(self, mode: bool = True) -> MoELoraLinear:
         super().train(mode)
-        self.pack_shrink()
+        self._packed.clear()  # training never reads it, and eval() may follow other changes
         return self
 
     def reset_adapter_parameters(self) -> None:
@@ -147,9 +138,8 @@ class MoELoraLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         ctx = self._routing.current()
         flat = x.reshape(-1, self.site.in_features)
-        packed = self._packed_for_inference(x)
-        if packed is not None:
-            return self._packed_forward(flat, result, packed, ctx)
+        if self._decodes(x):
+            return self._decode_forward(flat, result, ctx)
 
         def step(inputs: torch.Tensor, route: RouterOutput) -> torch.Tensor:
             # The first step reads x itself (one cast shared with the sites that read x).
@@ -179,82 +169,59 @@ class MoELoraLinear(nn.Module):
             kernel=self.kernel,
         )
 
-    def _packed_for_inference(self, x: torch.Tensor) -> torch.Tensor | None:
-        """S [E*r (+E), d_in] when the packed path applies: no autograd, no dropout, no
-        autocast, masked-dense regime, torch kernel, parameters still packed."""
-        rows = self._packed_rows
-        if (rows == 0 or torch.is_grad_enabled() or (self.training and not isinstance(
-                self.lora_dropout, nn.Identity)) or self.kernel == "triton"
-                or torch.is_autocast_enabled(x.device.type)):
-            return None
+    def _decodes(self, x: torch.Tensor) -> bool:
+        """Whether the decode path applies: no autograd, no dropout, no autocast, masked-dense
+        regime, torch kernel."""
         experts, _, rank = self.lora_A.shape
-        router_weight = self.router.logits_weight() if rows > experts * rank else None
-        if needs_grouping(experts, rank) or not packed_rows(self.lora_A, router_weight, rows):
-            return None
-        return packed_weight(self.lora_A, rows)
+        return not (torch.is_grad_enabled() or (self.training and not isinstance(
+            self.lora_dropout, nn.Identity)) or self.kernel == "triton"
+            or torch.is_autocast_enabled(x.device.type) or needs_grouping(experts, rank))
 
-    def _packed_forward(self, flat: torch.Tensor, result: torch.Tensor, packed: torch.Tensor,
+    def _decode_forward(self, flat: torch.Tensor, result: torch.Tensor,
                         ctx: RoutingContext) -> torch.Tensor:
-        """The decode path. Many (token, slot) pairs (T * k >= E): one matmul over x for every
-        expert's shrink (and the router logits when the router weight is packed with A), gating
-        in rank space, one expand into the base output. Fewer pairs than experts (decoding one
-        or two sequences): the router first, then only the chosen experts' A and B are read
-        (``gathered_expand``), since there the op is bound by the adapter bytes it reads."""
-        experts, d_in, rank = self.lora_A.shape
-        columns = experts * rank
-        a_rows = packed[:columns].view(experts, rank, d_in)
-        # The router's logits may come from S only when nothing replaced its run(): a subclass
-        # or an instance override (a test forcing experts, a user's hook) decides itself.
-        fused_router = (packed.shape[0] > columns
-                        and getattr(self.router.run, "__func__", None) is Router.run)
-        few = flat.shape[0] * self.router.top_k < experts
-        # Router logits are float32 (routers' contract): a 16-bit packed weight is read in fp32.
-        compute = torch.float32 if fused_router and packed.dtype in HALF_DTYPES else packed.dtype
-        if flat.dtype in HALF_DTYPES and not fused_router:
-            compute = flat.dtype  # the generic op's operand dtype for 16-bit activations
-        shrunk = None if few else flat.to(compute) @ packed.to(compute).t()
+        """The decode path (see ``moe_lora_fused``). Many (token, slot) pairs (T * k >= E): one
+        matmul over x for every expert's shrink, gating in rank space, one expand into the base
+        output. Fewer pairs than experts (decoding one or two sequences): only the chosen
+        experts' A and B are read (``gathered_expand``), since there the op is bound by the
+        adapter bytes it reads. The router decides in its own call either way."""
+        experts = self.lora_A.shape[0]
+        # The generic op's operand dtype (autocast is off here).
+        compute = flat.dtype if flat.dtype in HALF_DTYPES else self.lora_A.dtype
+        shrunk = None
+        if flat.shape[0] * self.router.top_k >= experts:
+            packed = self._packed.get(self.lora_A)
+            shrunk = (flat.to(compute) @ packed.to(compute).t() if packed is not None
+                      else batched_shrink(flat.to(compute), self.lora_A.to(compute)))
 
         def expand(into: torch.Tensor | None, route: RouterOutput) -> torch.Tensor:
             if shrunk is None:
-                return gathered_expand(into, flat.to(compute), a_rows, self.lora_B,
+                return gathered_expand(into, flat.to(compute), self.lora_A, self.lora_B,
                                        route.indices, route.weights, self.scale)
-            return gated_expand(into, shrunk[:, :columns], self.lora_B, route.indices,
-                                route.weights, self.scale)
+            return gated_expand(into, shrunk, self.lora_B, route.indices, route.weights,
+                                self.scale)
 
-        if fused_router:
-            # Read alone, the router rows get the router's own rounding: x and W to float32.
-            logits = (flat.float() @ packed[columns:].float().t() if shrunk is None
-                      else shrunk[:, columns:].float())
-            route = self.router.route_logits(logits, ctx)
-            ctx.record(self.site, route)
-            out = result.reshape(-1, result.shape[-1])
-            if route.residual is not None:
-                out = out + route.residual.to(out.dtype)
-            return expand(out, route).view(result.shape)
+        if getattr(self.router.run, "__func__", None) is not Router.run:
+            # A router that runs the experts itself (GraphMoE re-runs them on a refined input),
+            # or an instance override (a test forcing experts, a user's patch): the generic
+            # tail, with the decode forms for the step on x itself.
+            def step(inputs: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+                if inputs is not flat:
+                    return self.expert_delta(inputs, route)
+                return expand(None, route)
 
-        def step(inputs: torch.Tensor, route: RouterOutput) -> torch.Tensor:
-            # Routers that re-run the experts on a refined input (GraphMoE) get the generic op
-            # for those steps; the step on x itself reads the packed shrink.
-            if inputs is not flat:
-                return self.expert_delta(inputs, route)
-            return expand(None, route)
-
-        return self._routed(flat, ctx, step, result)
+            return self._routed(flat, ctx, step, result)
+        # Router.run's decision, with the experts' part added straight into the base output.
+        route = self.router(flat, ctx, self)
+        ctx.record(self.site, route)
+        out = result.reshape(-1, result.shape[-1])
+        if route.residual is not None:
+            out = out + route.residual.to(out.dtype)
+        return expand(out, route).view(result.shape)
 
     def extra_repr(self) -> str:
         experts, d_in, rank = self.lora_A.shape
         return (f"site={self.site.index}, experts={experts}, rank={rank}, d_in={d_in}, "
                 f"d_out={self.site.out_features}")
-
-
-def _contiguous_packed_views(module: MoELoraLinear, state_dict: dict[str, Any], prefix: str,
-                             local_metadata: Any) -> None:
-    """Write A and the router weight as tensors of their own: savers want contiguous tensors
-    that share no storage (``state_dict(keep_vars=True)`` keeps the parameters themselves)."""
-    for name in (prefix + "lora_A", prefix + "router.weight"):
-        value = state_dict.get(name)
-        if value is not None and not isinstance(value, nn.Parameter):
-            state_dict[name] = value.clone(memory_format=torch.contiguous_format)
 
 
 #: The decoder layer number inside a module name (``layers.3.``, ``h.3.``).

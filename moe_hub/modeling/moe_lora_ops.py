@@ -23,6 +23,8 @@ here and the op runs with autocast off.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -60,25 +62,32 @@ def expert_compute_dtype(x: torch.Tensor, master_dtype: torch.dtype) -> torch.dt
     return x.dtype if x.dtype in HALF_DTYPES else master_dtype
 
 
-#: x -> {(dtype, version, grad mode): cast}. Keyed weakly by the tensor's identity: an entry
-#: lives as long as its source tensor, and the cast holds no reference back to it.
-_CASTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Per thread, x -> {(dtype, version): cast}, keyed weakly by the tensor's identity: an entry
+# lives as long as its source tensor, and the cast holds no reference back to it. A thread's
+# sites share casts among themselves only, so no thread reads or mutates another's mapping.
+_CASTS = threading.local()
 
 
 def shared_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x.to(dtype)``, one copy per input tensor: q/k/v (and gate/up) read the same hidden
-    states, and each site's op keeps its operand for backward, so per-site casts would keep
-    three copies of x."""
+    """``x.to(dtype)``, one copy per input tensor where autograd keeps it: q/k/v (and gate/up)
+    read the same hidden states, and each site's op keeps its operand for backward, so per-site
+    casts would keep three copies of x."""
     if x.dtype == dtype:
         return x
-    if torch.compiler.is_compiling():  # the compiler dedupes the casts itself
+    # Without autograd nothing is kept, so sharing would save only a cast, and inference
+    # tensors (``torch.inference_mode``) have no version counter to key a cast on. The compiler
+    # dedupes the casts itself.
+    if not torch.is_grad_enabled() or x.is_inference() or torch.compiler.is_compiling():
         return x.to(dtype)
-    key = (dtype, x._version, torch.is_grad_enabled())
-    casts = _CASTS.get(x)
-    if casts is None or key not in casts:
-        casts = {key: x.to(dtype)}  # older versions of x are stale: drop them
-        _CASTS[x] = casts
-    return casts[key]
+    casts = getattr(_CASTS, "by_tensor", None)
+    if casts is None:
+        casts = _CASTS.by_tensor = WeakIdKeyDictionary()
+    key = (dtype, x._version)
+    entry = casts.get(x)
+    if entry is None or key not in entry:
+        entry = {key: x.to(dtype)}  # older versions of x are stale: drop them
+        casts[x] = entry
+    return entry[key]
 
 
 def moe_lora_delta(
@@ -89,13 +98,11 @@ def moe_lora_delta(
     weights: torch.Tensor,
     scale: float,
     kernel: str = "auto",
-    grouping: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Expert output [T, d_out] for tokens ``x`` [T, d_in] routed by ``indices``/``weights`` [T, k].
 
     ``kernel``: ``auto`` uses Triton on CUDA tensors when it is installed, ``triton`` insists on
-    it, ``torch`` forces the reference path. ``grouping``: ``group_by_expert(indices, E)``, for
-    callers that apply one routing decision to several sites (computed here when needed).
+    it, ``torch`` forces the reference path.
     The result is in the compute dtype (``expert_compute_dtype``); gradients of ``lora_A`` /
     ``lora_B`` come back in their own (master) dtype.
     """
@@ -104,9 +111,9 @@ def moe_lora_delta(
     with without_autocast(x.device):
         if kernel == "triton" or (kernel == "auto" and triton_supported(x)):
             # The op casts the masters once per call and returns their gradients in fp32.
-            return triton_moe_lora_delta(x, lora_A, lora_B, indices, weights, scale, grouping)
+            return triton_moe_lora_delta(x, lora_A, lora_B, indices, weights, scale)
         return torch_moe_lora_delta(x, lora_A.to(dtype), lora_B.to(dtype), indices, weights,
-                                    scale, grouping)
+                                    scale)
 
 
 def needs_grouping(num_experts: int, rank: int) -> bool:
@@ -121,15 +128,13 @@ def torch_moe_lora_delta(
     indices: torch.Tensor,
     weights: torch.Tensor,
     scale: float,
-    grouping: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The reference implementation (any device, any dtype, autograd for every input)."""
     num_experts, _, rank = lora_A.shape
     if not needs_grouping(num_experts, rank):
         return masked_dense_delta(x, lora_A, lora_B, indices, weights, scale)
-    if grouping is None:
-        grouping = group_by_expert(indices, num_experts)
-    return grouped_delta(x, lora_A, lora_B, indices, weights, scale, grouping)
+    return grouped_slots_delta(x, lora_A, lora_B, group_by_expert(indices, num_experts), weights,
+                               indices.shape[1], scale)
 
 
 def masked_dense_delta(x, lora_A, lora_B, indices, weights, scale):
@@ -144,10 +149,6 @@ def masked_dense_delta(x, lora_A, lora_B, indices, weights, scale):
         a_cat = lora_A.permute(1, 0, 2).reshape(d_in, num_experts * rank)
         gated = (x @ a_cat).view(num_tokens, num_experts, rank) * gate
     return gated.reshape(num_tokens, -1) @ lora_B.reshape(num_experts * rank, -1)
-
-
-def grouped_delta(x, lora_A, lora_B, indices, weights, scale, grouping):
-    return grouped_slots_delta(x, lora_A, lora_B, grouping, weights, indices.shape[1], scale)
 
 
 def decoding_regime(tokens: int, kernel: str) -> bool:

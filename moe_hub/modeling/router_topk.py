@@ -38,11 +38,6 @@ class TopKRouter(Router):
         nn.init.normal_(self.weight, mean=0.0, std=float(self.options["init_std"]))
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext, experts: Any) -> RouterOutput:
-        return self.route_logits(float32_linear(x, self.weight), ctx)
-
-    def logits_weight(self) -> nn.Parameter:
-        return self.weight
-
-    def route_logits(self, logits: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
+        logits = float32_linear(x, self.weight)
         indices, weights = self.select(logits)
         return RouterOutput(indices=indices, weights=weights, logits=logits)

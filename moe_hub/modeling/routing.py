@@ -294,6 +294,27 @@ class ParameterBank(nn.ParameterDict):
         return self(key) if getattr(self, "_hf_hook", None) is not None else self[key]
 
 
+def _float32_cast(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor],
+                                                                           torch.Tensor]:
+    """``fn`` (what ``Module._apply`` applies: ``.half()``, ``.to(dtype)``, a device move) with
+    16-bit floating results put back in float32."""
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        out = fn(tensor)
+        return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+
+    return cast
+
+
+class Float32Modules(nn.ModuleDict):
+    """The modules all sites of a model share (``moe_shared``): float32 through ``.half()`` and
+    ``.to(dtype)``, like the routers that read them."""
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any,
+               **kwargs: Any) -> Float32Modules:
+        return super()._apply(_float32_cast(fn), *args, **kwargs)
+
+
 #: ``expert_step(inputs, decision)``: a site's expert part (its output minus the frozen base) on
 #: ``inputs`` [T, d_in] under one routing decision, [T, d_out].
 ExpertStep = Callable[[torch.Tensor, RouterOutput], torch.Tensor]
@@ -356,6 +377,14 @@ class Router(nn.Module):
     def reset_parameters(self) -> None:
         raise NotImplementedError
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any,
+               **kwargs: Any) -> Router:
+        # Routers compute in float32 (a 16-bit weight would round the logits before they are
+        # upcast), so they are stored in it whatever a 16-bit cast of the model asks for, as
+        # from_pretrained keeps them (_keep_in_fp32_modules_strict). float64 passes: reference
+        # computations use it.
+        return super()._apply(_float32_cast(fn), *args, **kwargs)
+
     def __call__(self, x: torch.Tensor, ctx: RoutingContext, experts: Any = None,
                  *args: Any, **kwargs: Any) -> RouterOutput:
         # The experts module reaches forward as a ModuleRef, untouched by accelerate's hooks.
@@ -365,17 +394,6 @@ class Router(nn.Module):
         """Route ``x`` [T, d_in]. ``experts`` is the site's expert module (its ``lora_A``,
         ``lora_B`` and ``scale``), for routers that look at what the experts compute, behind a
         :class:`ModuleRef`."""
-        raise NotImplementedError
-
-    def logits_weight(self) -> nn.Parameter | None:
-        """The [E, d_in] weight W when this router's logits are exactly ``x W^T`` and nothing
-        else reads x: the site then stores W beside its experts' A and gets the logits from its
-        shrink matmul (one pass over x), handing them to :meth:`route_logits`. None (the
-        default): the router computes its logits itself."""
-        return None
-
-    def route_logits(self, logits: torch.Tensor, ctx: RoutingContext) -> RouterOutput:
-        """The decision for logits computed by the site (routers with a ``logits_weight``)."""
         raise NotImplementedError
 
     def run(self, x: torch.Tensor, ctx: RoutingContext, experts: Any,
