@@ -118,3 +118,14 @@ def run_without_moe_hub(code: str, cwd: Path, env: dict | None = None) -> str:
     if done.returncode != 0:
         raise AssertionError(f"subprocess failed:\n{done.stdout}\n{done.stderr}")
     return done.stdout
+
+
+def assert_one_error_line(code: int, output: str, *needles: str) -> None:
+    """A refused CLI call: exit status != 0, exactly one ``error:`` line naming every needle,
+    no traceback."""
+    assert code != 0, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output
+    for needle in needles:
+        assert needle in errors[0], output
+    assert "Traceback" not in output

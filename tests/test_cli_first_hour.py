@@ -73,7 +73,7 @@ def test_help_shows_word_defaults_short_help_demo_folder_and_version(tmp_path: P
 BAD_OPTIONS = {
     "top-k": (["--top-k", "9", "--experts", "8"],
               "top-k must be between 1 and the number of experts"),
-    "rank": (["--rank", "0"], "rank must be >= 1"),
+    "rank": (["--rank", "0"], "--rank must be at least 1"),
     "router": (["--router", "foo"], "unknown router 'foo'"),
     "dtype": (["--dtype", "int8"], "unknown dtype 'int8'"),
     "router-opt": (["--router", "rmoe", "--router-opt", "hidden_size=abc"],

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_dense
+from conftest import assert_one_error_line, save_tiny_dense
 from typer.testing import CliRunner
 
 from moe_hub.cli.app import app
@@ -23,12 +23,7 @@ def _run(*args: str) -> tuple[int, str]:
 
 
 def _assert_clean_failure(tmp_path: Path, out: Path, code: int, output: str, *needles: str) -> None:
-    assert code != 0, output
-    error_lines = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1, output
-    for needle in needles:
-        assert needle in error_lines[0], output
-    assert "Traceback" not in output
+    assert_one_error_line(code, output, *needles)
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
