@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import secrets
@@ -46,6 +47,101 @@ def copy_code(target: Path) -> None:
 
 CONFIG_FILE = "config.json"
 MODEL_TYPE = "moe_lora"
+#: A base's or checkpoint's tokenizer files (what convert downloads and a checkpoint carries).
+TOKENIZER_PATTERNS = (
+    "tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt", "chat_template*",
+    "added_tokens.json",
+)
+# Files moe-hub itself writes next to the weights: generation defaults, the model card, and the
+# training record with its routing statistics (names as in model_card.py and routing_stats.py).
+_RECORD_FILES = ("generation_config.json", "README.md", "moe_hub_training.json",
+                 "routing_stats.json", "routing_heatmap.png")
+
+
+def read_weight_map(index: Path, owner: str, fix: str) -> dict[str, str]:
+    """The ``weight_map`` of the index file ``index``, every entry a file name inside the index's
+    own folder. ``owner`` names the folder in messages (BASE, the checkpoint); ``fix`` says what
+    to do about a corrupt index."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise MoEHubError(f"{owner} index {index} is not valid JSON ({err.__class__.__name__}): "
+                          f"{fix}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        kind = "missing" if weight_map is None else f"a {type(weight_map).__name__}"
+        raise MoEHubError(f"{owner} index {index}: field weight_map is {kind}, not an object "
+                          f"mapping tensor names to files: {fix}")
+    folder = index.parent.resolve()
+    for tensor, name in weight_map.items():
+        inside = isinstance(name, str) and name and not os.path.isabs(name) and ".." not in \
+            Path(name).parts and (folder / name).resolve().parent == folder
+        if not inside:
+            raise MoEHubError(f"{owner} index {index} maps {tensor} to {name!r}, which is not a "
+                              f"file inside {owner} {index.parent}: {fix}")
+    return weight_map
+
+
+def _auto_map_modules(config: dict[str, Any]) -> set[str]:
+    """``<module>.py`` of every class config.json's ``auto_map`` names (``module.Class`` or
+    ``repo--module.Class``; a tokenizer entry may be a [slow, fast] pair)."""
+    modules = set()
+    auto_map = config.get("auto_map")
+    for value in (auto_map.values() if isinstance(auto_map, dict) else ()):
+        for ref in (value if isinstance(value, list) else [value]):
+            if isinstance(ref, str) and "." in ref:
+                modules.add(ref.split("--")[-1].rsplit(".", 1)[0] + ".py")
+    return modules
+
+
+def checkpoint_files(checkpoint: Path, include: list[str] | None = None) -> list[str]:
+    """Relative paths of the files a moe-hub checkpoint consists of, derived from its own
+    config and index (never from whatever else lies in the folder): config.json, the weights the
+    index names (or the single files the layout defines), the code config.json's ``auto_map`` and
+    the layout name, tokenizer files, generation config, model card and training record. Files
+    matching an ``include`` pattern (fnmatch on the relative path, or a folder name) are added.
+
+    Publishing (push) and fine-tuning (its output starts from these) both use it, so a stray
+    ``credentials.json`` or ``wandb/`` in the folder never travels with the model."""
+    config = read_checkpoint_config(checkpoint)
+    names = {CONFIG_FILE, ADAPTER_WEIGHTS, "model.safetensors", *_RECORD_FILES,
+             *_auto_map_modules(config), *(path.name for path in code_files())}
+    index = checkpoint / INDEX_FILE
+    if index.is_file():
+        names.add(INDEX_FILE)
+        names.update(read_weight_map(index, "the checkpoint", "re-create it with "
+                                     "`moe-hub convert`").values())
+    files = {name for name in names if (checkpoint / name).is_file()}
+    for entry in checkpoint.iterdir():
+        if entry.is_file() and any(fnmatch.fnmatchcase(entry.name, pattern)
+                                   for pattern in TOKENIZER_PATTERNS):
+            files.add(entry.name)
+    for pattern in include or ():
+        files.update(rel for rel in _all_files(checkpoint) if _matches(rel, pattern))
+    return sorted(files)
+
+
+def _all_files(root: Path) -> list[str]:
+    """Every file below ``root`` (relative), without descending into symlinked folders."""
+    found = []
+    for folder, dirs, names in os.walk(root):
+        base = Path(folder).relative_to(root)
+        found.extend((base / name).as_posix() for name in names
+                     if (Path(folder) / name).is_file())
+        dirs.sort()
+    return sorted(found)
+
+
+def _matches(rel: str, pattern: str) -> bool:
+    pattern = pattern.strip().rstrip("/")
+    return fnmatch.fnmatchcase(rel, pattern) or rel.startswith(pattern + "/")
+
+
+def left_out(checkpoint: Path, files: list[str]) -> list[str]:
+    """What lies in ``checkpoint`` besides ``files``: top-level names, folders with a '/'."""
+    taken = {rel.split("/", 1)[0] for rel in files}
+    return sorted(entry.name + ("/" if entry.is_dir() else "")
+                  for entry in checkpoint.iterdir() if entry.name not in taken)
 
 
 class NotACheckpointError(MoEHubError, ValueError):

@@ -29,6 +29,7 @@ from .checkpoint import (
     ADAPTER_WEIGHTS,
     INDEX_FILE,
     check_output,
+    checkpoint_files,
     copy_code,
     publish,
     refuse_overlap,
@@ -647,11 +648,10 @@ def _write_output(checkpoint: Path, output: Path, model: Any, options: FinetuneO
     from .model_card import write_model_card
 
     with staging_dir(output) as staging:
-        for src in sorted(checkpoint.iterdir()):
-            if src.name in _REGENERATED or src.name.startswith(".") or src.suffix == ".py":
-                continue
-            if src.is_file():
-                _link_or_copy(src, staging / src.name)
+        # Only the checkpoint's own files: strays in CKPT (logs, credentials) stay behind.
+        for name in checkpoint_files(checkpoint):
+            if name not in _REGENERATED and not name.endswith(".py"):
+                _link_or_copy(checkpoint / name, staging / name)
         adapters = adapter_state(model)
         save_file(adapters, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         index_path = checkpoint / INDEX_FILE

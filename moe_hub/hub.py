@@ -14,25 +14,24 @@ import importlib
 import json
 import os
 import re
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import ADAPTER_WEIGHTS, CONFIG_FILE, INDEX_FILE, read_checkpoint_config
+from .checkpoint import (
+    ADAPTER_WEIGHTS,
+    CONFIG_FILE,
+    INDEX_FILE,
+    checkpoint_files,
+    left_out,
+    read_checkpoint_config,
+    read_weight_map,
+)
 from .errors import MoEHubError
 from .model_card import README_FILE, looks_like_hub_id, render_model_card
+from .safetensors_io import read_header
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-# Trainer's resume states (optimizer, scheduler, RNG): large and not part of the model.
-_TRAINER_STATE = re.compile(r"^checkpoint-\d+$")
-
-
-def _is_published(rel: str) -> bool:
-    """False for hidden files and folders (caches, staging), bytecode and resume states."""
-    parts = rel.split("/")
-    if any(p.startswith(".") or p == "__pycache__" for p in parts):
-        return False
-    if len(parts) > 1 and _TRAINER_STATE.match(parts[0]):
-        return False
-    return not rel.endswith((".pyc", ".partial"))
 
 
 def validate_repo_id(repo_id: str) -> str:
@@ -65,38 +64,75 @@ def resolve_token(token: str | None) -> str:
     return token
 
 
-def _checkpoint_files(checkpoint: Path) -> list[str]:
-    """Relative paths of every file in the checkpoint that belongs in the repository."""
-    files = []
-    for path in sorted(checkpoint.rglob("*")):
-        rel = path.relative_to(checkpoint).as_posix()
-        if path.is_file() and _is_published(rel):
-            files.append(rel)
-    return files
+@dataclass
+class UploadPlan:
+    """What a push sends: repository path -> bytes (generated) or Path (copied as is), and what
+    lies in the checkpoint folder but is left out."""
+
+    files: dict[str, bytes | Path]
+    skipped: list[str] = field(default_factory=list)
+
+    def size(self, rel: str) -> int:
+        source = self.files[rel]
+        return len(source) if isinstance(source, bytes) else source.stat().st_size
+
+    def describe(self, repo_id: str) -> list[str]:
+        """The listing printed before anything is sent."""
+        total = sum(self.size(rel) for rel in self.files)
+        lines = [f"{len(self.files)} files ({_human(total)}) for {repo_id}:"]
+        lines += [f"  {rel}  {_human(self.size(rel))}" for rel in sorted(self.files)]
+        if self.skipped:
+            lines.append(f"skipped, not part of the checkpoint (add with --include PATTERN): "
+                         f"{', '.join(self.skipped)}")
+        return lines
 
 
-def _weight_map(checkpoint: Path) -> dict[str, str]:
-    index = checkpoint / INDEX_FILE
-    if not index.is_file():
-        return {}
-    try:
-        return json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError):
-        raise MoEHubError(
-            f"{index} is corrupt: re-create the checkpoint with `moe-hub convert`"
-        ) from None
+def _human(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError  # unreachable
+
+
+def _refuse_outside_links(checkpoint: Path, files: list[str]) -> None:
+    """A file that is (or lies below) a symlink resolving outside the checkpoint would publish
+    whatever it points to: refuse, naming it."""
+    root = checkpoint.resolve()
+    for rel in files:
+        target = (checkpoint / rel).resolve()
+        if root not in target.parents:
+            raise MoEHubError(f"{checkpoint / rel} is a symbolic link to {target}, outside the "
+                              f"checkpoint: replace it with the file itself, or remove it")
+
+
+def _check_weights(checkpoint: Path, files: list[str], weight_map: dict[str, str]) -> None:
+    """Every safetensors file has a sound header and exactly the size it describes, and holds
+    the tensors the index places in it: a truncated file is refused before any commit."""
+    headers = {}
+    for rel in files:
+        if rel.endswith(".safetensors"):
+            header, _ = read_header(checkpoint / rel)
+            headers[rel] = header
+    for tensor, rel in weight_map.items():
+        if rel in headers and tensor not in headers[rel]:
+            raise MoEHubError(f"{checkpoint / INDEX_FILE} places {tensor} in {rel}, which does "
+                              f"not hold it: re-create the checkpoint with `moe-hub convert`")
 
 
 def plan_upload(
-    checkpoint: Path, repo_id: str, adapter_only: bool = False
-) -> dict[str, bytes | Path]:
-    """What to upload: repository path -> bytes (generated) or Path (copied as is).
-
-    The model card is re-rendered for ``repo_id``. ``adapter_only`` leaves out the base shards and
-    rewrites config.json and the index for an adapter-only checkpoint.
+    checkpoint: Path, repo_id: str, adapter_only: bool = False,
+    include: list[str] | None = None,
+) -> UploadPlan:
+    """What to upload, checked: the checkpoint's own files (see ``checkpoint_files``) plus
+    those matching an ``include`` pattern, none a link out of the folder, every weight file
+    sound. The model card is re-rendered for ``repo_id``. ``adapter_only`` leaves out the base
+    shards and rewrites config.json and the index for an adapter-only checkpoint.
     """
     config = read_checkpoint_config(checkpoint)
-    weight_map = _weight_map(checkpoint)
+    index = checkpoint / INDEX_FILE
+    weight_map = read_weight_map(index, "the checkpoint", "re-create it with `moe-hub convert`") \
+        if index.is_file() else {}
     missing = sorted({name for name in weight_map.values() if not (checkpoint / name).is_file()})
     if missing:
         raise MoEHubError(f"{checkpoint} lacks {missing[0]} named in {INDEX_FILE}: the checkpoint "
@@ -104,7 +140,8 @@ def plan_upload(
     if not (checkpoint / ADAPTER_WEIGHTS).is_file():
         raise MoEHubError(f"{checkpoint} has no {ADAPTER_WEIGHTS}: re-create it with "
                           f"`moe-hub convert`")
-    plan: dict[str, bytes | Path] = {rel: checkpoint / rel for rel in _checkpoint_files(checkpoint)}
+    files = checkpoint_files(checkpoint, include)
+    plan: dict[str, bytes | Path] = {rel: checkpoint / rel for rel in files}
     if adapter_only or config.get("adapter_only"):
         base = config.get("base_model_name_or_path")
         if not looks_like_hub_id(base):
@@ -119,13 +156,16 @@ def plan_upload(
             plan.pop(name, None)
         config = {**config, "adapter_only": True}
         adapters = {key: name for key, name in weight_map.items() if name == ADAPTER_WEIGHTS}
-        index = {"metadata": {"total_size": (checkpoint / ADAPTER_WEIGHTS).stat().st_size},
-                 "weight_map": dict(sorted(adapters.items()))}
-        plan[INDEX_FILE] = (json.dumps(index, indent=2) + "\n").encode()
+        index_data = {"metadata": {"total_size": (checkpoint / ADAPTER_WEIGHTS).stat().st_size},
+                      "weight_map": dict(sorted(adapters.items()))}
+        plan[INDEX_FILE] = (json.dumps(index_data, indent=2) + "\n").encode()
         plan[CONFIG_FILE] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     card = render_model_card(checkpoint, config=config, repo_id=repo_id)
     plan[README_FILE] = str(card).encode()
-    return plan
+    copied = [rel for rel, source in plan.items() if isinstance(source, Path)]
+    _refuse_outside_links(checkpoint, copied)
+    _check_weights(checkpoint, copied, weight_map)
+    return UploadPlan(plan, left_out(checkpoint, files))
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -171,9 +211,18 @@ def push(
     endpoint: str | None = None,
     token: str | None = None,
     adapter_only: bool = False,
-) -> str:
+    include: list[str] | None = None,
+    dry_run: bool = False,
+    progress: bool = True,
+) -> str | None:
     """Push ``checkpoint`` to ``repo_id`` in one commit; return the commit URL (the pull request
-    URL with ``create_pr``).
+    URL with ``create_pr``), or None with ``dry_run``.
+
+    Only what the checkpoint consists of is sent (config, the weights its index names, code,
+    tokenizer, card, training record); other files in the folder are listed as skipped unless
+    they match an ``include`` pattern (``"notes/*"``, ``"eval.json"``). The list of files and
+    their total size is printed to stderr first (unless ``progress`` is False); ``dry_run``
+    stops there, before any token is needed or request made.
 
     ``revision`` names a branch (created from main when missing); ``adapter_only`` uploads only
     experts, routers, config, code and card, and loading fetches the base named in the config.
@@ -189,14 +238,19 @@ def push(
     validate_repo_id(repo_id)
     path = Path(checkpoint)
     try:
-        plan = plan_upload(path, repo_id, adapter_only=adapter_only)
+        plan = plan_upload(path, repo_id, adapter_only=adapter_only, include=include)
     except ValueError as err:  # NotACheckpointError and a corrupt training record
         raise MoEHubError(str(err)) from None
-    token = resolve_token(token)
+    if not dry_run:
+        token = resolve_token(token)
+    if progress or dry_run:
+        print("\n".join(plan.describe(repo_id)), file=sys.stderr)
+    if dry_run:
+        return None
     api = HfApi(endpoint=endpoint, token=token)
     endpoint = api.endpoint
     operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=source if isinstance(
-        source, bytes) else str(source)) for rel, source in sorted(plan.items())]
+        source, bytes) else str(source)) for rel, source in sorted(plan.files.items())]
     message = commit_message or ("Upload MoE-LoRA adapters with moe-hub" if adapter_only
                                  else "Upload MoE-LoRA model with moe-hub")
     try:
@@ -224,4 +278,4 @@ def push(
     return info.pr_url or info.commit_url
 
 
-__all__ = ["plan_upload", "push", "resolve_token", "validate_repo_id"]
+__all__ = ["UploadPlan", "plan_upload", "push", "resolve_token", "validate_repo_id"]

@@ -52,22 +52,63 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             reason = err.__class__.__name__
             raise MoEHubError(f"{path} has a corrupt header ({reason}): {fix}") from None
-    end = 0
+    _check_entries(path, header, size - 8 - length, fix)
+    return header, 8 + length
+
+
+# Bits per element of every dtype the safetensors format defines.
+_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16,
+               "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "F64": 64,
+               "I64": 64, "U64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+
+
+def _check_entries(path: Path, header: Any, data_size: int, fix: str) -> None:
+    """Every tensor entry agrees with itself and the file: a known dtype, whole non-negative
+    dimensions, offsets whose span is exactly shape x dtype size, tensors packed one after the
+    other without overlap (as the safetensors library itself demands) and a data region the file
+    holds exactly. A shard that fails any of this would only fail (or load garbage) later."""
+    if not isinstance(header, dict):
+        raise MoEHubError(f"{path} has a corrupt header (not a JSON object): {fix}")
+    spans = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
+        where = f"{path} tensor {name!r}"
         try:
-            _, stop = entry["data_offsets"]
-            entry["dtype"], entry["shape"]
+            code, shape, (start, stop) = entry["dtype"], entry["shape"], entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise MoEHubError(f"{path} has a corrupt entry for {name!r}: {fix}") from None
-        end = max(end, stop)
-    if 8 + length + end != size:
+            raise MoEHubError(f"{where} has a corrupt header entry: {fix}") from None
+        if code not in _DTYPE_BITS:
+            raise MoEHubError(f"{where} has unknown dtype {code!r}: {fix}")
+        if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise MoEHubError(f"{where} has shape {shape!r}, not a list of whole numbers >= 0: "
+                              f"{fix}")
+        if not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0
+                   for o in (start, stop)) or stop < start:
+            raise MoEHubError(f"{where} has data offsets {[start, stop]!r}, not an increasing "
+                              f"pair of whole numbers: {fix}")
+        count = 1
+        for dim in shape:
+            count *= dim
+        if count * _DTYPE_BITS[code] != 8 * (stop - start):
+            need = count * _DTYPE_BITS[code] / 8
+            raise MoEHubError(f"{where} has shape {shape} of {code} ({need:g} bytes) but data "
+                              f"offsets {[start, stop]} ({stop - start} bytes): {fix}")
+        spans.append((start, stop, name))
+    position = 0
+    for start, stop, name in sorted(spans):
+        if start != position:
+            problem = "overlaps the tensor before it" if start < position else \
+                f"leaves a gap of {start - position} bytes before it"
+            raise MoEHubError(f"{path} tensor {name!r} {problem} (data offsets "
+                              f"{[start, stop]}): {fix}")
+        position = stop
+    if position != data_size:
         raise MoEHubError(
-            f"{path} is truncated or corrupt (header describes {8 + length + end} bytes, file has "
-            f"{size}): {fix}"
+            f"{path} is truncated or corrupt (header describes {position} bytes of data, the "
+            f"file holds {data_size}): {fix}"
         )
-    return header, 8 + length
 
 
 def tensor_names(header: dict[str, Any]) -> list[str]:

@@ -25,11 +25,18 @@ def push_command(
     adapter_only: Annotated[bool, typer.Option(
         "--adapter-only", help="Push experts, routers, config, code and card; no base weights")
     ] = False,
+    include: Annotated[list[str] | None, typer.Option(
+        "--include", help="Also upload files matching PATTERN (e.g. 'notes/*'); repeatable. "
+                          "Without it only the checkpoint's own files are sent")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Only list what would be uploaded (and what is skipped)")] = False,
 ) -> None:
-    """Publish a checkpoint to the Hugging Face Hub in one atomic commit."""
+    """Publish a checkpoint to the Hugging Face Hub in one atomic commit: its config, weights,
+    code, tokenizer, card and training record, listed (with their size) before the upload."""
     from moe_hub.hub import push
 
     url = push(checkpoint, repo_id, private=private, revision=revision, create_pr=create_pr,
                commit_message=commit_message, endpoint=endpoint, token=token,
-               adapter_only=adapter_only)
-    typer.echo(url)
+               adapter_only=adapter_only, include=include, dry_run=dry_run)
+    if url is not None:
+        typer.echo(url)
