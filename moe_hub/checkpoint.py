@@ -246,10 +246,7 @@ def dense_weight_files(dense_dir: Path, allow_pickle: bool, scratch: Path) -> li
     safetensors in ``scratch``."""
     index = dense_dir / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError):
-            raise MoEHubError(f"{index} is corrupt: re-download the base model") from None
+        weight_map = read_weight_map(index, "BASE", "re-download the base model")
         files = [dense_dir / name for name in dict.fromkeys(weight_map.values())]
         missing = [f.name for f in files if not f.is_file()]
         if missing:

@@ -228,9 +228,11 @@ def convert(
         dtype = None if options.dtype == "auto" else DTYPE_NAMES[options.dtype]
         # Read from the skeleton before the adapter thread starts materialising its parameters.
         names = model.checkpoint_names_by_dense_name()
-        plan = None
-        if not options.adapter_only:
-            plan = _check_base_complete(model, names, weight_files)
+        # Every BASE header is checked (against itself and the model's shapes) even when only
+        # adapters are written: a checkpoint of a base that cannot load is no checkpoint.
+        plan = _check_base_weights(model, names, weight_files, dense_dir)
+        if options.adapter_only:
+            plan = None
         weight_map: dict[str, str] = {}
         with ThreadPoolExecutor(max_workers=1) as pool:
             # Adapters are initialised and saved while the kernel copies the base shards.
@@ -390,20 +392,72 @@ def _dense_config(dense_dir: Path) -> Any:
     return config.get_text_config()
 
 
-def _check_base_complete(model: MoELoraForCausalLM, names: dict[str, str],
-                         weight_files: list[Path]) -> NamePlan:
-    """Read every shard's header (raising on a corrupt one), map its names through transformers'
-    conversion rules (``names``: dense module name -> model name) and check that together the
-    shards hold every dense weight the model needs, before anything is written."""
-    headers = {path: tensor_names(read_header(path)[0]) for path in weight_files}
-    plan = plan_names(model.config.text_config, names, headers)
+# Sizes every causal LM's config states: transformers fills a missing one with its class
+# default (Llama's hidden_size is 4096), which the stored weights of another model disagree with.
+_REQUIRED_SIZES = ("hidden_size", "num_hidden_layers", "vocab_size")
+
+
+def _missing_size(dense_dir: Path, text_config: Any) -> str | None:
+    """The first of ``_REQUIRED_SIZES`` that BASE's config.json leaves out (None: all there)."""
+    try:
+        raw = json.loads((dense_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(raw, dict) and raw.get("model_type") != text_config.model_type:
+        raw = raw.get("text_config")  # a multimodal config: the language model's part
+    if not isinstance(raw, dict):
+        return None
+    aliases = getattr(text_config, "attribute_map", {}) or {}
+    for name in _REQUIRED_SIZES:
+        if hasattr(text_config, name) and name not in raw and aliases.get(name) not in raw:
+            return name
+    return None
+
+
+def _disagreement(dense_dir: Path, text_config: Any, what: str) -> MoEHubError:
+    missing = _missing_size(dense_dir, text_config)
+    if missing:
+        return MoEHubError(f"BASE {dense_dir / 'config.json'} has no {missing}: add the "
+                           f"model's {missing} (transformers' default "
+                           f"{getattr(text_config, missing)} does not fit its weights)")
+    return MoEHubError(what)
+
+
+def _check_base_weights(model: MoELoraForCausalLM, names: dict[str, str],
+                        weight_files: list[Path], dense_dir: Path) -> NamePlan:
+    """Read every shard's header (each tensor checked against itself: ``read_header``), map its
+    names through transformers' conversion rules (``names``: dense module name -> model name),
+    check every tensor's shape against the model built from BASE's config, and that together
+    the shards hold every dense weight the model needs, before anything is written."""
+    headers = {path: read_header(path)[0] for path in weight_files}
+    text_config = model.config.text_config
+    plan = plan_names(text_config, names, {path: tensor_names(h) for path, h in headers.items()})
+    shapes = {name: list(value.shape) for name, value in model.state_dict().items()}
+    dense = plan.dense_model
+    vocab_modules = [dense.get_input_embeddings(), dense.get_output_embeddings()]
+    vocab_rows = {names.get(f"{name}.weight") for name, module in dense.named_modules()
+                  if any(module is m for m in vocab_modules if m is not None)}
+    for key, ours in plan.renames.items():
+        path = plan.files[key]
+        stored, expected = headers[path][key]["shape"], shapes.get(ours)
+        if expected is None or stored == expected:
+            continue
+        if ours in vocab_rows and stored[1:] == expected[1:] \
+                and not _missing_size(dense_dir, text_config):
+            raise MoEHubError(
+                f"BASE {dense_dir / 'config.json'} gives vocab_size {text_config.vocab_size}, "
+                f"but {path} tensor {key!r} has {stored[0]} rows: set vocab_size to {stored[0]}"
+            )
+        raise _disagreement(dense_dir, text_config, (
+            f"BASE {path} tensor {key!r} has shape {stored}, but BASE's config.json makes it "
+            f"{expected}: the weights and config.json (hidden_size, intermediate_size, heads ...) "
+            f"disagree; re-download the base model"))
     missing = sorted(set(names.values()) - plan.covered(names)
                      - set(model.tied_parameter_names()))
     if missing:
-        raise MoEHubError(
+        raise _disagreement(dense_dir, text_config, (
             f"BASE lacks {len(missing)} weight(s) the model needs (e.g. {missing[0]}): the "
-            f"checkpoint is incomplete or is not a {model.config.text_config.model_type} model"
-        )
+            f"checkpoint is incomplete or is not a {text_config.model_type} model"))
     return plan
 
 

@@ -96,14 +96,17 @@ def _check_entries(path: Path, header: Any, data_size: int, fix: str) -> None:
             raise MoEHubError(f"{where} has shape {shape} of {code} ({need:g} bytes) but data "
                               f"offsets {[start, stop]} ({stop - start} bytes): {fix}")
         spans.append((start, stop, name))
-    position = 0
+    position, gap = 0, None
     for start, stop, name in sorted(spans):
-        if start != position:
-            problem = "overlaps the tensor before it" if start < position else \
-                f"leaves a gap of {start - position} bytes before it"
-            raise MoEHubError(f"{path} tensor {name!r} {problem} (data offsets "
-                              f"{[start, stop]}): {fix}")
+        if start < position:
+            raise MoEHubError(f"{path} tensor {name!r} overlaps the tensor before it (data "
+                              f"offsets {[start, stop]}): {fix}")
+        if start > position and gap is None:
+            gap = (f"{path} tensor {name!r} leaves a gap of {start - position} bytes before it "
+                   f"(data offsets {[start, stop]}): {fix}")
         position = stop
+    if gap:
+        raise MoEHubError(gap)
     if position != data_size:
         raise MoEHubError(
             f"{path} is truncated or corrupt (header describes {position} bytes of data, the "

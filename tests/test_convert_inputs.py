@@ -1,0 +1,125 @@
+"""Inconsistent BASE inputs never become checkpoints: every shard header is checked against
+itself and the model built from BASE's config, index entries stay inside BASE, and config.json
+states the sizes its weights have, all before OUT exists. Errors name BASE's file and tensor."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import assert_one_error_line, save_tiny_dense
+from typer.testing import CliRunner
+
+from moe_hub.cli.app import app
+from moe_hub.convert import convert
+from moe_hub.errors import MoEHubError
+
+QKV = "model.layers.0.self_attn.q_proj.weight"  # [64, 64] F32
+DOWN = "model.layers.1.mlp.down_proj.weight"  # [64, 128] F32
+
+
+def _edit_header(shard: Path, edit: Callable[[dict], None]) -> None:
+    """Rewrite ``shard``'s JSON header with ``edit`` applied; the data bytes stay as they are."""
+    data = shard.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    edit(header)
+    encoded = json.dumps(header).encode()
+    shard.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + length:])
+
+
+def _set(name: str, **fields) -> Callable[[dict], None]:
+    return lambda header: header[name].update(fields)
+
+
+def _overlap(header: dict) -> None:
+    # Two same-size tensors sharing bytes: the file size still adds up (one gap, one overlap).
+    first = header[QKV]["data_offsets"]
+    other = "model.layers.0.self_attn.o_proj.weight"
+    header[other]["data_offsets"] = list(first)
+
+
+CASES = {
+    # shape x dtype disagrees with the offsets
+    "shape": (_set(QKV, shape=[64, 32]), [QKV, "[64, 32]", "offsets"]),
+    "dtype": (_set(QKV, dtype="F33"), [QKV, "unknown dtype 'F33'"]),
+    # two negative dimensions: the element count (and so the size) is still right
+    "negative": (_set(QKV, shape=[-64, -64]), [QKV, "[-64, -64]"]),
+    "overlap": (_overlap, ["model.layers.0.self_attn", "overlaps"]),
+    # consistent with itself, not with the model: [128, 64] stored where [64, 128] belongs
+    "skeleton": (_set(DOWN, shape=[128, 64]), [DOWN, "[128, 64]", "[64, 128]"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_shard_header_is_refused_naming_base_file_and_tensor(tmp_path: Path,
+                                                                 case: str) -> None:
+    dense = save_tiny_dense(tmp_path / "dense")
+    edit, needles = CASES[case]
+    _edit_header(dense / "model.safetensors", edit)
+    out = tmp_path / "out"
+    done = CliRunner().invoke(app, ["convert", str(dense), str(out), "--experts", "2",
+                                    "--no-progress"])
+    assert_one_error_line(done.exit_code, done.output, str(dense / "model.safetensors"),
+                          *needles)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["dense"]  # no staging left either
+    # --adapter-only writes no base shard but still refuses a base that cannot load.
+    with pytest.raises(MoEHubError, match=r"model\.safetensors tensor"):
+        convert(dense, out, experts=2, adapter_only=True, progress=False)
+    assert not out.exists()
+
+
+def test_config_sizes_must_match_the_weights(tmp_path: Path) -> None:
+    dense = save_tiny_dense(tmp_path / "dense")
+    config_path = dense / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "vocab_size": 200}))
+    with pytest.raises(MoEHubError, match=r"config\.json gives vocab_size 200, but .*"
+                                          r"model\.safetensors tensor "
+                                          r"'(model\.embed_tokens|lm_head)\.weight' has 256 "
+                                          r"rows: set vocab_size to 256"):
+        convert(dense, tmp_path / "out", experts=2, progress=False)
+    del config["hidden_size"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(MoEHubError, match=r"config\.json has no hidden_size"):
+        convert(dense, tmp_path / "out", experts=2, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def _sharded(tmp_path: Path) -> Path:
+    """A tiny base saved as two shards with an index."""
+    return save_tiny_dense(tmp_path / "dense", max_shard_size="200KB")
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "list"])
+def test_index_entries_stay_inside_base(tmp_path: Path, where: str) -> None:
+    dense = _sharded(tmp_path)
+    index_path = dense / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    outside = tmp_path / "outside.safetensors"
+    (dense / shard).rename(outside)  # the weights exist, but outside BASE
+    if where == "list":
+        index["weight_map"] = [[k, v] for k, v in index["weight_map"].items()]
+        needles = ["weight_map", "list"]
+    else:
+        target = "../outside.safetensors" if where == "parent" else str(outside)
+        index["weight_map"] = {k: (target if v == shard else v)
+                               for k, v in index["weight_map"].items()}
+        needles = [target, "not a file inside BASE"]
+    index_path.write_text(json.dumps(index))
+    done = CliRunner().invoke(app, ["convert", str(dense), str(tmp_path / "out"),
+                                    "--experts", "2", "--no-progress"])
+    assert_one_error_line(done.exit_code, done.output, str(index_path), *needles)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sharded_base_still_converts(tmp_path: Path) -> None:
+    dense = _sharded(tmp_path)
+    assert len(json.loads((dense / "model.safetensors.index.json").read_text())["weight_map"])
+    out = convert(dense, tmp_path / "out", experts=2, progress=False)
+    assert (out / "config.json").is_file()
