@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import (
     ADAPTER_WEIGHTS,
+    TOKENIZER_PATTERNS,
     check_output,
     copy_code,
     dense_weight_files,
@@ -44,10 +45,6 @@ from .safetensors_io import read_header, rewrite_shard, tensor_names, write_tens
 from .skeleton import model_skeleton
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_TOKENIZER_FILES = (
-    "tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt", "chat_template*",
-    "added_tokens.json",
-)
 
 
 @dataclass
@@ -71,6 +68,7 @@ class ConvertOptions:
     seed: int = 0
     revision: str | None = None
     allow_pickle: bool = False
+    trust_remote_code: bool = False  # run Python code that BASE ships (config.json auto_map)
     adapter_only: bool = False
     overwrite: bool = False
     from_adapters: list[str] | None = None  # PEFT LoRA adapters: adapter i -> expert i
@@ -211,7 +209,7 @@ def convert(
     with third_party_progress(progress), staging_dir(out, ".scratch") as scratch, \
             staging_dir(out) as staging:
         dense_dir, origin, revision, provenance = _materialise_base(source, options, scratch)
-        text_config = _dense_config(dense_dir)
+        text_config = _dense_config(dense_dir, options.trust_remote_code)
         config = options.model_config(text_config, origin, revision)
         weight_files = dense_weight_files(dense_dir, options.allow_pickle, scratch / "pickle")
         try:
@@ -230,7 +228,8 @@ def convert(
         names = model.checkpoint_names_by_dense_name()
         # Every BASE header is checked (against itself and the model's shapes) even when only
         # adapters are written: a checkpoint of a base that cannot load is no checkpoint.
-        plan = _check_base_weights(model, names, weight_files, dense_dir)
+        plan = _check_base_weights(model, names, weight_files, dense_dir,
+                                   options.trust_remote_code)
         if options.adapter_only:
             plan = None
         weight_map: dict[str, str] = {}
@@ -245,7 +244,8 @@ def convert(
         write_index(staging, weight_map)
         _write_config(config, text_config, dtype, staging, provenance)
         copy_code(staging)
-        _copy_tokenizer_and_generation_config(dense_dir, text_config, staging)
+        _copy_tokenizer_and_generation_config(dense_dir, text_config, staging,
+                                              options.trust_remote_code)
         from .model_card import write_model_card
 
         # The card is rendered in the staging folder but names the final one.
@@ -288,6 +288,7 @@ def _classify_base(base: str | os.PathLike, options: ConvertOptions) -> _BaseSou
             )
         else:
             _refuse_moe_hub_checkpoint(path, text)
+            _refuse_custom_code(path, text, options.trust_remote_code)
             source = _BaseSource("dir", text)
     else:
         looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or (
@@ -322,6 +323,35 @@ def _refuse_moe_hub_checkpoint(directory: Path, shown: str) -> None:
         )
 
 
+def _refuse_custom_code(directory: Path, shown: str, trust: bool) -> None:
+    """Without ``trust``, a base that only loads through the Python files it ships is refused
+    here, in one line: transformers would otherwise ask "run the custom code? [y/N]" (and run it
+    when stdin says y). A base whose architecture transformers knows loads with transformers' own
+    code, whatever its ``auto_map`` says."""
+    if trust:
+        return
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # _dense_config reports an unreadable config with its own message
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if not auto_map:
+        return
+    from transformers import CONFIG_MAPPING
+
+    if config.get("model_type") in CONFIG_MAPPING:
+        return
+    modules = sorted({str(ref).split("--")[-1].rsplit(".", 1)[0] + ".py"
+                      for value in (auto_map.values() if isinstance(auto_map, dict) else [])
+                      for ref in (value if isinstance(value, list) else [value]) if ref})
+    raise MoEHubError(
+        f"BASE {shown} needs its own Python code to load (config.json auto_map names "
+        f"{', '.join(modules) or auto_map!r}, for model_type {config.get('model_type')!r}, which "
+        f"transformers does not know): moe-hub never runs a base's code unless you pass "
+        f"--trust-remote-code"
+    )
+
+
 def _materialise_base(
     source: _BaseSource, options: ConvertOptions, scratch: Path
 ) -> tuple[Path, str, str | None, dict[str, str]]:
@@ -339,18 +369,21 @@ def _materialise_base(
         return dense, gguf.name, None, gguf_provenance(gguf, source.default_model)
     if source.kind == "dir":
         return Path(source.location).expanduser(), source.location, options.revision, {}
-    snapshot = _download(source.location, options.revision)
+    snapshot = _download(source.location, options.revision, options.trust_remote_code)
     _refuse_moe_hub_checkpoint(snapshot, source.location)
+    _refuse_custom_code(snapshot, source.location, options.trust_remote_code)
     # snapshot_download returns .../snapshots/<commit sha>: pin the base to that commit.
     pinned = snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else options.revision
     return snapshot, source.location, pinned, {}
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, trust_remote_code: bool = False) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
-    patterns = ["*.json", "*.safetensors", *_TOKENIZER_FILES]
+    # The base's own code only when it may run.
+    patterns = ["*.json", "*.safetensors", *TOKENIZER_PATTERNS, *(["*.py"] if trust_remote_code
+                                                                  else [])]
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except RepositoryNotFoundError:
@@ -366,8 +399,10 @@ def _gguf_to_dense(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  trust_remote_code=False)
     except (ValueError, OSError, KeyError) as err:
         raise MoEHubError(f"cannot read {gguf} as a transformers GGUF model: {err}") from None
     # transformers refuses to save a model that still carries its GGUF quantizer.
@@ -380,11 +415,12 @@ def _gguf_to_dense(gguf: Path, target: Path) -> None:
     del model
 
 
-def _dense_config(dense_dir: Path) -> Any:
+def _dense_config(dense_dir: Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(dense_dir)
+        # Explicit: None would let transformers prompt on stdin.
+        config = AutoConfig.from_pretrained(dense_dir, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError) as err:
         raise MoEHubError(f"cannot read {dense_dir / 'config.json'}: {err}") from None
     if getattr(config, "model_type", None) == "moe_lora":
@@ -424,14 +460,16 @@ def _disagreement(dense_dir: Path, text_config: Any, what: str) -> MoEHubError:
 
 
 def _check_base_weights(model: MoELoraForCausalLM, names: dict[str, str],
-                        weight_files: list[Path], dense_dir: Path) -> NamePlan:
+                        weight_files: list[Path], dense_dir: Path,
+                        trust_remote_code: bool = False) -> NamePlan:
     """Read every shard's header (each tensor checked against itself: ``read_header``), map its
     names through transformers' conversion rules (``names``: dense module name -> model name),
     check every tensor's shape against the model built from BASE's config, and that together
     the shards hold every dense weight the model needs, before anything is written."""
     headers = {path: read_header(path)[0] for path in weight_files}
     text_config = model.config.text_config
-    plan = plan_names(text_config, names, {path: tensor_names(h) for path, h in headers.items()})
+    plan = plan_names(text_config, names, {path: tensor_names(h) for path, h in headers.items()},
+                      trust_remote_code)
     shapes = {name: list(value.shape) for name, value in model.state_dict().items()}
     dense = plan.dense_model
     vocab_modules = [dense.get_input_embeddings(), dense.get_output_embeddings()]
@@ -541,12 +579,13 @@ def _write_config(config: MoELoraConfig, text_config: Any, dtype: torch.dtype | 
     config.save_pretrained(staging)
 
 
-def _copy_tokenizer_and_generation_config(dense_dir: Path, text_config: Any,
-                                          staging: Path) -> None:
+def _copy_tokenizer_and_generation_config(dense_dir: Path, text_config: Any, staging: Path,
+                                          trust_remote_code: bool = False) -> None:
     from transformers import AutoTokenizer, GenerationConfig
 
     try:
-        AutoTokenizer.from_pretrained(dense_dir).save_pretrained(staging)
+        AutoTokenizer.from_pretrained(dense_dir, trust_remote_code=trust_remote_code
+                                      ).save_pretrained(staging)
     except (OSError, ValueError, TypeError, KeyError):
         pass  # tiny test models and some bases ship no tokenizer; the checkpoint works without
     if (dense_dir / "generation_config.json").is_file():

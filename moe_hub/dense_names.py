@@ -56,7 +56,7 @@ class NamePlan:
         return found
 
 
-def _dense_skeleton(text_config: Any) -> Any:
+def _dense_skeleton(text_config: Any, trust_remote_code: bool = False) -> Any:
     """The dense causal LM on the meta device (its conversion rules and parameter shapes)."""
     from transformers import AutoModelForCausalLM
 
@@ -65,11 +65,12 @@ def _dense_skeleton(text_config: Any) -> Any:
     except ImportError:  # older transformers: correct, only slower
         from contextlib import nullcontext as no_init_weights
     with torch.device("meta"), no_init_weights():
-        return AutoModelForCausalLM.from_config(text_config)
+        return AutoModelForCausalLM.from_config(text_config, trust_remote_code=trust_remote_code)
 
 
 def plan_names(text_config: Any, ours_by_dense: dict[str, str],
-               names_by_file: dict[Path, list[str]]) -> NamePlan:
+               names_by_file: dict[Path, list[str]],
+               trust_remote_code: bool = False) -> NamePlan:
     """Map every checkpoint tensor name to the model's name, as ``from_pretrained`` would.
 
     ``ours_by_dense``: the dense model's module-tree names -> the converted model's names (the
@@ -77,7 +78,7 @@ def plan_names(text_config: Any, ours_by_dense: dict[str, str],
     Names that match nothing (e.g. ``attn.masked_bias`` buffers of old GPT-2 files) are dropped,
     as transformers drops them as unexpected keys.
     """
-    dense = _dense_skeleton(text_config)
+    dense = _dense_skeleton(text_config, trust_remote_code)
     renamings, converters, rename = conversion_rules(dense)
     by_pattern = {p: c for c in converters for p in c.source_patterns}
     meta = dict.fromkeys(dense.state_dict())

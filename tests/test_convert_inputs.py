@@ -5,7 +5,10 @@ states the sizes its weights have, all before OUT exists. Errors name BASE's fil
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,3 +126,43 @@ def test_sharded_base_still_converts(tmp_path: Path) -> None:
     assert len(json.loads((dense / "model.safetensors.index.json").read_text())["weight_map"])
     out = convert(dense, tmp_path / "out", experts=2, progress=False)
     assert (out / "config.json").is_file()
+
+
+def _base_with_code(path: Path, marker: Path, model_type: str) -> Path:
+    """A BASE folder whose config.json sends AutoConfig/AutoModel to a marker.py that, when
+    imported, writes ``marker``."""
+    dense = save_tiny_dense(path)
+    config = json.loads((dense / "config.json").read_text())
+    config.update(model_type=model_type, auto_map={
+        "AutoConfig": "marker.MarkerConfig", "AutoModelForCausalLM": "marker.MarkerModel"})
+    (dense / "config.json").write_text(json.dumps(config))
+    (dense / "marker.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        f"class MarkerConfig(LlamaConfig):\n    model_type = {model_type!r}\n"
+        "class MarkerModel(LlamaForCausalLM):\n    config_class = MarkerConfig\n")
+    return dense
+
+
+def test_base_code_never_runs_without_trust_remote_code(tmp_path: Path) -> None:
+    marker = tmp_path / "marker-ran"
+    dense = _base_with_code(tmp_path / "custom", marker, "marker_arch")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # A pipe answering "y" to any prompt: there must be no prompt to answer.
+    done = subprocess.run([sys.executable, "-m", "moe_hub.cli.app", "convert", str(dense),
+                           str(out), "--experts", "2", "--no-progress"], input="y\ny\n",
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert_one_error_line(done.returncode, done.stderr, str(dense), "marker.py",
+                          "--trust-remote-code")
+    assert "[y/N]" not in done.stdout + done.stderr
+    assert not marker.exists()
+    assert not out.exists()
+    with pytest.raises(MoEHubError, match="--trust-remote-code"):
+        convert(dense, out, experts=2, progress=False)
+    assert not marker.exists()
+
+    # An architecture transformers knows loads with its own code, whatever auto_map says.
+    known = _base_with_code(tmp_path / "known", marker, "llama")
+    convert(known, out, experts=2, progress=False)
+    assert not marker.exists()

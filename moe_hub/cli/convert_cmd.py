@@ -61,6 +61,9 @@ def convert_command(
     revision: Annotated[str | None, typer.Option(help="Hub revision of BASE")] = None,
     allow_pickle: Annotated[bool | None, typer.Option(
         "--allow-pickle", help="Accept pickle (.bin) base weights")] = None,
+    trust_remote_code: Annotated[bool | None, typer.Option(
+        "--trust-remote-code", help="Run Python code that BASE ships (its config.json auto_map); "
+                                    "without it such a base is refused")] = None,
     adapter_only: Annotated[bool | None, typer.Option(
         "--adapter-only", help="Store experts + routers only; the base loads from BASE")] = None,
     overwrite: Annotated[bool | None, typer.Option(
@@ -83,6 +86,7 @@ def convert_command(
         "router": router, "experts": experts, "top_k": top_k, "rank": rank, "alpha": alpha,
         "dropout": dropout, "granularity": granularity, "dtype": dtype, "seed": seed,
         "revision": revision, "allow_pickle": allow_pickle, "adapter_only": adapter_only,
+        "trust_remote_code": trust_remote_code,
         "overwrite": overwrite,
         "targets": [t.strip() for t in targets.split(",") if t.strip()] if targets else None,
         "from_adapters": [a.strip() for a in from_adapters.split(",") if a.strip()]
