@@ -36,7 +36,7 @@ from .checkpoint import (
 from .dense_names import NamePlan, convert_tensors, plan_names
 from .errors import MoEHubError
 from .gguf_source import gguf_provenance
-from .hub_ids import is_hub_id
+from .hub_ids import is_hub_id, unreachable_hub_error
 from .modeling import MoELoraConfig, MoELoraForCausalLM
 from .modeling.routing import ROUTERS
 from .options_file import is_finite_number, read_options_file
@@ -390,7 +390,8 @@ def _download(repo_id: str, revision: str | None, trust_remote_code: bool = Fals
         raise MoEHubError(f"no model {repo_id!r} on the Hub (or it is private: log in with "
                           f"`hf auth login` or set HF_TOKEN)") from None
     except (HfHubHTTPError, OSError) as err:
-        raise MoEHubError(f"could not download {repo_id}: {err}") from None
+        raise unreachable_hub_error(err, f"BASE {repo_id}") or MoEHubError(
+            f"could not download {repo_id}: {err}") from None
 
 
 def _gguf_to_dense(gguf: Path, target: Path) -> None:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .errors import MoEHubError
-from .hub_ids import is_hub_id
+from .hub_ids import is_hub_id, unreachable_hub_error
 from .modeling.moe_lora_block import LoraLinear, MoELoraBlock
 from .modeling.moe_lora_layer import MoELoraLinear
 
@@ -120,22 +120,26 @@ def _resolve_files(spec: str, revision: str | None) -> tuple[Path, Path, str | N
     if path.exists() or not is_hub_id(spec, owner_required=True):
         raise MoEHubError(f"adapter {spec} is neither a directory nor a Hub id (user/name): pass "
                           f"a PEFT adapter directory or Hub repository")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
-    def fetch(name: str) -> Path | None:
-        try:
-            return Path(hf_hub_download(spec, name, revision=revision))
-        except EntryNotFoundError:
-            return None
-        except (HfHubHTTPError, OSError) as err:
-            raise MoEHubError(f"could not download adapter {spec}: {err}") from None
-
-    config = fetch(ADAPTER_CONFIG)
-    if config is None:
+    # One listing, then only the adapter's files: the listing request fails at once when the Hub
+    # is unreachable (a per-file download would retry for half a minute first).
+    try:
+        folder = Path(snapshot_download(spec, revision=revision, allow_patterns=[
+            ADAPTER_CONFIG, ADAPTER_SAFETENSORS, ADAPTER_BIN]))
+    except RepositoryNotFoundError:
+        raise MoEHubError(f"no adapter {spec!r} on the Hub (or it is private: log in with "
+                          f"`hf auth login` or set HF_TOKEN)") from None
+    except (HfHubHTTPError, OSError) as err:
+        raise unreachable_hub_error(err, f"adapter {spec}") or MoEHubError(
+            f"could not download adapter {spec}: {err}") from None
+    config = folder / ADAPTER_CONFIG
+    if not config.is_file():
         raise MoEHubError(f"Hub repository {spec} has no {ADAPTER_CONFIG}: it is not a PEFT "
                           f"adapter")
-    weights = fetch(ADAPTER_SAFETENSORS) or fetch(ADAPTER_BIN) or config.parent / ADAPTER_BIN
+    weights = folder / ADAPTER_SAFETENSORS
+    weights = weights if weights.is_file() else folder / ADAPTER_BIN
     return config, weights, spec
 
 

@@ -16,3 +16,42 @@ def is_hub_id(text: str | None, owner_required: bool = False) -> bool:
     if not text or not _HUB_ID.match(text):
         return False
     return "/" in text or not owner_required
+
+
+def _network_cause(err: BaseException) -> BaseException | None:
+    """The connection-level failure behind ``err`` (itself or in its cause chain), if any.
+    huggingface_hub reports one as LocalEntryNotFoundError when nothing is cached, with the
+    transport error (httpx/requests ConnectError, a timeout) as its cause."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    found = None
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        module = type(current).__module__.split(".")[0]
+        if isinstance(current, ConnectionError | TimeoutError) or (
+                module in ("httpx", "httpcore", "requests", "urllib3") and any(
+                    word in type(current).__name__ for word in ("Connect", "Timeout", "Network",
+                                                                "Transport", "Protocol"))):
+            return current
+        if type(current).__name__ == "LocalEntryNotFoundError":
+            found = current
+        current = current.__cause__ or current.__context__
+    return found
+
+
+def unreachable_hub_error(err: BaseException, what: str) -> Exception | None:
+    """A one-line MoEHubError when ``err`` means the Hub could not be reached (no network, name
+    resolution failed, connection refused, timeout) while fetching ``what``; else None."""
+    cause = _network_cause(err)
+    if cause is None:
+        return None
+    from huggingface_hub import constants
+
+    from .errors import MoEHubError
+
+    reason = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
+    if type(cause).__name__ == "LocalEntryNotFoundError":
+        reason = "nothing cached to fall back on"
+    return MoEHubError(f"cannot reach the Hub at {constants.ENDPOINT} to fetch {what} "
+                       f"({type(cause).__name__}: {reason}): check the network connection or "
+                       f"HF_ENDPOINT, or pass a local directory")
