@@ -208,17 +208,15 @@ def convert(
     # sibling folder: never inside OUT, always removed.
     with third_party_progress(progress), staging_dir(out, ".scratch") as scratch, \
             staging_dir(out) as staging:
+        # --targets and the model's other options are checked against BASE's architecture from
+        # its config alone, before any weight is downloaded, dequantised or read.
+        early_config = _early_text_config(source, options)
+        if early_config is not None:
+            _skeleton(options, early_config, None, None, adapters)
         dense_dir, origin, revision, provenance = _materialise_base(source, options, scratch)
         text_config = _dense_config(dense_dir, options.trust_remote_code)
-        config = options.model_config(text_config, origin, revision)
+        config, model = _skeleton(options, text_config, origin, revision, adapters)
         weight_files = dense_weight_files(dense_dir, options.allow_pickle, scratch / "pickle")
-        try:
-            model = model_skeleton(config)
-        except ValueError as err:
-            if adapters and options.targets == from_adapters.adapter_targets(adapters):
-                raise MoEHubError(f"the adapters target {options.targets}, but BASE has no such "
-                                  f"routable linear: were they trained on another model?") from None
-            raise MoEHubError(str(err)) from None
         experts_from = adapters and from_adapters.AdapterPlan(adapters, model, origin,
                                                               options.check_adapter_base)
         if experts_from:
@@ -252,6 +250,59 @@ def convert(
         write_model_card(staging, repo_id=out.name)
         publish(staging, out, options.overwrite)
     return out
+
+
+def _skeleton(options: ConvertOptions, text_config: Any, origin: str | None,
+              revision: str | None, adapters: Any) -> tuple[MoELoraConfig, MoELoraForCausalLM]:
+    """The checkpoint's config and its model on the meta device; raises naming the option that
+    does not fit BASE's architecture (e.g. a --targets name no module has)."""
+    config = options.model_config(text_config, origin, revision)
+    try:
+        return config, model_skeleton(config)
+    except ValueError as err:
+        from . import from_adapters
+
+        if adapters and options.targets == from_adapters.adapter_targets(adapters):
+            raise MoEHubError(f"the adapters target {options.targets}, but BASE has no such "
+                              f"routable linear: were they trained on another model?") from None
+        raise MoEHubError(str(err)) from None
+
+
+def _early_text_config(source: _BaseSource, options: ConvertOptions) -> Any:
+    """BASE's text config read without its weights (a GGUF's metadata, a Hub repository's
+    config.json alone), or None where that is not possible: then the checks run once the base
+    is at hand, as before."""
+    from transformers import AutoConfig
+
+    if source.kind == "dir":
+        return _dense_config(Path(source.location).expanduser(), options.trust_remote_code)
+    if source.kind == "gguf":
+        if source.alias:
+            return None  # the embedded default's architecture fits every documented option
+        gguf = Path(source.location).expanduser()
+        try:
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                trust_remote_code=False)
+        except Exception:  # an unreadable GGUF is reported, with its reason, when dequantised
+            return None
+        return config.get_text_config()
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(source.location, revision=options.revision,
+                                        allow_patterns=["config.json"]))
+    except RepositoryNotFoundError:
+        raise MoEHubError(f"no model {source.location!r} on the Hub (or it is private: log in "
+                          f"with `hf auth login` or set HF_TOKEN)") from None
+    except (HfHubHTTPError, OSError) as err:
+        raise unreachable_hub_error(err, f"BASE {source.location}") or MoEHubError(
+            f"could not download {source.location}: {err}") from None
+    if not (folder / "config.json").is_file():
+        return None  # reported by the full download
+    _refuse_moe_hub_checkpoint(folder, source.location)
+    _refuse_custom_code(folder, source.location, options.trust_remote_code)
+    return _dense_config(folder, options.trust_remote_code)
 
 
 @dataclass(frozen=True)
@@ -404,8 +455,9 @@ def _gguf_to_dense(gguf: Path, target: Path) -> None:
                                                      trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                   trust_remote_code=False)
-    except (ValueError, OSError, KeyError) as err:
-        raise MoEHubError(f"cannot read {gguf} as a transformers GGUF model: {err}") from None
+    except (ValueError, OSError, KeyError, RuntimeError) as err:  # RuntimeError: shapes
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MoEHubError(f"cannot read {gguf} as a transformers GGUF model: {reason}") from None
     # transformers refuses to save a model that still carries its GGUF quantizer.
     model.hf_quantizer = None
     for holder in (model.config, model.config.get_text_config()):

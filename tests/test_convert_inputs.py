@@ -166,3 +166,53 @@ def test_base_code_never_runs_without_trust_remote_code(tmp_path: Path) -> None:
     known = _base_with_code(tmp_path / "known", marker, "llama")
     convert(known, out, experts=2, progress=False)
     assert not marker.exists()
+
+
+def _gguf_with_unloadable_weights(path: Path) -> Path:
+    """A tiny Llama GGUF: sound metadata, but its only tensor has a shape no layer has, so
+    dequantising and loading its weights fails."""
+    import gguf
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(128)
+    writer.add_embedding_length(64)
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(16)
+    writer.add_vocab_size(256)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([f"t{i}" for i in range(256)])
+    writer.add_token_scores([0.0] * 256)
+    writer.add_token_types([1] * 256)
+    writer.add_tensor("token_embd.weight", np.zeros((3, 5), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_bad_targets_are_refused_before_any_weight_is_read(tmp_path: Path) -> None:
+    # A pickle base whose weights file is garbage: reading it would fail first.
+    dense = save_tiny_dense(tmp_path / "dense")
+    (dense / "model.safetensors").unlink()
+    (dense / "pytorch_model.bin").write_bytes(b"\x80\x05 not a pickle at all" * 100)
+    runner = CliRunner()
+    done = runner.invoke(app, ["convert", str(dense), str(tmp_path / "out"), "--allow-pickle",
+                               "--targets", "nosuch_proj", "--no-progress"])
+    assert_one_error_line(done.exit_code, done.output, "nosuch_proj")
+    # A GGUF whose weights cannot be dequantised into the model: its metadata is enough.
+    gguf_file = _gguf_with_unloadable_weights(tmp_path / "gguf" / "tiny.gguf")
+    done = runner.invoke(app, ["convert", str(gguf_file), str(tmp_path / "out"),
+                               "--targets", "nosuch_proj", "--no-progress"])
+    assert_one_error_line(done.exit_code, done.output, "nosuch_proj")
+    # ... and with good targets the weights are read, and their failure reported.
+    done = runner.invoke(app, ["convert", str(gguf_file), str(tmp_path / "out"),
+                               "--targets", "q_proj", "--no-progress"])
+    assert_one_error_line(done.exit_code, done.output, str(gguf_file))
+    assert not (tmp_path / "out").exists()
