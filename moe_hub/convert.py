@@ -276,10 +276,14 @@ def _early_text_config(source: _BaseSource, options: ConvertOptions) -> Any:
 
     if source.kind == "dir":
         return _dense_config(Path(source.location).expanduser(), options.trust_remote_code)
+    if options.targets is None and options.granularity == "linear":
+        # The defaults fit every decoder with linears; reading a GGUF's metadata (its whole
+        # vocabulary) or a Hub repository twice would only slow down a good conversion.
+        return None
     if source.kind == "gguf":
-        if source.alias:
-            return None  # the embedded default's architecture fits every documented option
-        gguf = Path(source.location).expanduser()
+        from .default_model import default_model_path
+
+        gguf = default_model_path() if source.alias else Path(source.location).expanduser()
         try:
             config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                 trust_remote_code=False)

@@ -216,3 +216,28 @@ def test_bad_targets_are_refused_before_any_weight_is_read(tmp_path: Path) -> No
                                "--targets", "q_proj", "--no-progress"])
     assert_one_error_line(done.exit_code, done.output, str(gguf_file))
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_targets_on_a_hub_base_download_no_weights(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as constants
+    from hub_server import serve_hub
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    dense = save_tiny_dense(tmp_path / "dense")
+    with serve_hub({"hf_test_token": "alice"}) as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        api = HfApi(endpoint=server.endpoint, token="hf_test_token")
+        api.create_repo("alice/tiny")
+        api.create_commit("alice/tiny", commit_message="base", operations=[
+            CommitOperationAdd(p.name, str(p)) for p in sorted(dense.iterdir())])
+        server.state.requests.clear()
+        with pytest.raises(MoEHubError, match="nosuch_proj"):
+            convert("alice/tiny", tmp_path / "out", targets=["nosuch_proj"], progress=False)
+        fetched = [path for _, path, _ in server.state.requests if "/resolve/" in path]
+        assert fetched and all(path.endswith("/config.json") for path in fetched)
+    assert not (tmp_path / "out").exists()
