@@ -253,13 +253,14 @@ def _check_out(out: Path, ckpt: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise MoEHubError(f"{out} already exists: pass --overwrite to replace it")
-    if out.is_dir() and not out.is_symlink() and (not any(out.iterdir()) or _is_export(out)):
+    if out.is_dir() and not out.is_symlink() and (not any(out.iterdir()) or is_export(out)):
         return
     raise MoEHubError(f"OUT {out} is not an empty folder or an earlier export: --overwrite only "
                       f"replaces those, so pass another OUT")
 
 
-def _is_export(path: Path) -> bool:
+def is_export(path: Path) -> bool:
+    """Whether ``path`` holds a model this module writes (a native MoE config.json)."""
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -563,6 +564,45 @@ def _copy_tokenizer_and_generation_config(ckpt: Path, staging: Path, native_conf
         shutil.copy2(ckpt / "generation_config.json", staging / "generation_config.json")
     else:
         GenerationConfig.from_model_config(native_config).save_pretrained(staging)
+
+
+#: What an export holds, all plain transformers files (the allow-list ``moe-hub push`` uploads).
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors",
+                "model-*-of-*.safetensors", "model.safetensors.index.json", "README.md",
+                "tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt",
+                "chat_template*", "added_tokens.json")
+
+
+def export_upload_plan(directory: Path, repo_id: str, adapter_only: bool = False
+                       ) -> dict[str, bytes | Path]:
+    """What ``moe-hub push`` uploads for an export: its files (``EXPORT_FILES``), the card's
+    loading snippets naming ``repo_id`` instead of the folder."""
+    if adapter_only:
+        raise MoEHubError(f"{directory} is a native MoE export: it has no adapters to push "
+                          f"alone; push it without --adapter-only")
+    plan: dict[str, bytes | Path] = {}
+    for pattern in EXPORT_FILES:
+        for path in directory.glob(pattern):
+            if path.is_file() and not path.name.startswith("."):
+                plan[path.name] = path
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError):
+            raise MoEHubError(f"{index} is corrupt: export again") from None
+        missing = sorted(name for name in shards if name not in plan)
+        if missing:
+            raise MoEHubError(f"{directory} lacks {missing[0]} named in its index: export again")
+    elif "model.safetensors" not in plan:
+        raise MoEHubError(f"{directory} has no model weights: export again")
+    readme = directory / "README.md"
+    if readme.is_file():
+        text = readme.read_text(encoding="utf-8")
+        for call in ("from_pretrained", "LLM"):
+            text = text.replace(f'{call}("{directory.name}")', f'{call}("{repo_id}")')
+        plan["README.md"] = text.encode()
+    return plan
 
 
 def _write_card(staging: Path, summary: ExportSummary, config: dict[str, Any], ckpt: Path,

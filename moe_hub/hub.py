@@ -95,6 +95,10 @@ def plan_upload(
     The model card is re-rendered for ``repo_id``. ``adapter_only`` leaves out the base shards and
     rewrites config.json and the index for an adapter-only checkpoint.
     """
+    from .export import export_upload_plan, is_export
+
+    if is_export(checkpoint):  # a native MoE model written by `moe-hub export`
+        return export_upload_plan(checkpoint, repo_id, adapter_only)
     config = read_checkpoint_config(checkpoint)
     weight_map = _weight_map(checkpoint)
     missing = sorted({name for name in weight_map.values() if not (checkpoint / name).is_file()})
