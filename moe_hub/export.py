@@ -178,7 +178,8 @@ class ExportSummary:
     def line(self) -> str:
         return (f"{self.form} with {self.experts} experts in {self.routed_layers} layers: "
                 f"{_count(self.base_parameters)} -> {_count(self.export_parameters)} parameters "
-                f"(+{_count(self.growth_parameters)}: {self.experts} copies of the MLP, "
+                f"(+{_count(self.growth_parameters)}: {self.experts} copies of the MLP where the "
+                f"source had one, "
                 f"{self.export_parameters / max(self.base_parameters, 1):.2f}x the base), "
                 f"{_size(self.export_bytes)} in {self.dtype}")
 
