@@ -15,6 +15,7 @@ unselected experts, GraphMoE's refinement steps), never across the row.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,22 @@ def counting_attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def varlen_attention(module, query, key, value, attention_mask, *, cu_seq_lens_q,
+                     cu_seq_lens_k, scaling=None, **kwargs):
+    """Flash-attention's packed form on CPU: causal sdpa within each segment that
+    ``cu_seq_lens`` delimits, the mask ignored (as vLLM's own attention does)."""
+    assert torch.equal(cu_seq_lens_q, cu_seq_lens_k) and query.shape[0] == 1
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    bounds = cu_seq_lens_q.tolist()
+    parts = [torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling)
+        for a, b in pairwise(bounds)]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
 AttentionInterface.register("moe_hub_counting", counting_attention)
+AttentionInterface.register("moe_hub_varlen", varlen_attention)
 
 
 def perturb(model: torch.nn.Module) -> torch.nn.Module:
@@ -113,3 +129,23 @@ def test_packed_row_equals_separate_sequences(checkpoints: dict, router: str,
     # float32, same ops on differently shaped batches: a few ulps of the logits' scale.
     assert (packed - alone).abs().max() <= 1e-5 * scale
     assert (joined - alone).abs().max() > 1e-2 * scale
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_flash_style_packed_kwargs_reach_attention(checkpoints: dict, router: str) -> None:
+    """vLLM's flattened batch with flash-attention's ``cu_seq_lens`` keyword arguments (which
+    transformers' flash path takes instead of a mask): the model passes them down to the
+    attention function, and each sequence gets the logits it gets alone."""
+    path = checkpoints[router, "block"]
+    alone_model = load(path)
+    packed_model = load(path, attn_implementation="moe_hub_varlen")
+    generator = torch.Generator().manual_seed(6)
+    sequences = [torch.randint(3, 256, (n,), generator=generator) for n in (4, 9, 6)]
+    positions = torch.cat([torch.arange(len(s)) for s in sequences])[None]
+    bounds = torch.tensor([0, 4, 13, 19], dtype=torch.int32)
+    with torch.no_grad():
+        alone = torch.cat([alone_model(s[None]).logits[0] for s in sequences])
+        packed = packed_model(torch.cat(sequences)[None], position_ids=positions,
+                              cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=9,
+                              max_length_k=9, use_cache=False).logits[0]
+    assert (packed - alone).abs().max() <= 1e-5 * alone.abs().max()
