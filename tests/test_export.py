@@ -283,3 +283,32 @@ def test_attention_bias_is_refused(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["export", str(ckpt), str(tmp_path / "native")])
     assert_one_error_line(result.exit_code, result.output, "attention_bias", "Mixtral")
     assert not (tmp_path / "native").exists()
+
+
+def test_bad_input_is_one_line_and_overwrite_replaces_only_an_export(tmp_path: Path) -> None:
+    dense = save_tiny_dense(tmp_path / "dense", "llama")
+    ckpt = convert(dense, tmp_path / "moe", adapter_only=True, **SMALL)
+    runner = CliRunner()
+    out = tmp_path / "native"
+
+    def export_cli(*args: str):
+        return runner.invoke(app, ["export", *args, "--no-progress"])
+
+    result = export_cli(str(tmp_path / "missing"), str(out))
+    assert_one_error_line(result.exit_code, result.output, "missing")
+    result = export_cli(str(dense), str(out))
+    assert_one_error_line(result.exit_code, result.output, "not a moe-hub checkpoint")
+    result = export_cli(str(ckpt), str(out), "--dtype", "int8")
+    assert_one_error_line(result.exit_code, result.output, "--dtype", "bfloat16")
+    result = export_cli(str(ckpt), str(ckpt / "inside"))
+    assert_one_error_line(result.exit_code, result.output, "inside")
+    assert not out.exists() and not (ckpt / "inside").exists()
+
+    assert export_cli(str(ckpt), str(out)).exit_code == 0
+    result = export_cli(str(ckpt), str(out))
+    assert_one_error_line(result.exit_code, result.output, "--overwrite")
+    assert export_cli(str(ckpt), str(out), "--overwrite").exit_code == 0  # an earlier export
+    result = export_cli(str(ckpt), str(dense), "--overwrite")  # a dense model: not replaced
+    assert_one_error_line(result.exit_code, result.output, "not an empty folder or an earlier")
+    assert (dense / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "moe", "native"]
