@@ -70,7 +70,8 @@ MIXTRAL = NativeForm("mixtral", "MixtralForCausalLM", "Mixtral", "block_sparse_m
 QWEN2_MOE = NativeForm("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2-MoE", "mlp",
                        ("gate_proj", "up_proj", "down_proj"), "num_experts",
                        "moe_intermediate_size", False, True, True,
-                       ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"))
+                       ("head_dim", "use_sliding_window", "sliding_window", "max_window_layers",
+                        "layer_types"))
 QWEN3_MOE = NativeForm("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3-MoE", "mlp",
                        ("gate_proj", "up_proj", "down_proj"), "num_experts",
                        "moe_intermediate_size", False, False, True,

@@ -312,3 +312,19 @@ def test_bad_input_is_one_line_and_overwrite_replaces_only_an_export(tmp_path: P
     assert_one_error_line(result.exit_code, result.output, "not an empty folder or an earlier")
     assert (dense / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "moe", "native"]
+
+
+def test_structure_guard_names_the_tensor_that_differs(exported: dict) -> None:
+    """Behind the per-architecture rules, every tensor outside the experts is compared with
+    what the native class holds: a translation that lost a base setting (here the head size)
+    is refused naming the tensor, never written."""
+    from moe_hub.export import MIXTRAL, ExportRefused, _Plan
+
+    model = MoELoraForCausalLM.from_pretrained(exported["llama"][0])
+    plan = _Plan(model, MIXTRAL)
+    config = plan.native_config(model.config.text_config, torch.float32)
+    plan.check_against(config)
+    config.head_dim = 32
+    with pytest.raises(ExportRefused,
+                       match=r"Mixtral has another shape for model\.layers\.0\.self_attn\.k_proj"):
+        plan.check_against(config)
