@@ -207,8 +207,9 @@ def export(
     overwrite: bool = False,
     progress: bool = True,
 ) -> ExportSummary:
-    """Write the moe-hub checkpoint ``ckpt`` as a native transformers MoE checkpoint at ``out``
-    (``AutoModelForCausalLM.from_pretrained(out)``, no remote code) and return what it wrote.
+    """Write the moe-hub checkpoint ``ckpt`` (a folder or a Hub repo id) as a native
+    transformers MoE checkpoint at ``out`` (``AutoModelForCausalLM.from_pretrained(out)``, no
+    remote code) and return what it wrote.
 
     ``dtype``: float32, bfloat16 or float16 for the weights (default: the base's dtype); the
     experts are baked in float32 and rounded once. Example::
@@ -216,15 +217,18 @@ def export(
         from moe_hub import export
         export("smol-moe-tuned", "smol-mixtral")
     """
-    ckpt_path, out = Path(ckpt), Path(out)
-    config = read_checkpoint_config(ckpt_path)
-    form = check_exportable(config)
-    if dtype is not None and dtype not in DTYPE_NAMES:
-        raise MoEHubError(f"unknown dtype {dtype!r}: pass --dtype {', '.join(DTYPE_NAMES)}")
-    _check_out(out, ckpt_path, overwrite)
     from .progress import third_party_progress
 
+    out = Path(out)
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise MoEHubError(f"unknown dtype {dtype!r}: pass --dtype {', '.join(DTYPE_NAMES)}")
     with third_party_progress(progress):
+        # A Hub checkpoint: its config first, so that a refusal downloads no weights.
+        ckpt_path = _fetch(ckpt, ["config.json"])
+        config = read_checkpoint_config(ckpt_path)
+        form = check_exportable(config)
+        _check_out(out, ckpt_path, overwrite)
+        ckpt_path = _fetch(ckpt, None)
         model = _load(ckpt_path)
     target_dtype = DTYPE_NAMES[dtype] if dtype else _base_dtype(config)
     text_config = model.config.text_config
@@ -242,9 +246,26 @@ def export(
             mlp_parameters=plan.mlp_parameters(),
             export_bytes=sum(sizes.values()),
             dtype=str(target_dtype).removeprefix("torch."))
-        _write_card(staging, summary, config, ckpt_path, form, out.name)
+        _write_card(staging, summary, config, str(ckpt), ckpt_path, form, out.name)
         publish(staging, out, overwrite)
     return summary
+
+
+def _fetch(ckpt: str | os.PathLike, patterns: list[str] | None) -> Path:
+    """``ckpt`` itself when it is a local path (or no Hub id), else the Hub snapshot of its
+    files matching ``patterns`` (all with None), downloaded into the Hub cache."""
+    from .model_card import looks_like_hub_id
+
+    if Path(ckpt).exists() or not looks_like_hub_id(str(ckpt)):
+        return Path(ckpt)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return Path(snapshot_download(str(ckpt), allow_patterns=patterns))
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise MoEHubError(f"cannot fetch {ckpt} from the Hub ({err.__class__.__name__}): check "
+                          f"the repo id, the network and your token (HF_TOKEN)") from None
 
 
 def _check_out(out: Path, ckpt: Path, overwrite: bool) -> None:
@@ -607,8 +628,8 @@ def export_upload_plan(directory: Path, repo_id: str, adapter_only: bool = False
     return plan
 
 
-def _write_card(staging: Path, summary: ExportSummary, config: dict[str, Any], ckpt: Path,
-                form: NativeForm, repo_name: str) -> None:
+def _write_card(staging: Path, summary: ExportSummary, config: dict[str, Any], source: str,
+                ckpt: Path, form: NativeForm, repo_name: str) -> None:
     from importlib import resources
 
     from huggingface_hub import ModelCard, ModelCardData
@@ -616,9 +637,9 @@ def _write_card(staging: Path, summary: ExportSummary, config: dict[str, Any], c
     from .model_card import _card_base, base_license, looks_like_hub_id
 
     hub_base, shown_base = _card_base(config)
-    source = str(ckpt)
-    source_id = source if looks_like_hub_id(source) else None
-    base_model = source_id or hub_base
+    source_id = source if looks_like_hub_id(source) and not Path(source).exists() else None
+    # The dense base (the Hub's model tree); a source checkpoint on the Hub when the base is not.
+    base_model = hub_base or source_id
     license = config.get("base_model_license") or base_license(
         config.get("base_model_name_or_path"), config.get("base_model_revision"))
     card_data = ModelCardData(

@@ -62,3 +62,16 @@ with torch.no_grad():
            "HF_HUB_DISABLE_TELEMETRY": "1"}
     got = torch.tensor(json.loads(run_without_moe_hub(code, tmp_path, env).split("LOGITS")[1]))
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+    # CKPT may itself be a Hub repo: fetched like any model, named as the source in the card.
+    result = runner.invoke(app, ["push", str(ckpt), "alice/tiny-moe-block", "--token", TOKEN,
+                                 "--endpoint", hub.endpoint])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["export", "alice/tiny-moe-block", str(tmp_path / "from-hub"),
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "from-hub" / "model.safetensors").read_bytes() == \
+        (native / "model.safetensors").read_bytes()
+    card = (tmp_path / "from-hub" / "README.md").read_text()
+    assert "[alice/tiny-moe-block](https://huggingface.co/alice/tiny-moe-block)" in card
+    assert f"base_model: {BASE_REPO}" in card
