@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,8 +170,13 @@ class ExportSummary:
     base_parameters: int
     export_parameters: int
     mlp_parameters: int  # one MLP copy summed over the routed layers
-    export_bytes: int
+    export_bytes: int  # tensor bytes written
     dtype: str
+
+    @property
+    def base_bytes(self) -> int:
+        """The dense base's tensor bytes in the export's dtype."""
+        return self.base_parameters * _itemsize(getattr(torch, self.dtype))
 
     @property
     def growth_parameters(self) -> int:
@@ -182,7 +188,8 @@ class ExportSummary:
                 f"(+{_count(self.growth_parameters)}: {self.experts} copies of the MLP where the "
                 f"source had one, "
                 f"{self.export_parameters / max(self.base_parameters, 1):.2f}x the base), "
-                f"{_size(self.export_bytes)} in {self.dtype}")
+                f"{_size(self.export_bytes)} in {self.dtype} (the dense base: "
+                f"{_size(self.base_bytes)})")
 
 
 def _count(n: int) -> str:
@@ -379,7 +386,9 @@ class _Plan:
 
         from .skeleton import _no_init
 
-        with torch.device("meta"), _no_init():
+        with torch.device("meta"), _no_init(), warnings.catch_warnings():
+            # Qwen2-MoE's size-0 shared expert: torch warns that initialising it does nothing.
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
             native = AutoModelForCausalLM.from_config(native_config)
         wanted = {n: tuple(t.shape) for n, t in native.state_dict().items()
                   if not _is_moe_tensor(n)}
@@ -659,7 +668,7 @@ def _write_card(staging: Path, summary: ExportSummary, config: dict[str, Any], s
         growth_parameters=_count(summary.growth_parameters),
         growth_ratio=f"{summary.export_parameters / max(summary.base_parameters, 1):.2f}",
         mlp_parameters=_count(summary.mlp_parameters),
-        export_size=_size(summary.export_bytes),
+        export_size=_size(summary.export_bytes), base_size=_size(summary.base_bytes),
         top_k=config.get("num_experts_per_tok"),
         normalize=config.get("normalize_expert_weights", True),
         lora_rank=config.get("lora_rank"), lora_alpha=config.get("lora_alpha"),

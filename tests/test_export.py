@@ -171,6 +171,12 @@ def test_partial_routing_tied_head_and_cost(tmp_path: Path) -> None:
         card = (native / "README.md").read_text()
         shown = f"+{growth / 1e3:.2f}K"
         assert shown in text and shown in card, (text, card)
+        base = sum(p.numel() for p in model.parameters())  # tied head counted once
+        written = (native / "model.safetensors").stat().st_size
+        # float32 bytes of the base and of the export (the file adds its JSON header)
+        assert f"(the dense base: {base * 4 / 1024:.1f} KB)" in text
+        assert f"dense base takes {base * 4 / 1024:.1f} KB" in " ".join(card.split())
+        assert 0 < written - (base + growth) * 4 < 16 * 1024
         assert f"`t-{arch}`" in card  # the source checkpoint is named
         if arch == "qwen2":
             assert config["mlp_only_layers"] == [1]
