@@ -397,11 +397,13 @@ class _Plan:
         ours = {n: tuple(s) for n, s in self._shapes().items() if not _is_moe_tensor(n)}
         for name in sorted(set(wanted) | set(ours)):
             if wanted.get(name) != ours.get(name):
-                what = ("has no" if name not in wanted else "lacks" if name not in ours
-                        else "has another shape for")
+                label = self.form.label
+                what = (f"{label} has no {name}" if name not in wanted
+                        else f"{label} has {name}, the base has none" if name not in ours
+                        else f"{label} has another shape for {name}")
                 raise ExportRefused(
                     f"the {self.config.text_config.model_type} base's attention or norms differ "
-                    f"from {self.form.label}'s: {self.form.label} {what} {name}")
+                    f"from {label}'s: {what}")
 
     # -- tensors -------------------------------------------------------------------------
     def _shapes(self) -> dict[str, torch.Size]:
