@@ -11,7 +11,7 @@ from rich.console import Console
 
 def export_command(
     checkpoint: Annotated[Path, typer.Argument(
-        help="A moe-hub checkpoint (block granularity, topk router)")],
+        help="A moe-hub checkpoint, folder or Hub repo id (block granularity, topk router)")],
     out: Annotated[Path, typer.Argument(help="Directory to write the native MoE model to")],
     dtype: Annotated[str | None, typer.Option(
         help="float32, bfloat16 or float16 for the weights [the base's dtype]")] = None,
