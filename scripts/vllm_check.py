@@ -99,9 +99,9 @@ def vllm_greedy(path: str, impl: str) -> list[list[int]]:
 
     llm = LLM(model=path, model_impl=impl, trust_remote_code=impl == "transformers",
               dtype="float32", enforce_eager=True, gpu_memory_utilization=0.4,
-              max_model_len=256, seed=0)
+              max_model_len=256, seed=0, skip_tokenizer_init=True)  # random bases ship none
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS,
-                            ignore_eos=True)
+                            ignore_eos=True, detokenize=False)
     results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params)
     return [list(r.outputs[0].token_ids) for r in results]
 
