@@ -289,14 +289,25 @@ def _check_out(out: Path, ckpt: Path, overwrite: bool) -> None:
                       f"replaces those, so pass another OUT")
 
 
+#: The card tag that marks a folder as written by ``export`` (``--overwrite`` replaces only such
+#: a folder: a Mixtral downloaded from the Hub has the same config.json).
+EXPORT_TAG = "moe-lora-export"
+
+
 def is_export(path: Path) -> bool:
-    """Whether ``path`` holds a model this module writes (a native MoE config.json)."""
+    """Whether ``path`` holds a model this module wrote: a native MoE config.json and a card
+    tagged ``EXPORT_TAG``."""
+    from .model_card import README_FILE
+
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        card = (path / README_FILE).read_text(encoding="utf-8")
     except (OSError, ValueError):
         return False
     native = {form.model_type for form in NATIVE_FORMS.values()}
-    return isinstance(config, dict) and config.get("model_type") in native
+    front = card.split("---", 2)[1] if card.startswith("---") and card.count("---") >= 2 else ""
+    return isinstance(config, dict) and config.get("model_type") in native and \
+        re.search(rf"^- {re.escape(EXPORT_TAG)}$", front, re.MULTILINE) is not None
 
 
 def _load(ckpt: Path) -> Any:
@@ -655,7 +666,7 @@ def _write_card(staging: Path, summary: ExportSummary, config: dict[str, Any], s
         config.get("base_model_name_or_path"), config.get("base_model_revision"))
     card_data = ModelCardData(
         base_model=base_model, library_name="transformers", license=license,
-        tags=["moe", "moe-hub", "moe-lora-export", form.model_type],
+        tags=["moe", "moe-hub", EXPORT_TAG, form.model_type],
         pipeline_tag="text-generation",
         **({"base_model_relation": "finetune"} if base_model else {}))
     template = resources.files("moe_hub.model_cards").joinpath(EXPORT_CARD_TEMPLATE).read_text(

@@ -317,6 +317,11 @@ def test_bad_input_is_one_line_and_overwrite_replaces_only_an_export(tmp_path: P
     result = export_cli(str(ckpt), str(dense), "--overwrite")  # a dense model: not replaced
     assert_one_error_line(result.exit_code, result.output, "not an empty folder or an earlier")
     assert (dense / "model.safetensors").is_file()
+    # A Mixtral that export did not write (its card lacks the tag) is not replaced either.
+    (out / "README.md").write_text("---\nlicense: apache-2.0\n---\n# someone's Mixtral\n")
+    result = export_cli(str(ckpt), str(out), "--overwrite")
+    assert_one_error_line(result.exit_code, result.output, "not an empty folder or an earlier")
+    assert "someone's Mixtral" in (out / "README.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "moe", "native"]
 
 
