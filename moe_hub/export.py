@@ -111,6 +111,12 @@ def check_exportable(config: dict[str, Any]) -> NativeForm:
         why = _WHY_NOT.get(router, "only the top-k softmax router has a native equivalent")
         raise ExportRefused(f"no native form for router {router}: {why}; serve it with "
                             f"trust_remote_code (vLLM's Transformers backend)")
+    # Options that only set the initialisation leave the routing arithmetic alone; any other
+    # (noise, a bias, a temperature a later version may add) has no native counterpart.
+    changes = sorted(set(router_config) - {"init_std"})
+    if changes:
+        raise ExportRefused(f"routing differs: the native gates have no counterpart of the topk "
+                            f"router option {changes[0]!r}")
     if config.get("routing_granularity", "linear") != "block":
         attention = _routes_attention(config)
         what = ("experts on attention: native MoE models route only the MLP"
@@ -349,6 +355,10 @@ class _Plan:
         if other:  # a block checkpoint routes MLPs only; anything else has no native form
             raise ExportRefused(f"no native form: {other[0]} is routed outside an MLP block")
         for name, block in self.blocks.items():
+            extra = sorted(set(dict(block.router.named_parameters())) - {"weight"})
+            if extra:  # the native gate is one bias-free linear
+                raise ExportRefused(f"routing differs: {name}'s router has {extra[0]} besides "
+                                    f"its weight, the native gate has not")
             if block.layout.style != "gated":
                 raise ExportRefused(f"{name} is a {block.layout.style} MLP; native MoE experts "
                                     f"are gated (gate_proj, up_proj, down_proj)")

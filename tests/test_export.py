@@ -272,6 +272,19 @@ def test_no_native_form_is_refused(tmp_path: Path, options: dict, why: str) -> N
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_router_option_without_a_native_counterpart_is_refused(tmp_path: Path) -> None:
+    """A top-k router option other than its initialisation (as noise or a temperature would
+    be) changes the routing arithmetic: refused by name, before any weight is read."""
+    dense = save_tiny_dense(tmp_path / "dense", "llama")
+    ckpt = convert(dense, tmp_path / "moe", adapter_only=True, **SMALL)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["router_config"] = {"init_std": 0.02, "jitter_noise": 0.01}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["export", str(ckpt), str(tmp_path / "native")])
+    assert_one_error_line(result.exit_code, result.output, "'jitter_noise'", "routing differs")
+    assert not (tmp_path / "native").exists()
+
+
 def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:
     dense = save_tiny_dense(tmp_path / "dense", "gemma")
     ckpt = convert(dense, tmp_path / "moe", adapter_only=True, **SMALL)
