@@ -2,7 +2,7 @@
 
 The public functions behind the CLI, importable on their own::
 
-    from moe_hub import convert, finetune, push, checkpoint_info
+    from moe_hub import convert, finetune, export, push, checkpoint_info
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ _LAZY = {
     "convert": "moe_hub.convert",
     "ConvertOptions": "moe_hub.convert",
     "checkpoint_info": "moe_hub.info",
+    "export": "moe_hub.export",
     "finetune": "moe_hub.finetune",
     "FinetuneOptions": "moe_hub.finetune",
     "push": "moe_hub.hub",

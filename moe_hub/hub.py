@@ -129,6 +129,10 @@ def plan_upload(
     sound. The model card is re-rendered for ``repo_id``. ``adapter_only`` leaves out the base
     shards and rewrites config.json and the index for an adapter-only checkpoint.
     """
+    from .export import export_upload_plan, is_export
+
+    if is_export(checkpoint):  # a native MoE model written by `moe-hub export`
+        return export_upload_plan(checkpoint, repo_id, adapter_only)
     config = read_checkpoint_config(checkpoint)
     index = checkpoint / INDEX_FILE
     weight_map = read_weight_map(index, "the checkpoint", "re-create it with `moe-hub convert`") \

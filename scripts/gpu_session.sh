@@ -10,11 +10,15 @@
 #     bash scripts/gpu_session.sh kernels      # pytest tests/test_kernels.py on CUDA + kernel GB/s
 #     bash scripts/gpu_session.sh train        # step time vs PEFT LoRA, bf16 and NF4 bases
 #     bash scripts/gpu_session.sh generate     # generate() vs the dense model, batch 1 and 16
+#     bash scripts/gpu_session.sh vllm         # issue 24: vLLM's greedy tokens equal
+#                                              # transformers' (RMoE and top-k checkpoints on the
+#                                              # Transformers backend, their Mixtral export on
+#                                              # vLLM's own); skipped where vllm is not installed
 # The device image has torch, transformers, peft, triton, pytest; not bitsandbytes, datasets
 # or this package (installed from its wheel built here).
 set -uo pipefail
 
-step=${1:?usage: gpu_session.sh prepare|kernels|train|generate|all}
+step=${1:?usage: gpu_session.sh prepare|kernels|train|generate|vllm|all}
 out=${OUT:-gpu-results}
 cd "$(dirname "$0")/.."
 
@@ -62,5 +66,14 @@ if [[ $step == generate || $step == all ]]; then
         --device cuda --dtype bfloat16
     run bench_generate_tinyllama python3 benchmarks/bench_generate.py --random tinyllama-1.1b \
         --device cuda --dtype bfloat16
+fi
+if [[ $step == vllm || $step == all ]]; then
+    # Never installed here (the device machine has no network): run only where the image has it.
+    if python3 -c "import vllm" 2>/dev/null; then
+        run vllm_check python3 scripts/vllm_check.py --random --out "$out"
+    else
+        echo "== vllm_check: vllm is not installed on this machine; skipped" \
+            | tee "$out/vllm_check.log"
+    fi
 fi
 exit $status

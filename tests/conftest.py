@@ -48,6 +48,9 @@ def tiny_config(arch: str):
         return tf.LlamaConfig(**TINY_COMMON, intermediate_size=128, num_key_value_heads=2)
     if arch == "qwen2":
         return tf.Qwen2Config(**TINY_COMMON, intermediate_size=128, num_key_value_heads=2)
+    if arch == "qwen3":  # head_dim 32 != hidden / heads: Qwen3 sets it on its own
+        return tf.Qwen3Config(**TINY_COMMON, intermediate_size=128, num_key_value_heads=2,
+                              head_dim=32)
     if arch == "mistral":
         return tf.MistralConfig(**TINY_COMMON, intermediate_size=128, num_key_value_heads=2)
     if arch == "gemma":

@@ -30,6 +30,12 @@ NOT_RUN = {
         "the adapter names stand for the reader's own adapters; tests/test_from_adapters.py "
         "runs these commands on adapters trained in the test, scripts/train_task_adapters.py "
         "on SmolLM2",
+    "moe-hub convert smollm2 smol-mixlora --granularity block --experts 8 --top-k 2":
+        "needs chat.jsonl and minutes of fine-tuning and a token for the push; "
+        "tests/test_export.py and tests/test_export_hub.py run convert, finetune, export and "
+        "push on tiny models of each family",
+    "from vllm import LLM, SamplingParams":
+        "needs vLLM and a GPU: scripts/gpu_session.sh vllm runs it on the device machine",
 }
 
 

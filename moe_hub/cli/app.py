@@ -70,6 +70,7 @@ def register(name: str, command: Callable[..., Any]) -> None:
 
 from .convert_cmd import convert_command  # noqa: E402
 from .demo_cmd import demo_command  # noqa: E402
+from .export_cmd import export_command  # noqa: E402
 from .finetune_cmd import finetune_command  # noqa: E402
 from .info_cmd import info_command  # noqa: E402
 from .push_cmd import push_command  # noqa: E402
@@ -79,6 +80,7 @@ register("info", info_command)
 register("demo", demo_command)
 register("finetune", finetune_command)
 register("push", push_command)
+register("export", export_command)
 
 
 def _escape_help(command: Any) -> None:
