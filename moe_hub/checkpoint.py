@@ -26,6 +26,7 @@ from .errors import MoEHubError
 
 # Re-exported: the name is the shipped loader's (adapter-only checkpoints), defined there once.
 from .modeling.modeling_moe_lora import ADAPTER_WEIGHTS as ADAPTER_WEIGHTS
+from .outputs import record_publish
 
 INDEX_FILE = "model.safetensors.index.json"
 _MODELING_DIR = Path(__file__).resolve().parent / "modeling"
@@ -227,6 +228,7 @@ def publish(staging: Path, out: Path, overwrite: bool) -> None:
     """Move a finished ``staging`` directory to ``out``, replacing an old ``out`` only when
     ``overwrite`` (the old one is renamed aside first, so ``out`` is never half-written)."""
     _give_files_the_umask_mode(staging)
+    record_publish(staging, out)
     if out.exists():
         if not overwrite:
             raise MoEHubError(f"{out} appeared while writing it: pass --overwrite to replace it")
