@@ -821,6 +821,12 @@ def _write_output(checkpoint: Path, output: Path, model: Any, options: FinetuneO
         config["router_aux_loss_coef"] = model.config.router_aux_loss_coef
         config["router_z_loss_coef"] = model.config.router_z_loss_coef
         config["output_router_logits"] = False
+        # The output ships this release's code (copy_code): record it, as convert does.
+        from . import __version__
+        from .modeling.transformers_compat import TESTED_TRANSFORMERS
+
+        config["moe_hub_version"] = __version__
+        config["tested_transformers"] = list(TESTED_TRANSFORMERS)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copy_code(staging)
         stats_path, _ = stats.write(staging)

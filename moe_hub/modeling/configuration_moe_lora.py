@@ -16,6 +16,9 @@ SITE_KEYS = ("path", "name")
 #: (``model.model.layers...``, ``model.lm_head...``; moe-hub before 0.2), 2 = the decoder backbone
 #: under ``model.`` and the head as ``lm_head`` (transformers' convention).
 CHECKPOINT_LAYOUT = 2
+#: The moe-hub release this code belongs to (``moe_hub.__version__``; a test keeps them equal).
+#: Checkpoints record the release that wrote them as ``moe_hub_version``.
+CODE_VERSION = "0.1.0"
 KERNEL_CHOICES = ("auto", "triton", "torch")
 #: Router options whose default changed after checkpoints were saved without them: router ->
 #: option -> (what a config read from a file without it was built with, what a new config gets).
@@ -27,6 +30,29 @@ ROUTER_OPTION_DEFAULTS: dict[str, dict[str, tuple[Any, Any]]] = {
     # ``mode``; a config built in code without ``mode`` got ``message`` until then as well.
     "graphmoe": {"mode": ("message", "refine")},
 }
+
+
+def _release(version: Any) -> tuple[int, ...]:
+    """``"0.10.2rc1"`` -> (0, 10, 2): enough to order moe-hub releases (no packaging import in
+    the shipped code)."""
+    import re
+
+    return tuple(int(part) for part in re.findall(r"\d+", str(version).split("+")[0])[:3])
+
+
+def _refuse_newer_checkpoint(layout: int, written_by: Any) -> None:
+    """A checkpoint written by a newer moe-hub may store what this code cannot read (a newer
+    tensor layout, router options it does not know): one line naming the release it needs."""
+    newer_layout = layout > CHECKPOINT_LAYOUT
+    newer_release = written_by is not None and _release(written_by) > _release(CODE_VERSION)
+    if not (newer_layout or newer_release):
+        return
+    needed = f"moe-hub {written_by} or newer" if written_by else "a newer moe-hub"
+    what = (f"checkpoint_layout {layout}; this code reads layouts up to {CHECKPOINT_LAYOUT}"
+            if newer_layout else f"moe_hub_version {written_by}; this code is {CODE_VERSION}")
+    raise ValueError(f"this checkpoint was written by a newer moe-hub (config.json {what}): "
+                     f"it needs {needed}: pip install -U moe-hub, or load it with "
+                     f"trust_remote_code=True to run the code it ships")
 
 
 class MoELoraConfig(PretrainedConfig):
@@ -127,6 +153,7 @@ class MoELoraConfig(PretrainedConfig):
             site_keys = "name" if "transformers_version" in kwargs else "path"
         self.site_keys = site_keys
         self.checkpoint_layout = int(checkpoint_layout)
+        _refuse_newer_checkpoint(self.checkpoint_layout, kwargs.get("moe_hub_version"))
         if text_config is not None:
             # Generation and the pipelines read these from the top-level config.
             for name in ("vocab_size", "tie_word_embeddings"):
