@@ -718,6 +718,22 @@ def _dense_key_mapping(cls: type, config: MoELoraConfig, hub: dict[str, Any]) ->
     return mapping
 
 
+def _require_local_base(path: Any, base: str) -> None:
+    """A base recorded as a local path (absolute, ``./``, ``~``, or more than owner/name) that
+    is gone would otherwise be looked up on the Hub as a repo id and fail there obscurely."""
+    import os
+
+    text = str(base)
+    local = os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 \
+        or (os.sep != "/" and os.sep in text)
+    if local and not os.path.isdir(os.path.expanduser(text)):
+        config_file = os.path.join(str(path), "config.json")
+        raise OSError(
+            f"{path} is an adapter-only checkpoint whose base model {text} "
+            f"(base_model_name_or_path in its config.json) does not exist any more: move the "
+            f"base back there, or set base_model_name_or_path in {config_file} to where it is now")
+
+
 def _load_adapter_only(cls: type, path: Any, config: MoELoraConfig, model_args: tuple,
                        kwargs: dict[str, Any], legacy: dict[str, str]) -> MoELoraPreTrainedModel:
     from safetensors import safe_open
@@ -726,6 +742,7 @@ def _load_adapter_only(cls: type, path: Any, config: MoELoraConfig, model_args: 
     if not config.base_model_name_or_path:
         raise ValueError(f"{path} is an adapter-only checkpoint that names no base model "
                          f"(base_model_name_or_path): re-create it with `moe-hub convert`")
+    _require_local_base(path, config.base_model_name_or_path)
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     adapter_file = cached_file(path, ADAPTER_WEIGHTS, revision=kwargs.get("revision"),
                                subfolder=kwargs.get("subfolder", ""), **hub)
