@@ -135,7 +135,8 @@ def check_output(out: Path, overwrite: bool, inputs: list[tuple[str, str | os.Pa
 
         Console(stderr=True).print(
             f"removed {len(removed)} temporary folder(s) of interrupted runs that no longer run: "
-            f"{', '.join(p.name for p in removed)} (in {out.parent})", highlight=False)
+            f"{', '.join(p.name for p in removed)} (in {out.parent})", highlight=False,
+            soft_wrap=True)
     target = out.resolve()
     if not (out.exists() or out.is_symlink()):
         return

@@ -560,7 +560,7 @@ def _resume_point(options: FinetuneOptions, run_dir: Path) -> str | None:
 
         Console(stderr=True).print(
             f"skipped {', '.join(p.name for p in skipped)} in {run_dir} (saves interrupted "
-            f"before they finished); resuming from {chosen.name}", highlight=False)
+            f"before they finished); resuming from {chosen.name}", highlight=False, soft_wrap=True)
     return str(chosen)
 
 
@@ -662,7 +662,7 @@ def _say_removed(removed: list[Path], what: str) -> None:
 
         Console(stderr=True).print(
             f"removed {len(removed)} {what}(s) left by interrupted runs: "
-            f"{', '.join(str(p) for p in removed)}", highlight=False)
+            f"{', '.join(str(p) for p in removed)}", highlight=False, soft_wrap=True)
 
 
 def _interrupted(interrupt: KeyboardInterrupt, output: Path, run_dir: Path) -> KeyboardInterrupt:
@@ -863,7 +863,7 @@ def _print_summary(metrics: dict[str, Any], output: Path, progress: bool) -> Non
     if metrics.get("eval_loss") is not None:
         parts.append(f"eval loss {metrics['eval_loss']:.4f}")
     Console(stderr=True, quiet=not progress).print(
-        f"[green]fine-tuned[/green] {', '.join(parts)}; wrote {output}")
+        f"[green]fine-tuned[/green] {', '.join(parts)}; wrote {output}", soft_wrap=True)
 
 
 __all__ = ["QUANTIZATIONS", "TRAIN_CHOICES", "FinetuneOptions", "finetune", "load_for_training",

@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -160,17 +161,6 @@ def test_a_second_finetune_into_the_same_output_is_refused_at_once(tmp_path, ckp
     assert metrics["global_step"] == 2 and not (tmp_path / ".out.checkpoints.lock").exists()
 
 
-def test_a_killed_saves_leftover_is_removed_and_reported(tmp_path, ckpt, capfd):
-    run_dir = tmp_path / "out.checkpoints"
-    leftover = run_dir / ".checkpoint-3.saving" / "checkpoint-3"
-    leftover.mkdir(parents=True)
-    (leftover / "optimizer.pt").write_bytes(b"half")
-    finetune(ckpt, write_data(tmp_path / "d.jsonl"), tmp_path / "out", max_steps=2,
-             keep_checkpoints=True, **FAST)
-    assert not (run_dir / ".checkpoint-3.saving").exists()
-    assert "removed 1 half-saved checkpoint folder(s)" in capfd.readouterr().err
-
-
 def run_cli(args: list[str], hook: str, cwd: Path) -> subprocess.CompletedProcess:
     """``moe-hub ARGS`` in a fresh interpreter, with ``hook`` (Python) run before it: the hook
     only arranges when a real SIGINT arrives."""
@@ -251,3 +241,33 @@ def test_ctrl_c_right_after_the_final_rename_says_the_output_is_complete(tmp_pat
                                                         f"completely")
     assert done.returncode == 130 and "nothing was written" not in done.stderr
     assert (out / "config.json").is_file() and (out / "moe_adapters.safetensors").is_file()
+
+
+SIGKILL_IN_SAVE = """
+    from transformers import Trainer
+    original = Trainer._save_rng_state
+    def save_rng_state(self, output_dir):
+        if self.state.global_step == 4:
+            os.kill(os.getpid(), signal.SIGKILL)  # mid-save: adapters, optimizer written
+        return original(self, output_dir)
+    Trainer._save_rng_state = save_rng_state
+"""
+
+
+def test_a_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(tmp_path, ckpt, capfd):
+    data = write_data(tmp_path / "d.jsonl")
+    args = ["finetune", str(ckpt), "--data", str(data), "--output", str(tmp_path / "out"),
+            "--max-steps", "6", "--save-steps", "2", "--max-length", "16", "--no-progress"]
+    done = run_cli(args, SIGKILL_IN_SAVE, tmp_path)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    run_dir = tmp_path / "out.checkpoints"
+    # What the kill left: checkpoint-2, the half-saved step 4 under its hidden name, the lock.
+    assert sorted(p.name for p in run_dir.iterdir()) == [".checkpoint-4.saving", "checkpoint-2"]
+    assert (tmp_path / ".out.checkpoints.lock").is_file()
+    capfd.readouterr()
+    metrics = finetune(ckpt, data, tmp_path / "out", max_steps=6, save_steps=2, resume=True,
+                       **FAST)
+    assert metrics["global_step"] == 6 and not run_dir.exists()
+    err = capfd.readouterr().err
+    assert "removed 1 half-saved checkpoint folder(s) left by interrupted runs" in err
+    assert ".checkpoint-4.saving" in err
