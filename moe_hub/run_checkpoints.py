@@ -102,6 +102,8 @@ def problem(checkpoint: Path) -> str | None:
         return broken
     for name in (OPTIMIZER, SCHEDULER):
         path = checkpoint / name
+        if name == OPTIMIZER and not path.exists() and _sharded_optimizer(checkpoint):
+            continue
         if not path.is_file():
             what = "the learning-rate schedule" if name == SCHEDULER else "the optimizer state"
             return f"{name} is missing (resuming without it would restart {what})"
@@ -114,6 +116,19 @@ def problem(checkpoint: Path) -> str | None:
         if not zipfile.is_zipfile(path):
             return f"{path.name} is truncated or corrupt"
     return None
+
+
+def _sharded_optimizer(checkpoint: Path) -> bool:
+    """Optimizer states saved in another form than one ``optimizer.pt``, as Trainer accepts them
+    too: FSDP's ``optimizer_0/`` folders, ``optimizer.bin``, DeepSpeed's ``global_step*``, XLA's
+    per-rank files."""
+    for path in checkpoint.iterdir():
+        folder = path.is_dir()
+        if (folder and ("optimizer" in path.name or path.name.startswith("global_step"))) \
+                or path.name == "optimizer.bin" \
+                or re.fullmatch(r"rank\d+-of-\d+-optimizer\.pt", path.name):
+            return True
+    return False
 
 
 def _interrupted_save(reason: str) -> bool:
