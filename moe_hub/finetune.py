@@ -198,6 +198,15 @@ class FinetuneOptions:
 
 
 
+class CheckpointSaveError(Exception):
+    """Writing a trainer checkpoint failed (its half-written folder is already removed)."""
+
+    def __init__(self, step: int, run_dir: Path, cause: BaseException) -> None:
+        reason = os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno else \
+            " ".join(str(cause).split())[-160:]
+        super().__init__(f"cannot save checkpoint-{step} in {run_dir} ({reason})")
+
+
 class NonFiniteLoss(RuntimeError):
     """The training loss or the adapters' gradients became NaN or infinite."""
 
@@ -434,9 +443,11 @@ def _make_trainer_class() -> type:
             self._saving_into = str(staging)
             try:
                 super()._save_checkpoint(model, trial)
-            except BaseException:
+            except BaseException as err:
                 if self.args.should_save:
                     shutil.rmtree(staging, ignore_errors=True)
+                if isinstance(err, Exception):  # a full disk, a quota, a lost mount...
+                    raise CheckpointSaveError(step, run_dir, err) from err
                 raise
             finally:
                 self._saving_into = None
@@ -650,6 +661,12 @@ def finetune(
                                     resume_from, callbacks, progress, started)
         except KeyboardInterrupt as interrupt:
             raise _interrupted(interrupt, output, run_dir) from None
+        except CheckpointSaveError as err:
+            kept = complete_checkpoints(run_dir)
+            then = (f"then resume from {kept[0].name} with --resume" if kept else
+                    "then run again")
+            raise MoEHubError(f"{err}: {output} was not written; free disk space, {then}"
+                              ) from None
 
 
 def _is_first_process() -> bool:

@@ -271,3 +271,31 @@ def test_a_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(tmp_pat
     err = capfd.readouterr().err
     assert "removed 1 half-saved checkpoint folder(s) left by interrupted runs" in err
     assert ".checkpoint-4.saving" in err
+
+
+DISK_FULL_AT_SAVE = """
+    import resource
+    from transformers import Trainer
+    original = Trainer._save_checkpoint
+    def save_checkpoint(self, model, trial):
+        if self.state.global_step == 4:
+            # From here on no file may grow past 1 KiB: the disk is "full" during this save.
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+        return original(self, model, trial)
+    Trainer._save_checkpoint = save_checkpoint
+"""
+
+
+def test_a_full_disk_during_a_save_leaves_no_checkpoint_and_names_the_resume(tmp_path, ckpt):
+    data = write_data(tmp_path / "d.jsonl")
+    args = ["finetune", str(ckpt), "--data", str(data), "--output", str(tmp_path / "out"),
+            "--max-steps", "6", "--save-steps", "2", "--max-length", "16", "--no-progress"]
+    done = run_cli(args, DISK_FULL_AT_SAVE, tmp_path)
+    assert_one_error_line(done.returncode, done.stderr, "cannot save checkpoint-4 in",
+                          "out was not written; free disk space, then resume from checkpoint-2 "
+                          "with --resume")
+    assert sorted(p.name for p in (tmp_path / "out.checkpoints").iterdir()) == ["checkpoint-2"]
+    metrics = finetune(ckpt, data, tmp_path / "out", max_steps=6, save_steps=2, resume=True,
+                       **FAST)
+    assert metrics["global_step"] == 6
