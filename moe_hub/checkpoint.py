@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from .errors import MoEHubError
 
 # Re-exported: the name is the shipped loader's (adapter-only checkpoints), defined there once.
 from .modeling.modeling_moe_lora import ADAPTER_WEIGHTS as ADAPTER_WEIGHTS
+from .outputs import record_publish
 
 INDEX_FILE = "model.safetensors.index.json"
 _MODELING_DIR = Path(__file__).resolve().parent / "modeling"
@@ -222,6 +224,15 @@ def check_output(out: Path, overwrite: bool, inputs: list[tuple[str, str | os.Pa
     ``overwrite`` and only when it is a moe-hub checkpoint or an empty folder: publishing removes
     the old OUT whole, so anything else in it would be lost."""
     refuse_overlap(out, inputs, out_label)
+    _refuse_current_directory(out, out_label)
+    removed = remove_stale_temporaries(out)
+    if removed:
+        from rich.console import Console
+
+        Console(stderr=True).print(
+            f"removed {len(removed)} temporary folder(s) of interrupted runs that no longer run: "
+            f"{', '.join(p.name for p in removed)} (in {out.parent})", highlight=False,
+            soft_wrap=True)
     target = out.resolve()
     if not (out.exists() or out.is_symlink()):
         return
@@ -282,11 +293,51 @@ def write_index(directory: Path, weight_map: dict[str, str]) -> None:
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _refuse_current_directory(out: Path, out_label: str) -> None:
+    """OUT is replaced whole by a rename: the current directory (or one holding it) would vanish
+    from under the shell that runs the command."""
+    try:
+        here = Path.cwd().resolve()
+    except OSError:
+        return
+    target = out.resolve()
+    if target == here or target in here.parents:
+        where = "the current directory" if target == here else "a folder holding the current one"
+        raise MoEHubError(f"{out_label} {out} is {where}: {out_label} must be a new folder "
+                          f"(or a moe-hub checkpoint to replace with --overwrite) outside it")
+
+
+#: Temporary siblings of OUT: ``.<OUT name>.<pid>-<8 hex>.partial`` / ``.scratch``.
+_TEMPORARY = re.compile(r"^(\d+)-[0-9a-f]{8}\.(partial|scratch)$")
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the temporary siblings of ``out`` whose process no longer runs (a SIGKILL or a
+    power cut skips their cleanup); return them. Live runs' and other users' folders stay."""
+    from .run_checkpoints import pid_alive
+
+    prefix = f".{out.name}."
+    removed = []
+    try:
+        siblings = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for path in siblings:
+        match = _TEMPORARY.match(path.name[len(prefix):]) if path.name.startswith(prefix) \
+            else None
+        if match and path.is_dir() and not path.is_symlink() \
+                and not pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def _make_sibling_dir(out: Path, suffix: str) -> Path:
     """A new empty directory next to ``out``, with the mode the user's umask gives new folders
-    (``tempfile.mkdtemp`` would make it 0700, and that mode would survive the rename into OUT)."""
+    (``tempfile.mkdtemp`` would make it 0700, and that mode would survive the rename into OUT).
+    Its name holds this process's id, so a later run can tell a dead run's leftover."""
     for _ in range(100):
-        candidate = out.parent / f".{out.name}.{secrets.token_hex(4)}{suffix}"
+        candidate = out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}"
         try:
             candidate.mkdir()
         except FileExistsError:
@@ -320,6 +371,7 @@ def publish(staging: Path, out: Path, overwrite: bool) -> None:
     """Move a finished ``staging`` directory to ``out``, replacing an old ``out`` only when
     ``overwrite`` (the old one is renamed aside first, so ``out`` is never half-written)."""
     _give_files_the_umask_mode(staging)
+    record_publish(staging, out)
     if out.exists():
         if not overwrite:
             raise MoEHubError(f"{out} appeared while writing it: pass --overwrite to replace it")

@@ -56,8 +56,15 @@ def load_rows(data: str | os.PathLike, split: str = "train") -> Any:
             if suffix not in _LOCAL_BUILDERS:
                 raise MoEHubError(f"data file {path} has an unknown extension: use .jsonl, .json, "
                                   f".csv or .parquet")
-            return datasets.load_dataset(_LOCAL_BUILDERS[suffix], data_files=str(path),
-                                         split="train", **_builder_options(path, suffix))
+            if suffix != ".parquet":
+                _check_utf8(path)
+            try:
+                return datasets.load_dataset(_LOCAL_BUILDERS[suffix], data_files=str(path),
+                                             split="train", **_builder_options(path, suffix))
+            except (ValueError, datasets.exceptions.DatasetGenerationError):
+                if suffix in (".jsonl", ".json"):
+                    _check_json_lines(path)  # names the line, when one line is at fault
+                raise
         return datasets.load_dataset(text, split=split)
     except MoEHubError:
         raise
@@ -69,6 +76,46 @@ def load_rows(data: str | os.PathLike, split: str = "train") -> Any:
     except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
         cause = err.__cause__ or err
         raise MoEHubError(f"cannot read dataset {text!r}: {cause}") from None
+
+
+def _check_utf8(path: Path) -> None:
+    """Arrow stores undecodable bytes and fails on the first access of their row, far from the
+    file: check every line here, naming the first bad one."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise MoEHubError(
+                    f"data file {path} line {number} is not UTF-8 text (byte "
+                    f"0x{line[err.start]:02x} at column {err.start + 1}): save the file as UTF-8"
+                ) from None
+
+
+def _check_json_lines(path: Path) -> None:
+    """Raise naming the first line of a JSON Lines file that is not a JSON object; return when
+    every line is one (the file's problem is then another, e.g. a JSON array file)."""
+    import json
+
+    with open(path, "rb") as f:
+        first = f.read(64).lstrip()
+        if first.startswith(b"["):
+            return  # one JSON array, not JSON Lines
+        f.seek(0)
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as err:
+                raise MoEHubError(f"data file {path} line {number} is not valid JSON "
+                                  f"({getattr(err, 'msg', err)} at column "
+                                  f"{getattr(err, 'colno', '?')}): fix or remove that line"
+                                  ) from None
+            if not isinstance(value, dict):
+                raise MoEHubError(f"data file {path} line {number} is a JSON "
+                                  f"{type(value).__name__}, not an object: give each line one "
+                                  f"row such as {{\"text\": ...}}")
 
 
 class RowError(MoEHubError):
@@ -140,22 +187,36 @@ def _with_eos(ids: list[int], tokenizer: Any) -> list[int]:
     return [*ids, eos] if eos is not None and (not ids or ids[-1] != eos) else ids
 
 
+def _render(tokenizer: Any, messages: list[dict[str, str]], index: int, **kwargs: Any) -> str:
+    """The chat as text; a template that does not compile, or raises on this row, is named."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateSyntaxError as err:
+        raise MoEHubError(f"the tokenizer's chat template is broken ({err.__class__.__name__}: "
+                          f"{err.message} on template line {err.lineno}): fix chat_template in "
+                          f"the tokenizer files or pass --tokenizer") from None
+    except TemplateError as err:
+        raise RowError(index, f"cannot be rendered by the tokenizer's chat template ({err})",
+                       "fix the row or the chat template") from None
+
+
 def _chat_spans(
-    messages: list[dict[str, str]], tokenizer: Any
+    messages: list[dict[str, str]], tokenizer: Any, index: int = 0
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render the chat; return the text and the character spans of the assistant replies.
 
     Each assistant span starts after the prefix rendered with the generation prompt (so the
     "assistant:" header is not trained) and ends where the next prefix ends.
     """
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    full = _render(tokenizer, messages, index)
     spans = []
     for i, turn in enumerate(messages):
         if turn["role"] != "assistant":
             continue
-        start = tokenizer.apply_chat_template(messages[:i], tokenize=False,
-                                              add_generation_prompt=True) if i else ""
-        end = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        start = _render(tokenizer, messages[:i], index, add_generation_prompt=True) if i else ""
+        end = _render(tokenizer, messages[: i + 1], index)
         if not full.startswith(end) or not end.startswith(start):
             raise MoEHubError("the tokenizer's chat template does not render a chat as a prefix of "
                               "its continuation: pass completion_only=False")
@@ -163,27 +224,59 @@ def _chat_spans(
     return full, spans
 
 
+#: Characters tokenised per token wanted, at first: a token rarely covers more; a row whose
+#: cut text gives too few tokens is cut again four times longer, up to the whole row.
+_CHARS_PER_TOKEN = 8
+#: Tokens beyond the ones kept, so that a token split by the character cut is never kept.
+_CUT_MARGIN = 16
+
+
 def tokenize_row(
     row: dict[str, Any], index: int, tokenizer: Any, fmt: str, completion_only: bool,
     max_length: int,
 ) -> dict[str, list[int]]:
-    """input_ids, attention_mask and labels of one row, truncated to ``max_length``."""
+    """input_ids, attention_mask and labels of one row, truncated to ``max_length``.
+
+    Long fields are cut to a bounded number of characters before they reach the tokenizer (a
+    single 20 MB line otherwise costs gigabytes of token offsets): the cut is widened until it
+    gives more tokens than are kept, so the result equals tokenising the whole row."""
+    limit = _CHARS_PER_TOKEN * (max_length + _CUT_MARGIN)
+    while True:
+        example, cut = _tokenize_cut(row, index, tokenizer, fmt, completion_only, limit)
+        if not cut or len(example["input_ids"]) > max_length + _CUT_MARGIN:
+            return {key: value[:max_length] for key, value in example.items()}
+        limit *= 4
+
+
+def _tokenize_cut(row: dict[str, Any], index: int, tokenizer: Any, fmt: str,
+                  completion_only: bool, limit: int) -> tuple[dict[str, list[int]], bool]:
+    """The row tokenised with each text field cut to ``limit`` characters; whether any was."""
+    cut = False
+
+    def bounded(text: str) -> str:
+        nonlocal cut
+        if len(text) > limit:
+            cut = True
+            return text[:limit]
+        return text
+
     if fmt == "text":
-        ids = _with_eos(tokenizer(_field(row, "text", index))["input_ids"], tokenizer)
+        ids = _with_eos(tokenizer(bounded(_field(row, "text", index)))["input_ids"], tokenizer)
         labels = list(ids)
     elif fmt == "prompt_completion":
-        prompt = tokenizer(_field(row, "prompt", index))["input_ids"]
-        completion = tokenizer(_field(row, "completion", index),
+        prompt = tokenizer(bounded(_field(row, "prompt", index)))["input_ids"]
+        completion = tokenizer(bounded(_field(row, "completion", index)),
                                add_special_tokens=False)["input_ids"]
         completion = _with_eos(completion, tokenizer)
         ids = prompt + completion
         labels = ([IGNORE_INDEX] * len(prompt) if completion_only else list(prompt)) + completion
     elif fmt == "messages":
-        messages = _check_messages(row, index)
+        messages = [{**turn, "content": bounded(turn["content"])}
+                    for turn in _check_messages(row, index)]
         if getattr(tokenizer, "chat_template", None) is None:
             raise MoEHubError("the tokenizer has no chat template, so 'messages' rows cannot be "
                               "rendered: use a chat tokenizer or 'prompt'/'completion' rows")
-        text, spans = _chat_spans(messages, tokenizer)
+        text, spans = _chat_spans(messages, tokenizer, index)
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=completion_only)
         ids = encoded["input_ids"]
         if completion_only:
@@ -195,8 +288,7 @@ def tokenize_row(
             labels = list(ids)
     else:
         raise MoEHubError(f"unknown data format {fmt!r}: use one of {FORMATS}")
-    ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, cut
 
 
 def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
@@ -254,6 +346,7 @@ def _tokenize_all(rows: Any, tokenizer: Any, completion_only: bool, max_length: 
             continue  # truncation removed every trained token: the row teaches nothing
         examples.append(example)
     if problems:
+        _refuse_mixed_formats(rows, name)
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
                                            if len(problems) > 5 else "")
         raise MoEHubError(f"{len(problems)} of {len(rows)} rows of {name} are unusable ({shown}): "
@@ -266,6 +359,31 @@ def _tokenize_all(rows: Any, tokenizer: Any, completion_only: bool, max_length: 
             "%d of %d rows of %s lose every trained token to max_length=%d and are skipped",
             len(rows) - len(examples), len(rows), name, max_length)
     return datasets.Dataset.from_list(examples), fmt, truncated, len(rows)
+
+
+def _row_format(row: dict[str, Any]) -> str | None:
+    """The format a single row is written in (its non-empty fields), None if none."""
+    present = {key for key, value in row.items() if value not in (None, "", [])}
+    if "messages" in present:
+        return "messages"
+    if {"prompt", "completion"} <= present:
+        return "prompt_completion"
+    return "text" if "text" in present else None
+
+
+def _refuse_mixed_formats(rows: Any, name: str) -> None:
+    """A file whose rows use different formats loads as one table with the union of their
+    columns: say that, rather than blame each row for the other format's missing field."""
+    first: dict[str, int] = {}
+    for index, row in enumerate(rows):
+        fmt = _row_format(row)
+        if fmt is not None:
+            first.setdefault(fmt, index)
+    if len(first) > 1:
+        kinds = ", ".join(f"row {index} is {fmt.replace('_', '/')}"
+                          for fmt, index in sorted(first.items(), key=lambda kv: kv[1]))
+        raise MoEHubError(f"{name} mixes row formats ({kinds}): give every row the same "
+                          f"format: 'messages', 'prompt' and 'completion', or 'text'")
 
 
 def prepare_data(

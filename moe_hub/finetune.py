@@ -14,9 +14,11 @@ interrupted or diverged run can be resumed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -38,9 +40,19 @@ from .checkpoint import (
     write_index,
 )
 from .data import PadCollator, model_max_length, pad_token_id, prepare_data
-from .errors import MoEHubError
+from .errors import Interrupted, MoEHubError
 from .options_file import is_finite_number, read_options_file
+from .outputs import published_outputs
 from .routing_stats import HEATMAP_FILE, STATS_FILE, RoutingStats
+from .run_checkpoints import (
+    checkpoints,
+    choose_resume,
+    complete_checkpoints,
+    finish_save,
+    remove_saving_leftovers,
+    run_lock,
+    saving_dir,
+)
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 TRAIN_CHOICES = ("all", "experts", "routers")
@@ -187,6 +199,15 @@ class FinetuneOptions:
 
 
 
+class CheckpointSaveError(Exception):
+    """Writing a trainer checkpoint failed (its half-written folder is already removed)."""
+
+    def __init__(self, step: int, run_dir: Path, cause: BaseException) -> None:
+        reason = os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno else \
+            " ".join(str(cause).split())[-160:]
+        super().__init__(f"cannot save checkpoint-{step} in {run_dir} ({reason})")
+
+
 class NonFiniteLoss(RuntimeError):
     """The training loss or the adapters' gradients became NaN or infinite."""
 
@@ -205,6 +226,11 @@ def _finite_guard(trainer: Any) -> Any:
         def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None,
                                   **kwargs: Any) -> None:
             losses, trainer._step_losses = trainer._step_losses, []
+            if losses:
+                # The step's loss as Trainer sums it for its logs (no device sync here).
+                record = (state.global_step + 1, torch.stack(losses).detach().sum())
+                trainer.first_step_loss = trainer.first_step_loss or record
+                trainer.last_step_loss = record
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             checks = [torch.stack(torch._foreach_norm(grads)).sum()] if grads else []
             checks += [loss.float() for loss in losses]
@@ -220,6 +246,40 @@ def _finite_guard(trainer: Any) -> Any:
                     raise NonFiniteLoss(step, f"the gradient of {name} is not finite")
 
     return FiniteGuard()
+
+
+def format_log(logs: dict[str, Any], step: int, max_steps: int) -> str | None:
+    """One readable line for a Trainer log (None for the end-of-training totals, which the
+    summary line reports): ``step 3/6  loss 5.116  grad_norm 1.1  learning_rate 0.05 ...``."""
+    if "train_runtime" in logs:
+        return None
+    parts = [f"step {step}/{max_steps}"]
+    for key, value in logs.items():
+        if key in ("total_flos", "epoch"):
+            continue
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    if isinstance(logs.get("epoch"), int | float):
+        parts.append(f"epoch {logs['epoch']:.2f}")
+    return "  ".join(parts)
+
+
+def _log_as_lines(trainer: Any) -> None:
+    """Trainer prints each log as a Python dict (to stdout without progress bars, where the CLI
+    writes its JSON): print a formatted line above the progress bar instead, nothing without."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class ProgressLines(ProgressCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
+                   **kwargs: Any) -> None:
+            line = format_log(logs or {}, state.global_step, state.max_steps)
+            if state.is_world_process_zero and self.training_bar is not None and line:
+                self.training_bar.write(line, file=sys.stderr)  # with the bar, off stdout
+
+    trainer.remove_callback(PrinterCallback)
+    handler = trainer.callback_handler
+    if any(type(cb) is ProgressCallback for cb in handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(ProgressLines())
 
 
 def quantization_config(options: FinetuneOptions) -> Any:
@@ -328,7 +388,12 @@ def _make_trainer_class() -> type:
             self._aux_sums: dict[str, torch.Tensor] = {}
             self._aux_count = 0
             self._step_losses: list[torch.Tensor] = []
+            self._saving_into: str | None = None
+            #: (step, loss) of the first and the last optimizer step this run took
+            self.first_step_loss: tuple[int, torch.Tensor] | None = None
+            self.last_step_loss: tuple[int, torch.Tensor] | None = None
             self.add_callback(_finite_guard(self))
+            _log_as_lines(self)
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
@@ -365,6 +430,38 @@ def _make_trainer_class() -> type:
                       metadata={"format": "pt"})
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
+        def _get_output_dir(self, trial: Any) -> str:
+            # While a checkpoint is saved: the hidden folder it is written in.
+            return self._saving_into or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            """Trainer's save, written into a hidden folder and renamed to checkpoint-N once
+            complete: an interrupted save (Ctrl-C, kill, full disk) never leaves a checkpoint-N
+            that a resume would pick."""
+            run_dir = Path(super()._get_output_dir(trial))
+            step = self.state.global_step
+            staging = saving_dir(run_dir, step)
+            self._saving_into = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)
+            except BaseException as err:
+                if self.args.should_save:
+                    shutil.rmtree(staging, ignore_errors=True)
+                if isinstance(err, Exception):  # a full disk, a quota, a lost mount...
+                    raise CheckpointSaveError(step, run_dir, err) from err
+                raise
+            finally:
+                self._saving_into = None
+            self.accelerator.wait_for_everyone()  # every process wrote its RNG state into it
+            if self.args.should_save:
+                best = self.state.best_model_checkpoint
+                if best and Path(best).parent == staging:
+                    self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+                    self.state.save_to_json(str(staging / Path(best).name / "trainer_state.json"))
+                finish_save(run_dir, step)
+                _rotate_checkpoints(self, run_dir)
+            self.accelerator.wait_for_everyone()
+
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
             model = self.accelerator.unwrap_model(model or self.model)
             load_adapters(model, Path(resume_from_checkpoint) / ADAPTER_WEIGHTS)
@@ -376,6 +473,18 @@ def _make_trainer_class() -> type:
                               Path(best) / ADAPTER_WEIGHTS)
 
     return MoELoraTrainer
+
+
+def _rotate_checkpoints(trainer: Any, run_dir: Path) -> None:
+    """Trainer's ``save_total_limit`` rotation, on the run folder (Trainer's own ran on the
+    saving folder). Checkpoints are ordered by step: their names say it, mtimes need not."""
+    try:
+        from transformers.trainer_utils import rotate_checkpoints
+    except ImportError:  # transformers before the function: the method did the same
+        trainer._rotate_checkpoints(use_mtime=False, output_dir=str(run_dir))
+        return
+    rotate_checkpoints(output_dir=str(run_dir), save_total_limit=trainer.args.save_total_limit,
+                       best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=False)
 
 
 def load_adapters(model: Any, path: Path) -> None:
@@ -444,23 +553,27 @@ def _training_arguments(options: FinetuneOptions, run_dir: Path, has_eval: bool,
 
 
 def _resume_point(options: FinetuneOptions, run_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The checkpoint-N folder to resume from (None: a fresh run); says which half-written
+    newer ones it skips."""
+    if not options.resume:
+        if checkpoints(run_dir):
+            raise MoEHubError(f"{run_dir} holds checkpoints of an earlier run: pass --resume to "
+                              f"continue it, or delete the directory to start over")
+        return None
+    explicit = options.resume if isinstance(options.resume, str) and \
+        options.resume not in ("true", "True") else None
+    chosen, skipped = choose_resume(run_dir, explicit)
+    if chosen is None:
+        partial = f" ({', '.join(p.name for p in skipped)} were never finished)" if skipped else ""
+        raise MoEHubError(f"nothing to resume: {run_dir} holds no complete checkpoint-N "
+                          f"directory{partial}")
+    if skipped:
+        from rich.console import Console
 
-    if isinstance(options.resume, str) and options.resume not in ("", "true", "True"):
-        path = Path(options.resume)
-        if not (path / ADAPTER_WEIGHTS).is_file():
-            raise MoEHubError(f"cannot resume from {path}: it is not a checkpoint-N directory "
-                              f"written by moe-hub finetune")
-        return str(path)
-    last = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
-    if options.resume:
-        if last is None:
-            raise MoEHubError(f"nothing to resume: {run_dir} holds no checkpoint-N directory")
-        return last
-    if last is not None:
-        raise MoEHubError(f"{run_dir} holds checkpoints of an earlier run: pass --resume to "
-                          f"continue it, or delete the directory to start over")
-    return None
+        Console(stderr=True).print(
+            f"skipped {', '.join(p.name for p in skipped)} in {run_dir} (saves interrupted "
+            f"before they finished); resuming from {chosen.name}", highlight=False, soft_wrap=True)
+    return str(chosen)
 
 
 def _load_tokenizer(checkpoint: Path, options: FinetuneOptions, config: Any) -> Any:
@@ -515,6 +628,7 @@ def finetune(
         from moe_hub import finetune
         finetune("smol-moe", "default", "smol-moe-ft", quantize="nf4", max_steps=100)
     """
+    started = time.perf_counter()  # wall_seconds: the whole call, loading and writing included
     if config_file is not None:
         if options is not None:
             raise MoEHubError("pass either options or config_file, not both")
@@ -537,8 +651,54 @@ def finetune(
                           f"checkpoint_dir outside it (the default is {output}.checkpoints)")
     # A run folder the user already had is theirs: only this run's checkpoints leave it.
     run_dir_existed = run_dir.exists()
-    resume_from = _resume_point(options, run_dir)
+    # One run per checkpoint folder, taken before any work; every process of a distributed run
+    # shares the folder, so only the first takes the lock.
+    with run_lock(run_dir, output) if _is_first_process() else contextlib.nullcontext():
+        if _is_first_process():
+            _say_removed(remove_saving_leftovers(run_dir), "half-saved checkpoint folder")
+        resume_from = _resume_point(options, run_dir)
+        try:
+            return _finetune_locked(checkpoint, data, output, options, run_dir, run_dir_existed,
+                                    resume_from, callbacks, progress, started)
+        except KeyboardInterrupt as interrupt:
+            raise _interrupted(interrupt, output, run_dir) from None
+        except CheckpointSaveError as err:
+            kept = complete_checkpoints(run_dir)
+            then = (f"then resume from {kept[0].name} with --resume" if kept else
+                    "then run again")
+            raise MoEHubError(f"{err}: {output} was not written; free disk space, {then}"
+                              ) from None
 
+
+def _is_first_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say_removed(removed: list[Path], what: str) -> None:
+    if removed:
+        from rich.console import Console
+
+        Console(stderr=True).print(
+            f"removed {len(removed)} {what}(s) left by interrupted runs: "
+            f"{', '.join(str(p) for p in removed)}", highlight=False, soft_wrap=True)
+
+
+def _interrupted(interrupt: KeyboardInterrupt, output: Path, run_dir: Path) -> KeyboardInterrupt:
+    """The interrupt, told what is on disk: the complete checkpoints a resume can start from."""
+    if isinstance(interrupt, Interrupted) or output in published_outputs():
+        return interrupt
+    kept = complete_checkpoints(run_dir)
+    if not kept:
+        return interrupt
+    names = ", ".join(path.name for path in kept)
+    return Interrupted(f"interrupted; {output} was not written, but {run_dir} holds complete "
+                       f"checkpoint(s) {names}", resume=f"resume from {kept[0].name}")
+
+
+def _finetune_locked(checkpoint: Path, data: Any, output: Path, options: FinetuneOptions,
+                     run_dir: Path, run_dir_existed: bool, resume_from: str | None,
+                     callbacks: list[Any] | None, progress: bool, started: float
+                     ) -> dict[str, Any]:
     from .modeling import MoELoraConfig
 
     config = MoELoraConfig.from_pretrained(checkpoint)
@@ -558,13 +718,11 @@ def finetune(
         callbacks=callbacks,
         routing_stats=stats,
     )
-    started = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
     except NonFiniteLoss as err:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+        kept = complete_checkpoints(run_dir)
+        last = kept[0] if kept else None
         kept = (f"the last good checkpoint is {last}: resume from it with a lower --lr"
                 if last else "no checkpoint was saved before it")
         raise MoEHubError(f"training stopped: {err}; {output} was not written and {kept}") from None
@@ -575,11 +733,15 @@ def finetune(
         metrics.update({k: v for k, v in final_eval[-1].items() if k.startswith("eval_")}
                        if final_eval else trainer.evaluate())
     stats.all_reduce()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    first, final = _step_loss(trainer, trainer.first_step_loss), \
+        _step_loss(trainer, trainer.last_step_loss)
     metrics.update({
         "global_step": trainer.state.global_step,
-        "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None,
+        # One step's loss each, not a logging window's mean (a short run has one window).
+        "first_loss": first[1] if first else None,
+        "first_loss_step": first[0] if first else None,
+        "final_loss": final[1] if final else None,
+        "final_loss_step": final[0] if final else None,
         "train_rows": prepared.rows,
         "train_examples": len(prepared.train),
         "train_tokens": prepared.tokens,
@@ -600,6 +762,18 @@ def finetune(
         _print_summary(metrics, output, progress)
     trainer.accelerator.wait_for_everyone()
     return metrics
+
+
+def _step_loss(trainer: Any, record: tuple[int, torch.Tensor] | None
+               ) -> tuple[int, float] | None:
+    """(step, loss) averaged over the processes, as Trainer's logs average it (every process
+    calls this)."""
+    if record is None:
+        return None
+    step, loss = record
+    if trainer.args.world_size > 1:
+        loss = trainer.accelerator.reduce(loss.clone(), reduction="mean")
+    return step, float(loss)
 
 
 def _inputs(checkpoint: Path, data: Any, options: FinetuneOptions) -> list[tuple[str, Any]]:
@@ -664,6 +838,12 @@ def _write_output(checkpoint: Path, output: Path, model: Any, options: FinetuneO
         config["router_aux_loss_coef"] = model.config.router_aux_loss_coef
         config["router_z_loss_coef"] = model.config.router_z_loss_coef
         config["output_router_logits"] = False
+        # The output ships this release's code (copy_code): record it, as convert does.
+        from . import __version__
+        from .modeling.transformers_compat import TESTED_TRANSFORMERS
+
+        config["moe_hub_version"] = __version__
+        config["tested_transformers"] = list(TESTED_TRANSFORMERS)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copy_code(staging)
         stats_path, _ = stats.write(staging)
@@ -695,11 +875,12 @@ def _print_summary(metrics: dict[str, Any], output: Path, progress: bool) -> Non
 
     parts = [f"{metrics['global_step']} steps in {metrics['wall_seconds']:.1f}s"]
     if metrics.get("first_loss") is not None:
-        parts.append(f"loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f}")
+        parts.append(f"loss {metrics['first_loss']:.4f} (step {metrics['first_loss_step']}) -> "
+                     f"{metrics['final_loss']:.4f} (step {metrics['final_loss_step']})")
     if metrics.get("eval_loss") is not None:
         parts.append(f"eval loss {metrics['eval_loss']:.4f}")
     Console(stderr=True, quiet=not progress).print(
-        f"[green]fine-tuned[/green] {', '.join(parts)}; wrote {output}")
+        f"[green]fine-tuned[/green] {', '.join(parts)}; wrote {output}", soft_wrap=True)
 
 
 __all__ = ["QUANTIZATIONS", "TRAIN_CHOICES", "FinetuneOptions", "finetune", "load_for_training",

@@ -47,12 +47,15 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
+        from moe_hub.outputs import publish_mark
+
+        mark = publish_mark()
         try:
             return command(*args, **kwargs)
         except typer.Exit:
             raise
-        except KeyboardInterrupt:
-            print("error: interrupted; nothing was written", file=sys.stderr)
+        except KeyboardInterrupt as interrupt:
+            print(f"error: {interrupted_message(interrupt, mark)}", file=sys.stderr)
             raise typer.Exit(130) from None
         except Exception as err:
             if os.environ.get("MOE_HUB_DEBUG"):
@@ -62,6 +65,43 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(1) from None
 
     return run
+
+
+def interrupted_message(interrupt: KeyboardInterrupt, mark: int = 0) -> str:
+    """What Ctrl-C left on disk, as found there: a finished output, resumable checkpoints (with
+    the command that resumes), or nothing."""
+    from moe_hub.errors import Interrupted
+    from moe_hub.outputs import published_outputs
+
+    done = published_outputs(since=mark)
+    if done:
+        return (f"interrupted after {', '.join(map(str, done))} was written completely; it is "
+                f"ready to use")
+    if isinstance(interrupt, Interrupted):
+        command = _resume_command() if interrupt.resume else None
+        if command:
+            return f"{interrupt.message}; {interrupt.resume} with: {command}"
+        return str(interrupt)
+    return "interrupted; nothing was written"
+
+
+def _resume_command() -> str | None:
+    """This process's command line with ``--resume`` (in place of any ``--resume-from``)."""
+    import shlex
+
+    args = sys.argv[1:]
+    if "finetune" not in args:
+        return None  # not run as `moe-hub finetune` (e.g. a test runner's own argv)
+    kept: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--resume-from":
+            skip = True
+        elif arg != "--resume" and not arg.startswith("--resume-from="):
+            kept.append(arg)
+    return shlex.join(["moe-hub", *kept, "--resume"])
 
 
 def register(name: str, command: Callable[..., Any]) -> None:

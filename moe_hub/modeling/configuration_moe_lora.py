@@ -16,6 +16,9 @@ SITE_KEYS = ("path", "name")
 #: (``model.model.layers...``, ``model.lm_head...``; moe-hub before 0.2), 2 = the decoder backbone
 #: under ``model.`` and the head as ``lm_head`` (transformers' convention).
 CHECKPOINT_LAYOUT = 2
+#: The moe-hub release this code belongs to (``moe_hub.__version__``; a test keeps them equal).
+#: Checkpoints record the release that wrote them as ``moe_hub_version``.
+CODE_VERSION = "0.1.0"
 KERNEL_CHOICES = ("auto", "triton", "torch")
 #: Router options whose default changed after checkpoints were saved without them: router ->
 #: option -> (what a config read from a file without it was built with, what a new config gets).
@@ -27,6 +30,43 @@ ROUTER_OPTION_DEFAULTS: dict[str, dict[str, tuple[Any, Any]]] = {
     # ``mode``; a config built in code without ``mode`` got ``message`` until then as well.
     "graphmoe": {"mode": ("message", "refine")},
 }
+
+
+def _number(name: str, value: Any, kind: type) -> Any:
+    """``value`` as an int or float; a string such as "four" (or "8") in config.json, a bool or
+    a fractional count is refused naming the field."""
+    import numbers
+
+    integral = isinstance(value, numbers.Integral) or \
+        (isinstance(value, numbers.Real) and float(value).is_integer())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+            (kind is int and not integral):
+        wanted = "an integer" if kind is int else "a number"
+        raise ValueError(f"config.json {name} must be {wanted} (got {value!r})")
+    return kind(value)
+
+
+def _release(version: Any) -> tuple[int, ...]:
+    """``"0.10.2rc1"`` -> (0, 10, 2): enough to order moe-hub releases (no packaging import in
+    the shipped code)."""
+    import re
+
+    return tuple(int(part) for part in re.findall(r"\d+", str(version).split("+")[0])[:3])
+
+
+def _refuse_newer_checkpoint(layout: int, written_by: Any) -> None:
+    """A checkpoint written by a newer moe-hub may store what this code cannot read (a newer
+    tensor layout, router options it does not know): one line naming the release it needs."""
+    newer_layout = layout > CHECKPOINT_LAYOUT
+    newer_release = written_by is not None and _release(written_by) > _release(CODE_VERSION)
+    if not (newer_layout or newer_release):
+        return
+    needed = f"moe-hub {written_by} or newer" if written_by else "a newer moe-hub"
+    what = (f"checkpoint_layout {layout}; this code reads layouts up to {CHECKPOINT_LAYOUT}"
+            if newer_layout else f"moe_hub_version {written_by}; this code is {CODE_VERSION}")
+    raise ValueError(f"this checkpoint was written by a newer moe-hub (config.json {what}): "
+                     f"it needs {needed}: pip install -U moe-hub, or load it with "
+                     f"trust_remote_code=True to run the code it ships")
 
 
 class MoELoraConfig(PretrainedConfig):
@@ -101,21 +141,25 @@ class MoELoraConfig(PretrainedConfig):
             text_config = CONFIG_MAPPING[model_type](**text_config)
         self.text_config = text_config
         self.router = router
+        if router_config is not None and not isinstance(router_config, dict):
+            raise ValueError(f"config.json router_config must be a mapping of router options such "
+                             f"as {{\"hidden_size\": 128}} (got a {type(router_config).__name__}: "
+                             f"{router_config!r})")
         self.router_config = dict(router_config or {})
         # A config read from a file always carries ``transformers_version`` (as for site_keys).
         saved = "transformers_version" in kwargs
         for key, (before, now) in ROUTER_OPTION_DEFAULTS.get(router, {}).items():
             self.router_config.setdefault(key, before if saved else now)
-        self.num_experts = int(num_experts)
-        self.num_experts_per_tok = int(num_experts_per_tok)
-        self.lora_rank = int(lora_rank)
-        self.lora_alpha = float(lora_alpha)
-        self.lora_dropout = float(lora_dropout)
+        self.num_experts = _number("num_experts", num_experts, int)
+        self.num_experts_per_tok = _number("num_experts_per_tok", num_experts_per_tok, int)
+        self.lora_rank = _number("lora_rank", lora_rank, int)
+        self.lora_alpha = _number("lora_alpha", lora_alpha, float)
+        self.lora_dropout = _number("lora_dropout", lora_dropout, float)
         self.target_modules = list(target_modules) if target_modules is not None else None
         self.routing_granularity = routing_granularity
         self.normalize_expert_weights = bool(normalize_expert_weights)
-        self.router_aux_loss_coef = float(router_aux_loss_coef)
-        self.router_z_loss_coef = float(router_z_loss_coef)
+        self.router_aux_loss_coef = _number("router_aux_loss_coef", router_aux_loss_coef, float)
+        self.router_z_loss_coef = _number("router_z_loss_coef", router_z_loss_coef, float)
         self.output_router_logits = bool(output_router_logits)
         self.expert_kernel = expert_kernel
         self.base_model_name_or_path = base_model_name_or_path
@@ -127,6 +171,7 @@ class MoELoraConfig(PretrainedConfig):
             site_keys = "name" if "transformers_version" in kwargs else "path"
         self.site_keys = site_keys
         self.checkpoint_layout = int(checkpoint_layout)
+        _refuse_newer_checkpoint(self.checkpoint_layout, kwargs.get("moe_hub_version"))
         if text_config is not None:
             # Generation and the pipelines read these from the top-level config.
             for name in ("vocab_size", "tie_word_embeddings"):

@@ -317,7 +317,11 @@ class MoELoraPreTrainedModel(PreTrainedModel):
             drop_missing=self.adapter_parameter_names() if self.config.adapter_only else (),
             drop_unexpected_prefix=None if self._keeps_head else self._head_prefix + ".",
         )
-        self._refuse_missing_base(reported_missing_keys(result, args))
+        missing = reported_missing_keys(result, args)
+        self._refuse_missing_base(missing)
+        if missing is not None and not self.config.adapter_only:
+            # An adapter-only checkpoint's adapters are checked against its adapter file later.
+            refuse_missing_adapters(self, missing, "the checkpoint's weight files")
         return result
 
     def _refuse_missing_base(self, missing: Any) -> None:
@@ -601,6 +605,25 @@ ADAPTER_WEIGHTS = "moe_adapters.safetensors"
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "token")
 
 
+def refuse_missing_adapters(model: MoELoraPreTrainedModel, present_or_missing: Any,
+                            where: str, present: bool = False) -> None:
+    """transformers re-initialises missing tensors and only warns: an expert or router that the
+    config describes and the weights lack (``router`` or ``num_experts`` edited in config.json,
+    entries dropped from the index) would run on fresh random values, so loading stops naming
+    them. ``present_or_missing``: the names missing, or with ``present`` the names stored."""
+    wanted = model.adapter_parameter_names()
+    keys = set(present_or_missing)
+    missing = [name for name in wanted if (name not in keys if present else name in keys)]
+    if not missing:
+        return
+    shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+    raise ValueError(
+        f"{where} lack {len(missing)} of the {len(wanted)} expert/router tensors config.json "
+        f"describes (router {model.config.router!r}, {model.config.num_experts} experts): "
+        f"{shown}; config.json and the weights disagree: restore the config.json written with "
+        f"them, or re-create the checkpoint with `moe-hub convert`")
+
+
 def _require_moe_config(config: PretrainedConfig, path: Any) -> None:
     """One clear error for a directory that holds some other model (a dense checkpoint) or none
     (the config class then reads an empty config)."""
@@ -695,6 +718,22 @@ def _dense_key_mapping(cls: type, config: MoELoraConfig, hub: dict[str, Any]) ->
     return mapping
 
 
+def _require_local_base(path: Any, base: str) -> None:
+    """A base recorded as a local path (absolute, ``./``, ``~``, or more than owner/name) that
+    is gone would otherwise be looked up on the Hub as a repo id and fail there obscurely."""
+    import os
+
+    text = str(base)
+    local = os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 \
+        or (os.sep != "/" and os.sep in text)
+    if local and not os.path.isdir(os.path.expanduser(text)):
+        config_file = os.path.join(str(path), "config.json")
+        raise OSError(
+            f"{path} is an adapter-only checkpoint whose base model {text} "
+            f"(base_model_name_or_path in its config.json) does not exist any more: move the "
+            f"base back there, or set base_model_name_or_path in {config_file} to where it is now")
+
+
 def _load_adapter_only(cls: type, path: Any, config: MoELoraConfig, model_args: tuple,
                        kwargs: dict[str, Any], legacy: dict[str, str]) -> MoELoraPreTrainedModel:
     from safetensors import safe_open
@@ -703,6 +742,7 @@ def _load_adapter_only(cls: type, path: Any, config: MoELoraConfig, model_args: 
     if not config.base_model_name_or_path:
         raise ValueError(f"{path} is an adapter-only checkpoint that names no base model "
                          f"(base_model_name_or_path): re-create it with `moe-hub convert`")
+    _require_local_base(path, config.base_model_name_or_path)
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     adapter_file = cached_file(path, ADAPTER_WEIGHTS, revision=kwargs.get("revision"),
                                subfolder=kwargs.get("subfolder", ""), **hub)
@@ -725,10 +765,7 @@ def _load_adapter_only(cls: type, path: Any, config: MoELoraConfig, model_args: 
         # Adapter files of layout 1 name tensors model.<dense name>: renamed to this model's.
         names = {_rename(name, legacy): name for name in f.keys()}
         stored = set(names)
-        missing = sorted(set(model.adapter_parameter_names()) - stored)
-        if missing:
-            raise ValueError(f"{adapter_file} lacks {len(missing)} expert/router tensor(s) (e.g. "
-                             f"{missing[0]}): re-create the checkpoint with `moe-hub convert`")
+        refuse_missing_adapters(model, stored, str(adapter_file), present=True)
         with torch.no_grad():
             for name in stored & params.keys():
                 params[name].copy_(f.get_tensor(names[name]))
