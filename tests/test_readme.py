@@ -30,6 +30,11 @@ NOT_RUN = {
         "the adapter names stand for the reader's own adapters; tests/test_from_adapters.py "
         "runs these commands on adapters trained in the test, scripts/train_task_adapters.py "
         "on SmolLM2",
+    "lm_eval --model hf --model_args pretrained=smol-moe-ft,trust_remote_code=True \\":
+        "downloads the arc_easy data set from the Hub (network)",
+    "HF_DATASETS_OFFLINE=1 lm_eval --model hf \\":
+        "runs from the repository root; tests/test_lm_eval.py runs the same task on a converted "
+        "SmolLM2 through lm-eval's Python API",
 }
 
 

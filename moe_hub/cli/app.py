@@ -68,6 +68,7 @@ def register(name: str, command: Callable[..., Any]) -> None:
     app.command(name)(user_errors(command))
 
 
+from .chat_cmd import chat_command  # noqa: E402
 from .convert_cmd import convert_command  # noqa: E402
 from .demo_cmd import demo_command  # noqa: E402
 from .finetune_cmd import finetune_command  # noqa: E402
@@ -79,6 +80,7 @@ register("info", info_command)
 register("demo", demo_command)
 register("finetune", finetune_command)
 register("push", push_command)
+register("chat", chat_command)
 
 
 def _escape_help(command: Any) -> None:
