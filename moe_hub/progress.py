@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 @contextmanager
@@ -55,11 +56,16 @@ def quiet_library_notices() -> None:
     import logging
     import warnings
 
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # Only that message: it names a Hub kernel package, and bitsandbytes logs it at import.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_kernels_advice)
     # Both the rename notice and the "both names set" notice, which prints the whole cache.
     warnings.filterwarnings("ignore", message=r".*`past_key_values`", category=FutureWarning)
     logging.getLogger("transformers.utils.generic").addFilter(
         lambda record: "are deprecated. Use `cache` instead" not in record.getMessage())
+
+
+def _not_the_kernels_advice(record: Any) -> bool:
+    return "Failed to load CPU gemm_4bit_forward from kernels-community" not in record.getMessage()
 
 
 __all__ = ["quiet_library_notices", "third_party_progress"]

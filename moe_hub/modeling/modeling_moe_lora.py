@@ -446,6 +446,14 @@ class MoELoraPreTrainedModel(PreTrainedModel):
                 total = total + value
         return total
 
+    if hasattr(PreTrainedModel, "is_activation_checkpointing"):
+
+        @property
+        def is_gradient_checkpointing(self) -> bool:
+            # PEFT and TRL still read the old name, which transformers 5.2x deprecates with a
+            # FutureWarning on every read; the answer is the same.
+            return self.is_activation_checkpointing
+
     # Reentrant checkpointing gives the cross-layer routing state no gradient (the "detached
     # state" ablation of RMoE): only the non-reentrant form is allowed, and it gets a context_fn
     # that recomputes every layer with its own forward's routing context. transformers >= 5.2x
