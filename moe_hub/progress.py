@@ -48,6 +48,21 @@ def third_party_progress(enabled: bool, *, data: bool = False) -> Iterator[None]
             undo()
 
 
+@contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """transformers' own bars (weight loading, shard writing) off while active: for a stage whose
+    progress another bar already shows."""
+    from transformers.utils import logging as tf_logging
+
+    enabled = tf_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            tf_logging.enable_progress_bar()
+
+
 def quiet_library_notices() -> None:
     """Hide library notices that ask a user for something irrelevant to moe-hub: bitsandbytes'
     advice to install the Hub ``kernels`` package (its CPU fallback is what runs here), and
@@ -68,4 +83,4 @@ def _not_the_kernels_advice(record: Any) -> bool:
     return "Failed to load CPU gemm_4bit_forward from kernels-community" not in record.getMessage()
 
 
-__all__ = ["quiet_library_notices", "third_party_progress"]
+__all__ = ["quiet_library_notices", "third_party_progress", "transformers_bars_off"]
