@@ -170,7 +170,8 @@ def render_info(info: dict[str, Any]) -> None:
         ("routing sites", str(info["routing_sites"])),
         *([("graphmoe steps", info["router_steps"])] if info.get("router_steps") else []),
         ("parameters", f"total {params['total']:,}  trainable {params['trainable']:,}  added "
-                       f"{params['added']:,} ({100 * params['added'] / params['total']:.2f}%)"),
+                       f"{params['added']:,} (+{100 * params['added'] / max(params['base'], 1):.2f}% "
+                       f"of the base's {params['base']:,})"),
         ("base weights", _size(info["bytes"]["base_weights"])),
         ("adapters", _size(info["bytes"]["adapters"])),
         ("all files", _size(info["bytes"]["all_files"])),
