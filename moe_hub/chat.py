@@ -41,8 +41,11 @@ def load_chat_model(checkpoint: str | os.PathLike, dtype: Any = None) -> tuple[A
     template (a base model's: there is no turn format to follow)."""
     from transformers import AutoTokenizer
 
+    from .checkpoint import require_checkpoint
     from .modeling import MoELoraConfig, MoELoraForCausalLM
 
+    if os.path.exists(checkpoint):  # else a Hub repo id, which from_pretrained resolves
+        require_checkpoint(checkpoint)
     try:
         config = MoELoraConfig.from_pretrained(checkpoint)
     except OSError as err:

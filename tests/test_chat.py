@@ -74,6 +74,10 @@ def test_bad_options_are_refused_in_one_line(checkpoint: Path, tmp_path: Path) -
     assert_one_error_line(result.exit_code, result.output, "--max-new-tokens")
     result = CliRunner().invoke(app, ["chat", str(tmp_path), "-p", "x"])
     assert_one_error_line(result.exit_code, result.output, str(tmp_path))
+    dense = checkpoint.parent / "dense-0"  # the tiny model it was converted from
+    result = CliRunner().invoke(app, ["chat", str(dense), "-p", "x"])
+    assert_one_error_line(result.exit_code, result.output, "not a moe-hub checkpoint",
+                          "moe-hub convert")
 
 
 def test_the_demos_what_next_commands_run(checkpoint: Path) -> None:
