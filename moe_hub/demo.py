@@ -75,4 +75,19 @@ def run_demo(workdir: str | os.PathLike | None = None, router: str = "topk", ste
     console.print(f"[bold]user:[/bold] {messages[0]['content']}\n[bold]model:[/bold] {answer}")
     console.print(f"checkpoints: {converted} (converted), {tuned} (fine-tuned)")
     console.print(f"convert {figures['convert_s']} s, fine-tune {figures['finetune_s']} s")
+    console.print(what_next(tuned), markup=False, highlight=False)
     return figures
+
+
+def what_next(checkpoint: str | os.PathLike) -> str:
+    """The commands a user runs next on the demo's checkpoint: chat, evaluate, publish."""
+    import shlex
+
+    path = shlex.quote(str(checkpoint))
+    return "\n".join([
+        "What next:",
+        f"  chat:     moe-hub chat {path}",
+        f"  evaluate: lm_eval --model hf --model_args pretrained={path},trust_remote_code=True "
+        f"--tasks arc_easy --limit 100   (README: Evaluate)",
+        f"  publish:  moe-hub push {path} YOUR_NAME/smollm2-moe",
+    ])

@@ -356,7 +356,7 @@ def prepare_for_training(model: Any, train: str = "all") -> list[str]:
     except ImportError:
         pass
     model.config.output_router_logits = True
-    model.config.use_cache = False
+    model.config.use_cache = model.config.get_text_config().use_cache = False  # the dense forward's
     model.train()
     return sorted(trainable)
 

@@ -155,6 +155,7 @@ def render_info(info: dict[str, Any]) -> None:
     table.add_column(style="bold")
     table.add_column()
     params = info["parameters"]
+    base = max(params["base"], 1)
     rows = [
         ("base", f"{info['base']}" + (f" @ {info['base_revision']}" if info["base_revision"]
                                        else "")
@@ -170,7 +171,8 @@ def render_info(info: dict[str, Any]) -> None:
         ("routing sites", str(info["routing_sites"])),
         *([("graphmoe steps", info["router_steps"])] if info.get("router_steps") else []),
         ("parameters", f"total {params['total']:,}  trainable {params['trainable']:,}  added "
-                       f"{params['added']:,} ({100 * params['added'] / params['total']:.2f}%)"),
+                       f"{params['added']:,} (+{100 * params['added'] / base:.2f}% of the "
+                       f"base's {params['base']:,})"),
         ("base weights", _size(info["bytes"]["base_weights"])),
         ("adapters", _size(info["bytes"]["adapters"])),
         ("all files", _size(info["bytes"]["all_files"])),

@@ -92,6 +92,10 @@ def read_training_record(checkpoint_dir: str | os.PathLike) -> dict[str, Any] | 
     return record
 
 
+#: The data name that means moe-hub's shipped set (``moe_hub.data.DEFAULT_DATASET``).
+_SHIPPED_DATASET = "default"
+
+
 def _training_datasets(record: dict[str, Any]) -> list[str]:
     """Hub dataset ids named by a training record (local files are not card metadata)."""
     names: list[str] = []
@@ -107,6 +111,10 @@ def _training_datasets(record: dict[str, Any]) -> list[str]:
         names.append(data)
     unique = []
     for name in names:
+        # The shipped set is named like a Hub id but is not one: the Hub would link a data set
+        # called "default".
+        if name == _SHIPPED_DATASET:
+            continue
         if looks_like_hub_id(name) and name not in unique:
             unique.append(name)
     return unique
@@ -119,7 +127,7 @@ def _public_name(value: Any) -> str:
     """A data source as a public card may show it: Hub ids and the shipped set as they are, a
     local file by its name only (its folder says nothing to a reader and may be private)."""
     text = str(value)
-    if text == "default":
+    if text == _SHIPPED_DATASET:
         return "`default` (moe-hub's shipped multi-task chat set)"
     if looks_like_hub_id(text) and not Path(text).suffix:
         return f"[`{text}`](https://huggingface.co/datasets/{text})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 @contextmanager
@@ -47,6 +48,21 @@ def third_party_progress(enabled: bool, *, data: bool = False) -> Iterator[None]
             undo()
 
 
+@contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """transformers' own bars (weight loading, shard writing) off while active: for a stage whose
+    progress another bar already shows."""
+    from transformers.utils import logging as tf_logging
+
+    enabled = tf_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            tf_logging.enable_progress_bar()
+
+
 def quiet_library_notices() -> None:
     """Hide library notices that ask a user for something irrelevant to moe-hub: bitsandbytes'
     advice to install the Hub ``kernels`` package (its CPU fallback is what runs here), and
@@ -55,11 +71,16 @@ def quiet_library_notices() -> None:
     import logging
     import warnings
 
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # Only that message: it names a Hub kernel package, and bitsandbytes logs it at import.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_kernels_advice)
     # Both the rename notice and the "both names set" notice, which prints the whole cache.
     warnings.filterwarnings("ignore", message=r".*`past_key_values`", category=FutureWarning)
     logging.getLogger("transformers.utils.generic").addFilter(
         lambda record: "are deprecated. Use `cache` instead" not in record.getMessage())
 
 
-__all__ = ["quiet_library_notices", "third_party_progress"]
+def _not_the_kernels_advice(record: Any) -> bool:
+    return "Failed to load CPU gemm_4bit_forward from kernels-community" not in record.getMessage()
+
+
+__all__ = ["quiet_library_notices", "third_party_progress", "transformers_bars_off"]

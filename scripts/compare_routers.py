@@ -397,7 +397,16 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_curves(results: dict[str, Any], path: Path) -> None:
-    """Training loss against step, mean over seeds, one line per method."""
+    """Training loss against step, mean over seeds, one line per method (saved to ``path``)."""
+    import matplotlib.pyplot as plt
+
+    fig = curve_figure(results)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def curve_figure(results: dict[str, Any]) -> Any:
+    """The figure ``plot_curves`` saves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -416,8 +425,9 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
                 continue
             steps = sorted(curves[method])
             style = "--" if method in LORA_METHODS else "-"
+            # Markers: a --quick run logs one point per method, which a bare line never draws.
             ax.plot(steps, [statistics.fmean(curves[method][s]) for s in steps], style,
-                    label=method.split("/")[0])
+                    marker="o", markersize=3, label=method.split("/")[0])
         ax.set_title(f"routers at {granularity} granularity (plain LoRA dashed)")
         ax.set_xlabel("step")
         ax.set_yscale("log")
@@ -426,8 +436,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
             ax.legend(fontsize=8)
     axes[0].set_ylabel("training loss (mean over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def report(out: Path) -> None:

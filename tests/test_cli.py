@@ -73,3 +73,20 @@ def test_no_progress_silences_transformers_shard_writing(tmp_path: Path, capfd) 
     assert "Writing model shards" not in capfd.readouterr().err
     model.save_pretrained(tmp_path / "loud")
     assert "Writing model shards" in capfd.readouterr().err
+
+
+def test_convert_help_names_the_embedded_default_base() -> None:
+    result = CliRunner().invoke(app, ["convert", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "smollm2 (the embedded SmolLM2-135M-Instruct" in " ".join(result.output.split())
+
+
+def test_info_says_what_the_added_share_is_of(tmp_path: Path, tiny_dense: Path) -> None:
+    out = tmp_path / "moe"
+    assert CliRunner().invoke(app, ["convert", str(tiny_dense), str(out), "--experts", "2",
+                                    "--rank", "2", "--no-progress"]).exit_code == 0
+    info = json.loads(CliRunner().invoke(app, ["info", str(out), "--json"]).output)
+    params = info["parameters"]
+    table = CliRunner().invoke(app, ["info", str(out)], env={"COLUMNS": "200"})
+    share = 100 * params["added"] / params["base"]
+    assert f"(+{share:.2f}% of the base's {params['base']:,})" in table.output, table.output

@@ -73,3 +73,19 @@ def test_report_tables_mean_and_spread_over_seeds(tmp_path: Path) -> None:
     table = (tmp_path / "compare_routers.md").read_text().splitlines()
     assert table[2].split(" | ")[4:7] == ["1.500 ± 0.707", "0.750 ± 0.354", "0.75"]
     assert (tmp_path / "compare_routers.png").stat().st_size > 1000
+
+
+def test_plot_draws_a_single_logged_point_per_method() -> None:
+    """--quick logs one loss per run: every method must still show up as a visible marker."""
+    import matplotlib.pyplot as plt
+
+    compare = _script("compare_routers")
+    runs = {f"{method}@0": {"method": method, "seed": 0, "curve": [[8, 2.5]]}
+            for method in ("lora-rank", "topk/linear", "topk/block")}
+    fig = compare.curve_figure({"runs": runs})
+    lines = [line for ax in fig.axes for line in ax.get_lines()]
+    plt.close(fig)
+    assert len(lines) == 4  # plain LoRA on both panels, one router on each
+    for line in lines:
+        assert len(line.get_xdata()) == 1
+        assert line.get_marker() not in (None, "", " ", "None") and line.get_markersize() > 0

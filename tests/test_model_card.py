@@ -212,3 +212,14 @@ def test_gguf_metadata_gives_origin_and_license(tmp_path: Path) -> None:
     assert gguf_provenance(bare) == {}
     assert gguf_provenance(bare, default_model=True) == {ORIGIN_KEY: HUB_BASE,
                                                          LICENSE_KEY: "apache-2.0"}
+
+
+def test_card_of_a_run_on_the_shipped_set_names_no_hub_dataset(tmp_path: Path) -> None:
+    """``--data default`` is moe-hub's shipped set, not a Hub data set called "default": the
+    card's metadata names none (the Hub would link one), its text says what was used."""
+    checkpoint = _checkpoint_config(tmp_path / "tuned")
+    record = {"data": {"path": "default", "format": "messages", "rows": 300}, "steps": 30}
+    (checkpoint / TRAINING_FILE).write_text(json.dumps(record))
+    card = ModelCard.load(write_model_card(checkpoint))
+    assert "datasets" not in card.data.to_dict()
+    assert "moe-hub's shipped multi-task chat set" in card.text

@@ -36,6 +36,11 @@ NOT_RUN = {
         "push on tiny models of each family",
     "from vllm import LLM, SamplingParams":
         "needs vLLM and a GPU: scripts/gpu_session.sh vllm runs it on the device machine",
+    "lm_eval --model hf --model_args pretrained=smol-moe-ft,trust_remote_code=True \\":
+        "downloads the arc_easy data set from the Hub (network)",
+    "HF_DATASETS_OFFLINE=1 lm_eval --model hf \\":
+        "runs from the repository root; tests/test_lm_eval.py runs the same task on a converted "
+        "SmolLM2 through lm-eval's Python API",
 }
 
 
@@ -138,3 +143,26 @@ def test_cited_repository_files_exist() -> None:
         if not found:
             missing.append(citation)
     assert not missing, f"README cites files the repository does not have: {missing}"
+
+
+def test_checkpoint_layout_names_every_shipped_code_file() -> None:
+    """The README's checkpoint layout lists every file convert copies into a checkpoint."""
+    from moe_hub.checkpoint import code_files
+
+    text = README.read_text()
+    section = text.split("## Checkpoint layout", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"[\w*]+\.py", section))
+    shipped = {path.name for path in code_files()}
+    assert shipped
+    missing = {name for name in shipped
+               if not any(Path(name).match(pattern) for pattern in listed)}
+    assert not missing, f"README's checkpoint layout omits {sorted(missing)}"
+
+
+def test_cross_references_name_existing_sections() -> None:
+    """Every 'See "X"' in the README names a section heading it has."""
+    text = README.read_text()
+    headings = {h.strip() for h in re.findall(r"^#+ (.+)$", text, re.M)}
+    for name in re.findall(r"[Ss]ee [\"“]([^\"”]+)[\"”]", text):
+        name = " ".join(name.split())
+        assert name in headings, f'README says See "{name}", but has no such section'

@@ -64,3 +64,15 @@ def test_root_folder_yields_to_an_installed_package(name, tmp_path):
 def test_root_folders_were_found():
     # The parametrised test above must not pass by having nothing to check.
     assert {"tests", "scripts", "benchmarks"} <= set(ROOT_FOLDERS)
+
+
+def test_outputs_of_the_readme_commands_are_git_ignored() -> None:
+    """Running the README's scripts and examples from the repository root leaves no untracked
+    files behind: their output folders are ignored (compare_routers alone writes GBs)."""
+    outputs = ["runs/compare/compare_routers.json", "runs/task-adapters/results.json",
+               "smol-moe/config.json", "smol-moe-ft/config.json", "smol-mix/config.json",
+               "smol-mix-routed/config.json", "chat.jsonl"]
+    done = subprocess.run(["git", "check-ignore", "--no-index", *outputs], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.split()) == sorted(outputs)

@@ -57,3 +57,15 @@ def test_model_card_snippet_runs_as_written(converted: Path, tmp_path: Path) -> 
     out = run_without_moe_hub(snippet, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
     assert "Do you wish to run the custom code" not in out
     assert out.strip().startswith("The capital of France is")
+
+
+def test_python_convert_shows_one_bar_for_the_gguf_stage(smollm2_gguf: Path, tmp_path: Path,
+                                                          capfd: pytest.CaptureFixture) -> None:
+    """Dequantising the GGUF is one stage with one bar (the GGUF reader's), not also
+    transformers' weight-loading and shard-writing bars."""
+    from moe_hub.convert import convert
+
+    convert(smollm2_gguf, tmp_path / "moe", experts=2, rank=2)
+    err = capfd.readouterr().err
+    assert "de-quantizing GGUF tensors" in err
+    assert "Loading weights" not in err and "Writing model shards" not in err, err[-2000:]

@@ -108,6 +108,7 @@ def register(name: str, command: Callable[..., Any]) -> None:
     app.command(name)(user_errors(command))
 
 
+from .chat_cmd import chat_command  # noqa: E402
 from .convert_cmd import convert_command  # noqa: E402
 from .demo_cmd import demo_command  # noqa: E402
 from .export_cmd import export_command  # noqa: E402
@@ -121,6 +122,7 @@ register("demo", demo_command)
 register("finetune", finetune_command)
 register("push", push_command)
 register("export", export_command)
+register("chat", chat_command)
 
 
 def _escape_help(command: Any) -> None:

@@ -35,7 +35,9 @@ def _option_value(text: str) -> Any:
 
 
 def convert_command(
-    base: Annotated[str, typer.Argument(help="Hub model id, local model directory or .gguf file")],
+    base: Annotated[str, typer.Argument(
+        help="smollm2 (the embedded SmolLM2-135M-Instruct, downloaded once), a Hub model id, a "
+             "local model directory or a .gguf file")],
     out: Annotated[Path, typer.Argument(help="Directory to write the checkpoint to")],
     router: Annotated[str | None, typer.Option(help="topk, rmoe, hypermoe or graphmoe")] = None,
     router_opt: Annotated[list[str] | None, typer.Option(

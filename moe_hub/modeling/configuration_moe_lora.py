@@ -102,6 +102,9 @@ class MoELoraConfig(PretrainedConfig):
         checkpoint_layout: the tensor-name layout of the checkpoint this config belongs to
             (``CHECKPOINT_LAYOUT``); absent from checkpoints of layout 1, which load through a key
             mapping. A model built from the config sets it to the current layout.
+        train_base: leave the dense base trainable when ``from_pretrained`` loads the model
+            (``False``: only experts and routers require grad, as in a PEFT model; pass
+            ``train_base=True`` to ``from_pretrained`` or call ``model.set_trainable("all")``).
     """
 
     model_type = "moe_lora"
@@ -129,6 +132,7 @@ class MoELoraConfig(PretrainedConfig):
         adapter_only: bool = False,
         site_keys: str | None = None,
         checkpoint_layout: int = 1,
+        train_base: bool = False,
         **kwargs: Any,
     ) -> None:
         if isinstance(text_config, dict):
@@ -171,6 +175,7 @@ class MoELoraConfig(PretrainedConfig):
             site_keys = "name" if "transformers_version" in kwargs else "path"
         self.site_keys = site_keys
         self.checkpoint_layout = int(checkpoint_layout)
+        self.train_base = bool(train_base)
         _refuse_newer_checkpoint(self.checkpoint_layout, kwargs.get("moe_hub_version"))
         if text_config is not None:
             # Generation and the pipelines read these from the top-level config.

@@ -80,6 +80,9 @@ from .transformers_compat import (
 
 __all__ = ["MoELoraForCausalLM", "MoELoraModel", "MoELoraPreTrainedModel"]
 
+#: ``set_trainable``'s choices.
+TRAINABLE_CHOICES = ("adapters", "experts", "routers", "all")
+
 #: Class names device_map must not split (see MoELoraPreTrainedModel.__init__).
 _NO_SPLIT_ROUTING_MODULES = ("MoELoraLinear", "MoELoraBlock", "HyperNetwork")
 
@@ -237,6 +240,40 @@ class MoELoraPreTrainedModel(PreTrainedModel):
                                                 or name.startswith("moe_shared."))
         ]
 
+    def set_trainable(self, which: str = "adapters") -> list[str]:
+        """Choose what trains, as a PEFT model does: ``adapters`` (experts and routers: what
+        ``from_pretrained`` leaves trainable unless the config's ``train_base`` is true),
+        ``experts`` (LoRA pairs only), ``routers`` (routers and their shared modules only) or
+        ``all`` (the dense base too). Everything else is frozen; returns the trainable names."""
+        if which not in TRAINABLE_CHOICES:
+            raise ValueError(f"set_trainable takes one of {TRAINABLE_CHOICES} (got {which!r})")
+        adapters = set(self.adapter_parameter_names())
+        trainable = []
+        for name, param in self.named_parameters():
+            if which == "all":
+                wanted = True
+            elif name not in adapters:
+                wanted = False
+            else:
+                wanted = which == "adapters" or (which == "experts") == (".lora_" in name)
+            if wanted and not param.is_floating_point():
+                raise ValueError(f"{name} is quantized ({param.dtype}): a quantized base can't "
+                                 f"train; call set_trainable('adapters')")
+            param.requires_grad_(wanted)
+            if wanted:
+                trainable.append(name)
+        return trainable
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts; a 4-bit weight counts its unpacked elements."""
+        return self.num_parameters(only_trainable=True), self.num_parameters()
+
+    def print_trainable_parameters(self) -> None:
+        """Print the trainable share of the parameters, in PEFT's format."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
     #: Module names the wrapper inserts between a dense module and its weights.
     _wrapper_components = ("base_layer",)
 
@@ -300,12 +337,19 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         _require_moe_config(config, pretrained_model_name_or_path)
         legacy = _legacy_key_mapping(config)
         if getattr(config, "adapter_only", False):
-            return _load_adapter_only(cls, pretrained_model_name_or_path, config, model_args,
-                                      kwargs, legacy)
-        if legacy:
-            kwargs["key_mapping"] = {**legacy, **(kwargs.get("key_mapping") or {})}
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        forget_key_mapping(loaded[0] if isinstance(loaded, tuple) else loaded, legacy, config)
+            loaded = _load_adapter_only(cls, pretrained_model_name_or_path, config, model_args,
+                                        kwargs, legacy)
+        else:
+            if legacy:
+                kwargs["key_mapping"] = {**legacy, **(kwargs.get("key_mapping") or {})}
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                             **kwargs)
+            forget_key_mapping(loaded[0] if isinstance(loaded, tuple) else loaded, legacy,
+                               config)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        # A loaded checkpoint trains like a PEFT model: experts and routers, base frozen
+        # (Trainer, TRL and plain loops optimise whatever requires grad).
+        model.set_trainable("all" if getattr(model.config, "train_base", False) else "adapters")
         return loaded
 
     def _adjust_missing_and_unexpected_keys(self, *args: Any, **kwargs: Any) -> Any:
@@ -405,6 +449,14 @@ class MoELoraPreTrainedModel(PreTrainedModel):
             if name not in ("load_balance", "z_loss"):
                 total = total + value
         return total
+
+    if hasattr(PreTrainedModel, "is_activation_checkpointing"):
+
+        @property
+        def is_gradient_checkpointing(self) -> bool:
+            # PEFT and TRL still read the old name, which transformers 5.2x deprecates with a
+            # FutureWarning on every read; the answer is the same.
+            return self.is_activation_checkpointing
 
     # Reentrant checkpointing gives the cross-layer routing state no gradient (the "detached
     # state" ablation of RMoE): only the non-reentrant form is allowed, and it gets a context_fn
