@@ -66,3 +66,66 @@ def full_state_dict(model: nn.Module) -> dict[str, Any]:
     return get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
+
+
+def _is_zero3_partitioned(param: Any) -> bool:
+    # DeepSpeed ZeRO-3 replaces every parameter's data by an empty placeholder and records the
+    # real size in ds_numel; GatheredParameters brings the whole tensor back for a while.
+    return hasattr(param, "ds_numel") and hasattr(param, "ds_status")
+
+
+def full_parameters(model: nn.Module, names: list[str]) -> dict[str, Any]:
+    """Whole copies (CPU, float32, contiguous) of the parameters ``names`` of ``model``, whatever
+    holds them: plain tensors, FSDP2 shards (DTensor) or DeepSpeed ZeRO-3 partitions.
+
+    Collective when the parameters are sharded: every process must call it, with the same names
+    (each gets the whole tensors; moe-hub's adapters are small next to the base)."""
+    import torch
+
+    params = dict(model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    partitioned = [params[n] for n in names if _is_zero3_partitioned(params[n])]
+    if partitioned:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+            for name in names:
+                if _is_zero3_partitioned(params[name]):
+                    out[name] = params[name].detach().to("cpu", torch.float32).clone()
+    for name in names:
+        if name in out:
+            continue
+        tensor = params[name].detach()
+        if hasattr(tensor, "full_tensor"):  # a DTensor: FSDP2's shard of the parameter
+            tensor = tensor.full_tensor()
+        out[name] = tensor.to("cpu", torch.float32).contiguous()
+    return out
+
+
+def load_full_parameters(model: nn.Module, tensors: dict[str, Any]) -> None:
+    """Copy whole tensors into the parameters of the same names, sharded or not (each process
+    keeps its own shard of them). Every process must call it when the parameters are sharded."""
+    import torch
+
+    params = dict(model.named_parameters())
+    partitioned = [params[n] for n in tensors if n in params and _is_zero3_partitioned(params[n])]
+    if partitioned:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0), torch.no_grad():
+            for name, tensor in tensors.items():
+                if name in params and _is_zero3_partitioned(params[name]):
+                    params[name].copy_(tensor.to(params[name].dtype))
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            param = params.get(name)
+            if param is None or _is_zero3_partitioned(param):
+                continue
+            if hasattr(param, "device_mesh"):  # a DTensor: keep this process's shard
+                from torch.distributed.tensor import distribute_tensor
+
+                whole = tensor.to(param.device, param.dtype)
+                param.copy_(distribute_tensor(whole, param.device_mesh, param.placements,
+                                              src_data_rank=None))
+            else:
+                param.copy_(tensor.to(param.dtype))

@@ -34,3 +34,21 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 300,
                "--master-addr=127.0.0.1", f"--master-port={free_port()}", *map(str, args)]
     return subprocess.run(command, cwd=REPO, env=env or launch_env(), capture_output=True,
                           text=True, timeout=timeout)
+
+
+#: Holds the sitecustomize that lets accelerate pick FSDP on a CPU-only machine (see there).
+CPU_FSDP = REPO / "tests" / "cpu_fsdp"
+
+
+def accelerate_launch(config: Path, *args: str, nproc: int = 2, timeout: float = 300,
+                      cpu_fsdp: bool = True) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file CONFIG --num_processes NPROC ARGS...`` on a free port
+    (on this CPU-only machine with FSDP made available to accelerate, see ``cpu_fsdp``)."""
+    env = launch_env()
+    if cpu_fsdp:
+        env["PYTHONPATH"] = os.pathsep.join([str(CPU_FSDP), env["PYTHONPATH"]])
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               "--num_processes", str(nproc), "--main_process_port", str(free_port()),
+               *map(str, args)]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)

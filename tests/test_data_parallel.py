@@ -67,6 +67,8 @@ def test_replica_runs_its_own_modules(monkeypatch: pytest.MonkeyPatch, router: s
     assert rel_err(got.logits, want.logits) < 1e-6
     assert rel_err(got.logits, original) > 1e-3  # the changes show in the output
     assert rel_err(got.aux_loss, want.aux_loss) < 1e-6
+    with torch.no_grad():  # and the original still computes with its own values
+        assert torch.equal(model(tokens).logits, original)
     # Gradients reach the original parameters through the replica's copies, as in DataParallel.
     got.loss.backward()
     for (name, param), theirs in zip(model.named_parameters(), reference.parameters(),
