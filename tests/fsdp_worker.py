@@ -58,13 +58,42 @@ def shard_units(model: torch.nn.Module, policy: str) -> list[torch.nn.Module]:
     return [m for m in reversed(list(model.modules())) if type(m).__name__ in names]
 
 
-def run_case(router: str, granularity: str, policy: str, rank: int, world: int) -> dict:
+def router_model(router: str, granularity: str):
+    def make() -> torch.nn.Module:
+        model = perturb(build(router, granularity)).train()
+        _freeze_base(model)
+        return model
+
+    return make
+
+
+def qlora_model(checkpoint: str):
+    """FSDP-QLoRA: the checkpoint's base in bitsandbytes NF4, stored in the compute dtype
+    (``bnb_4bit_quant_storage``, float32 here) so that FSDP can shard the packed weights."""
+
+    def make() -> torch.nn.Module:
+        from transformers import BitsAndBytesConfig
+
+        from moe_hub.finetune import prepare_for_training
+        from moe_hub.modeling import MoELoraForCausalLM
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_compute_dtype=torch.float32,
+                                   bnb_4bit_quant_storage=torch.float32)
+        model = MoELoraForCausalLM.from_pretrained(checkpoint, quantization_config=quant,
+                                                   dtype=torch.float32)
+        prepare_for_training(model)
+        return perturb(model)
+
+    return make
+
+
+def run_case(make, policy: str, rank: int, world: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     tokens = ids(2 * world, 9, seed=11)
-    reference = perturb(build(router, granularity)).train()
-    _freeze_base(reference)
+    reference = make()
     before = {n: p.detach().clone() for n, p in _trained(reference).items()}
     for r, shard in enumerate(tokens.chunk(world)):
         torch.manual_seed(100 + r)  # HyperMoE's noisy gate draws what rank r draws
@@ -72,13 +101,15 @@ def run_case(router: str, granularity: str, policy: str, rank: int, world: int) 
     unmoved = [n for n, p in _trained(reference).items() if not p.grad.abs().sum() > 0]
     torch.optim.SGD(_trained(reference).values(), lr=LR).step()
 
-    model = perturb(build(router, granularity)).train()
-    _freeze_base(model)
+    model = make()
+    full_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     mesh = init_device_mesh("cpu", (world,))
     layers = shard_units(model, policy)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    local_frozen = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
+                       for p in model.parameters() if not p.requires_grad)
     mine = tokens.chunk(world)[rank]
     torch.manual_seed(100 + rank)
     out = model(mine, labels=mine)
@@ -102,18 +133,26 @@ def run_case(router: str, granularity: str, policy: str, rank: int, world: int) 
         if err > worst_param:
             worst_param, worst_name = err, name
         worst_update = max(worst_update, update_err)
-    return {"ok": True, "unmoved": unmoved, "layers": len(layers), "params": len(want),
-            "param_rel_err": worst_param, "update_rel_err": worst_update, "worst": worst_name}
+    return {"ok": True, "unmoved": unmoved, "frozen_share": local_frozen / full_frozen,
+            "layers": len(layers), "params": len(want), "param_rel_err": worst_param,
+            "update_rel_err": worst_update, "worst": worst_name}
 
 
-def main(out: str) -> None:
+POLICIES = ("layers", "no_split")
+
+
+def main(out: str, qlora_checkpoint: str | None = None) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
-    for (router, granularity), policy in itertools.product(CASES, ("layers", "no_split")):
-        key = f"{router}-{granularity}-{policy}"
+    cases = {f"{router}-{granularity}-{policy}": (router_model(router, granularity), policy)
+             for (router, granularity), policy in itertools.product(CASES, POLICIES)}
+    if qlora_checkpoint:
+        cases.update({f"qlora-nf4-{policy}": (qlora_model(qlora_checkpoint), policy)
+                      for policy in POLICIES})
+    for key, (make, policy) in cases.items():
         try:
-            results[key] = run_case(router, granularity, policy, rank, world)
+            results[key] = run_case(make, policy, rank, world)
         except Exception:  # reported per case; the next case still runs
             results[key] = {"ok": False, "error": traceback.format_exc(limit=-6)}
         dist.barrier()
@@ -123,4 +162,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
