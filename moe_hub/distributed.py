@@ -129,3 +129,12 @@ def load_full_parameters(model: nn.Module, tensors: dict[str, Any]) -> None:
                                               src_data_rank=None))
             else:
                 param.copy_(tensor.to(param.dtype))
+
+
+def launched_sharded() -> bool:
+    """Whether the launcher asked for sharded parameters (accelerate's FSDP, or DeepSpeed
+    ZeRO-3), read from its environment: the model is loaded before the Trainer exists."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return True
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and \
+        os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"

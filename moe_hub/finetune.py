@@ -37,7 +37,7 @@ from .checkpoint import (
     write_index,
 )
 from .data import PadCollator, model_max_length, pad_token_id, prepare_data
-from .distributed import full_parameters, load_full_parameters
+from .distributed import full_parameters, launched_sharded, load_full_parameters
 from .errors import MoEHubError
 from .options_file import is_finite_number, read_options_file
 from .routing_stats import HEATMAP_FILE, STATS_FILE, RoutingStats
@@ -234,6 +234,9 @@ def quantization_config(options: FinetuneOptions) -> Any:
         bnb_4bit_quant_type=options.quantize,
         bnb_4bit_use_double_quant=options.double_quant,
         bnb_4bit_compute_dtype=options.dtype(),
+        # FSDP / ZeRO-3 shard only floating-point storage: pack the 4-bit weights into the
+        # compute dtype (the same bytes), as transformers documents for FSDP + QLoRA.
+        bnb_4bit_quant_storage=options.dtype() if launched_sharded() else torch.uint8,
     )
 
 

@@ -2,8 +2,9 @@
 examples/accelerate/fsdp2.yaml), 2 gloo processes on the CPU, through the CLI.
 
 One uninterrupted run (4 steps, sharded Trainer checkpoints at 2 and 4) and one run resumed from
-its step-2 checkpoint; each test reads what they wrote. The router loss is on (weight 1) and the
-routers are RMoE's (a GRU shared by every site, held by FSDP's root unit)."""
+its step-2 checkpoint; each test reads what they wrote. FSDP-QLoRA: the base is loaded in
+bitsandbytes NF4 (packed into float32 storage under FSDP, so that it shards), the router loss is on
+(weight 1) and the routers are RMoE's (a GRU shared by every site, held by FSDP's root unit)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ ROWS = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(4) for 
 FSDP2 = REPO / "examples" / "accelerate" / "fsdp2.yaml"
 # One-row micro-batches: an optimizer step holds the same rows in one process (grad_accum 2) as
 # in two (one each); the load balance is per micro-batch in both. No clipping.
-COMMON = dict(quantize="none", max_length=16, batch_size=1, lr=1e-2, warmup=0,
+COMMON = dict(quantize="nf4", max_length=16, batch_size=1, lr=1e-2, warmup=0,
               scheduler="constant", logging_steps=1, save_steps=2, aux_loss_coef=1.0,
               max_steps=4, keep_checkpoints=True, save_total_limit=None,
               training_args={"max_grad_norm": 0.0})
@@ -74,6 +75,12 @@ def test_fsdp2_cli_writes_one_normal_checkpoint(runs: dict) -> None:
         assert sorted(p.name for p in (step2 / folder).glob("*.distcp")) == \
             ["__0_0.distcp", "__1_0.distcp"], folder
     assert (step2 / "moe_adapters.safetensors").is_file()
+    # FSDP-QLoRA: the packed NF4 base (float32 storage) was sharded too, not left whole.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(step2 / "pytorch_model_fsdp_0")).read_metadata()
+    base = [k for k in metadata.state_dict_metadata if k.endswith("q_proj.base_layer.weight")]
+    assert base and all(len(metadata.state_dict_metadata[k].chunks) == 2 for k in base), base
     # One report (rank 0 only), one output, nothing half-written beside it.
     assert runs["straight"].stdout.count('"global_step": 4') == 1
     assert sorted(p.name for p in root.iterdir() if p.name.startswith((".out", "out"))) == \
