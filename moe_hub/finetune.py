@@ -37,7 +37,12 @@ from .checkpoint import (
     write_index,
 )
 from .data import PadCollator, model_max_length, pad_token_id, prepare_data
-from .distributed import full_parameters, launched_sharded, load_full_parameters
+from .distributed import (
+    full_parameters,
+    launched_sharded,
+    load_full_parameters,
+    refuse_unsupported,
+)
 from .errors import MoEHubError
 from .options_file import is_finite_number, read_options_file
 from .routing_stats import HEATMAP_FILE, STATS_FILE, RoutingStats
@@ -551,6 +556,7 @@ def finetune(
     from .modeling import MoELoraConfig
 
     config = MoELoraConfig.from_pretrained(checkpoint)
+    refuse_unsupported(config)
     tokenizer = _load_tokenizer(checkpoint, options, config)
     prepared = prepare_data(
         data, tokenizer, max_length=options.max_length, completion_only=options.completion_only,
