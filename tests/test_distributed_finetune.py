@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_distributed import REPO, accelerate_launch
+from helpers_distributed import CPU_FSDP, REPO, accelerate_launch, launch_env, torchrun
 from helpers_finetune import tiny_checkpoint
 from safetensors.torch import load_file
 
@@ -62,8 +62,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                root / "out.checkpoints" / "checkpoint-2")
     # DeepSpeed ZeRO-3 runs on its CPU accelerator with gloo as it is.
     zero3 = cli_finetune(root, ckpt, data, "zero3", config=ZERO3)
+    # torchrun, FSDP2 asked through Trainer's own options (a --config file), 2 steps.
+    options = root / "torchrun.json"
+    options.write_text(json.dumps({**COMMON, "max_steps": 2, "fsdp": "full_shard auto_wrap",
+                                   "fsdp_config": {"version": 2,
+                                                   "state_dict_type": "SHARDED_STATE_DICT"}}))
+    env = launch_env()
+    env["PYTHONPATH"] = f"{CPU_FSDP}:{env['PYTHONPATH']}"
+    plain = torchrun("-m", "moe_hub.cli.app", "finetune", ckpt, "--data", data, "--output",
+                     root / "torchrun", "--config", options, "--no-progress", env=env)
     return {"root": root, "ckpt": ckpt, "data": data, "straight": straight, "resumed": resumed,
-            "zero3": zero3}
+            "zero3": zero3, "torchrun": plain}
 
 
 def _ok(done) -> None:
@@ -169,3 +178,18 @@ def test_deepspeed_zero3_cli_trains_as_fsdp2_does(runs: dict) -> None:
     theirs = load_file(root / "out" / "moe_adapters.safetensors")
     errs = sorted(rel_err(tensor, theirs[name]) for name, tensor in saved.items())
     assert errs[len(errs) // 2] < 2e-2 and errs[-1] < 0.2, errs
+
+
+def test_torchrun_with_trainer_fsdp_options_trains_as_accelerate_does(runs: dict) -> None:
+    """``torchrun -m moe_hub.cli.app finetune ... --config`` with Trainer's ``fsdp`` and
+    ``fsdp_config`` (version 2): the same sharded run as accelerate launch's, step for step."""
+    _ok(runs["straight"])
+    _ok(runs["torchrun"])
+    root = runs["root"]
+    step2 = root / "torchrun.checkpoints" / "checkpoint-2"
+    assert sorted(p.name for p in (step2 / "optimizer_0").glob("*.distcp")) == \
+        ["__0_0.distcp", "__1_0.distcp"]
+    mine, theirs = losses(root / "torchrun"), losses(root / "out")
+    assert sorted(mine) == [1, 2]
+    for step in (1, 2):
+        assert abs(mine[step] - theirs[step]) <= 1e-5 * abs(theirs[step]), (step, mine, theirs)

@@ -12,19 +12,26 @@ a GPU machine.
 
 import os
 
-if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-    import accelerate.state as _state
+import accelerate.state as _state
 
-    _init = _state.AcceleratorState.__init__
+_init = _state.AcceleratorState.__init__
 
-    def _init_with_cpu_fsdp(self, *args, **kwargs):
-        _init(self, *args, **kwargs)
-        if self.distributed_type == _state.DistributedType.MULTI_CPU:
-            from accelerate.utils import FullyShardedDataParallelPlugin
 
-            plugin = kwargs.get("fsdp_plugin") or getattr(self, "fsdp_plugin", None) \
-                or FullyShardedDataParallelPlugin()
-            self.distributed_type = _state.DistributedType.FSDP
-            self.fsdp_plugin = plugin
+_asked: list = []  # the FSDP plugin, once accelerate launch's environment or Trainer asked
 
-    _state.AcceleratorState.__init__ = _init_with_cpu_fsdp
+
+def _init_with_cpu_fsdp(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    if kwargs.get("fsdp_plugin") is not None:  # Trainer's fsdp / fsdp_config (torchrun)
+        _asked[:] = [kwargs["fsdp_plugin"]]
+    elif not _asked and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        _asked.append(getattr(self, "fsdp_plugin", None) or FullyShardedDataParallelPlugin())
+    # Every later AcceleratorState() copies PartialState's MULTI_CPU back: choose again.
+    if _asked and self.distributed_type == _state.DistributedType.MULTI_CPU:
+        self.distributed_type = _state.DistributedType.FSDP
+        self.fsdp_plugin = _asked[0]
+
+
+_state.AcceleratorState.__init__ = _init_with_cpu_fsdp
