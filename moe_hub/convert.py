@@ -464,7 +464,8 @@ def _gguf_to_dense(gguf: Path, target: Path) -> None:
                                                       trust_remote_code=False)
         except (ValueError, OSError, KeyError, RuntimeError) as err:  # RuntimeError: shapes
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise MoEHubError(f"cannot read {gguf} as a transformers GGUF model: {reason}") from None
+            raise MoEHubError(
+                f"cannot read {gguf} as a transformers GGUF model: {reason}") from None
         # transformers refuses to save a model that still carries its GGUF quantizer.
         model.hf_quantizer = None
         for holder in (model.config, model.config.get_text_config()):

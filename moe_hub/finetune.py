@@ -40,6 +40,12 @@ from .checkpoint import (
     write_index,
 )
 from .data import PadCollator, model_max_length, pad_token_id, prepare_data
+from .distributed import (
+    full_parameters,
+    launched_sharded,
+    load_full_parameters,
+    refuse_unsupported,
+)
 from .errors import Interrupted, MoEHubError
 from .options_file import is_finite_number, read_options_file
 from .outputs import published_outputs
@@ -294,6 +300,9 @@ def quantization_config(options: FinetuneOptions) -> Any:
         bnb_4bit_quant_type=options.quantize,
         bnb_4bit_use_double_quant=options.double_quant,
         bnb_4bit_compute_dtype=options.dtype(),
+        # FSDP / ZeRO-3 shard only floating-point storage: pack the 4-bit weights into the
+        # compute dtype (the same bytes), as transformers documents for FSDP + QLoRA.
+        bnb_4bit_quant_storage=options.dtype() if launched_sharded() else torch.uint8,
     )
 
 
@@ -362,9 +371,9 @@ def prepare_for_training(model: Any, train: str = "all") -> list[str]:
 
 
 def adapter_state(model: Any) -> dict[str, torch.Tensor]:
-    params = dict(model.named_parameters())
-    return {name: params[name].detach().to("cpu", torch.float32).contiguous()
-            for name in model.adapter_parameter_names()}
+    """Whole float32 CPU copies of the experts and routers. Collective when the model is sharded
+    (FSDP2, DeepSpeed ZeRO-3): every process must call it."""
+    return full_parameters(model, model.adapter_parameter_names())
 
 
 def _make_trainer_class() -> type:
@@ -420,13 +429,23 @@ def _make_trainer_class() -> type:
                 self._aux_sums, self._aux_count = {}, 0
             super().log(logs, start_time)
 
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+            # Every process gathers (sharded adapters need all of them), the main one writes:
+            # the same file whatever engine ran, so resuming may even change engines.
+            adapters = adapter_state(self.accelerator.unwrap_model(self.model))
+            self._save(output_dir, state_dict=adapters)
+
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             if not self.args.should_save:
                 return
             output_dir = output_dir or self.args.output_dir
             os.makedirs(output_dir, exist_ok=True)
             model = self.accelerator.unwrap_model(self.model)
-            save_file(adapter_state(model), os.path.join(output_dir, ADAPTER_WEIGHTS),
+            names = model.adapter_parameter_names()
+            # save_model passes the gathered adapters (a full state dict holds them too).
+            state_dict = adapter_state(model) if state_dict is None else \
+                {name: state_dict[name].to("cpu", torch.float32).contiguous() for name in names}
+            save_file(state_dict, os.path.join(output_dir, ADAPTER_WEIGHTS),
                       metadata={"format": "pt"})
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
@@ -493,15 +512,11 @@ def load_adapters(model: Any, path: Path) -> None:
         raise MoEHubError(f"{path.parent} is not a moe-hub training checkpoint (no "
                           f"{ADAPTER_WEIGHTS}): pass a checkpoint-N directory")
     tensors = load_file(path)
-    params = dict(model.named_parameters())
     missing = sorted(set(model.adapter_parameter_names()) - set(tensors))
     if missing:
         raise MoEHubError(f"{path} lacks adapter tensor(s) such as {missing[0]}: it belongs to "
                           f"a different model")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            if name in params:
-                params[name].copy_(tensor.to(params[name].dtype))
+    load_full_parameters(model, tensors)  # collective for sharded parameters
 
 
 def _training_arguments(options: FinetuneOptions, run_dir: Path, has_eval: bool,
@@ -702,6 +717,7 @@ def _finetune_locked(checkpoint: Path, data: Any, output: Path, options: Finetun
     from .modeling import MoELoraConfig
 
     config = MoELoraConfig.from_pretrained(checkpoint)
+    refuse_unsupported(config)
     tokenizer = _load_tokenizer(checkpoint, options, config)
     prepared = prepare_data(
         data, tokenizer, max_length=options.max_length, completion_only=options.completion_only,
@@ -753,9 +769,11 @@ def _finetune_locked(checkpoint: Path, data: Any, output: Path, options: Finetun
         if router:
             metrics.update(router)
             break
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    adapters = adapter_state(trained)  # every process: gathering sharded adapters is collective
     if trainer.is_world_process_zero():
-        _write_output(checkpoint, output, trainer.accelerator.unwrap_model(trainer.model),
-                      options, data, prepared, metrics, stats, trainer.state.log_history)
+        _write_output(checkpoint, output, trained, options, data, prepared, metrics, stats,
+                      trainer.state.log_history, adapters)
         if not options.keep_checkpoints:
             _remove_run_checkpoints(run_dir, run_dir_existed)
         metrics["output"] = str(output)
@@ -818,7 +836,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def _write_output(checkpoint: Path, output: Path, model: Any, options: FinetuneOptions,
                   data: Any, prepared: Any, metrics: dict[str, Any], stats: RoutingStats,
-                  log_history: list[dict[str, Any]]) -> None:
+                  log_history: list[dict[str, Any]],
+                  adapters: dict[str, torch.Tensor] | None = None) -> None:
     from .model_card import write_model_card
 
     with staging_dir(output) as staging:
@@ -826,7 +845,7 @@ def _write_output(checkpoint: Path, output: Path, model: Any, options: FinetuneO
         for name in checkpoint_files(checkpoint):
             if name not in _REGENERATED and not name.endswith(".py"):
                 _link_or_copy(checkpoint / name, staging / name)
-        adapters = adapter_state(model)
+        adapters = adapter_state(model) if adapters is None else adapters
         save_file(adapters, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         index_path = checkpoint / INDEX_FILE
         weight_map = json.loads(index_path.read_text())["weight_map"] if index_path.is_file() \

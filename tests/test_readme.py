@@ -26,6 +26,10 @@ NOT_RUN = {
         "runs this test suite itself (what CI runs)",
     "bash scripts/test.sh                      # everything (CI), pinned versions, in .venv":
         "runs this test suite itself",
+    "# FSDP2 (torch's fully_shard): parameters, gradients and optimizer state sharded over the "
+    "GPUs":
+        "launches several GPU processes; tests/test_distributed_finetune.py runs the FSDP2 "
+        "command with the same config on 2 CPU processes, tests/test_fsdp.py the sharding",
     "moe-hub convert HuggingFaceTB/SmolLM2-135M-Instruct smol-mix \\":
         "the adapter names stand for the reader's own adapters; tests/test_from_adapters.py "
         "runs these commands on adapters trained in the test, scripts/train_task_adapters.py "

@@ -97,6 +97,8 @@ def finetune_command(
 
     with third_party_progress(progress, data=True):
         metrics = finetune(checkpoint, data, out, options, progress=progress)
-    if not progress:
+    from moe_hub.distributed import is_main_process
+
+    if not progress and is_main_process():  # one report per run, not one per process
         typer.echo(json.dumps({k: v for k, v in metrics.items()
                                if isinstance(v, int | float | str)}, indent=2))

@@ -24,10 +24,9 @@ and are saved in the current layout.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import re
-import types
+import threading
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -184,8 +183,23 @@ class MoELoraPreTrainedModel(PreTrainedModel):
 
     @property
     def dense_model(self) -> PreTrainedModel:
-        """The dense causal LM whose modules this model registers (not itself registered)."""
-        return self.__dict__["_dense"]
+        """The dense causal LM whose modules this model registers (not itself registered).
+
+        A DataParallel replica (``_replicate_for_data_parallel`` copies ``__dict__``, so it
+        starts out with the original's dense model) gets a shallow copy of it holding the
+        replica's own children, made on its first call."""
+        dense = self.__dict__["_dense"]
+        if dense._modules.get(dense.base_model_prefix) is not self._modules.get("model"):
+            dense = self.__dict__["_dense"] = self._dense_holding_own_children(dense)
+        return dense
+
+    def _dense_holding_own_children(self, dense: PreTrainedModel) -> PreTrainedModel:
+        view = dense._replicate_for_data_parallel()
+        for name in dense._modules:
+            ours = self._dense_prefixes.get(name)
+            if ours is not None and ours in self._modules:
+                view._modules[name] = self._modules[ours]
+        return view
 
     def _from_dense(self, name: str) -> str | None:
         """This model's name for the dense causal LM's module or tensor ``name`` (None when this
@@ -392,7 +406,8 @@ class MoELoraPreTrainedModel(PreTrainedModel):
     def _routing_scope(self, attention_mask: torch.Tensor | None, input_ids: Any = None,
                        inputs_embeds: Any = None):
         """The routing context of one forward of this model (a context manager)."""
-        return self._routing.begin(call_token_mask(attention_mask, input_ids, inputs_embeds))
+        return self._routing.begin(call_token_mask(attention_mask, input_ids, inputs_embeds),
+                                   self.moe_shared)
 
     def _router_summary(
         self, ctx: RoutingContext, device: torch.device
@@ -499,25 +514,38 @@ def _checkpoint_kwargs(kwargs: dict | None) -> dict:
 def _route_backbone_calls(backbone: nn.Module, routing: RoutingHolder) -> None:
     """Make every call of the backbone route inside a context: the one of the causal LM's forward
     in progress, or its own when it is called directly (TRL's fused LM head calls
-    ``model.base_model(...)`` and applies the head itself)."""
+    ``model.base_model(...)`` and applies the head itself).
+
+    Hooks, not a wrapped ``forward`` stored on the instance: a bound method in the instance's
+    ``__dict__`` would travel into DataParallel's replicas (``_replicate_for_data_parallel``
+    copies ``__dict__``) still bound to the original, and a replica would run the original's
+    layers. Hooks receive the module they run on."""
     forward = type(backbone).forward
     parameters = list(inspect.signature(forward).parameters)
     mask_position = parameters.index("attention_mask") if "attention_mask" in parameters else None
     ids_first = parameters[1:2] == ["input_ids"]
+    open_scopes = threading.local()  # per thread: DataParallel runs each replica in its own
 
-    @functools.wraps(forward)
-    def routed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
         if mask is None and mask_position is not None and len(args) >= mask_position:
             mask = args[mask_position - 1]  # args exclude self
         input_ids = kwargs.get("input_ids", args[0] if args and ids_first else None)
-        token_mask = call_token_mask(mask, input_ids, kwargs.get("inputs_embeds"))
-        with self._moe_routing.join(token_mask):
-            return forward(self, *args, **kwargs)
+        scope = module._moe_routing.join(call_token_mask(mask, input_ids,
+                                                          kwargs.get("inputs_embeds")))
+        scope.__enter__()
+        stack = getattr(open_scopes, "stack", None)
+        if stack is None:
+            stack = open_scopes.stack = []
+        stack.append(scope)
+
+    def leave(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        # always_call: runs when the forward raised too, so no context outlives its call.
+        open_scopes.stack.pop().__exit__(None, None, None)
 
     backbone._moe_routing = routing
-    # A bound method, not a closure over the module: deepcopy rebinds it to the copy.
-    backbone.forward = types.MethodType(routed_forward, backbone)
+    backbone.register_forward_pre_hook(enter, with_kwargs=True, prepend=True)
+    backbone.register_forward_hook(leave, with_kwargs=True, always_call=True)
 
 
 def _cache_argument(dense: nn.Module) -> str:

@@ -57,9 +57,13 @@ class RoutingHolder:
         self.shared = shared
 
     @contextmanager
-    def begin(self, token_mask: torch.Tensor | None) -> Iterator[RoutingContext]:
-        """A new context, current for this model in this thread until the block exits."""
-        with context_scope(self, RoutingContext(token_mask, self.shared)) as ctx:
+    def begin(self, token_mask: torch.Tensor | None,
+              shared: nn.ModuleDict | None = None) -> Iterator[RoutingContext]:
+        """A new context, current for this model in this thread until the block exits.
+        ``shared``: the calling model's own shared modules (a DataParallel replica's copies; the
+        replica shares this holder with the original, each runs in its own thread)."""
+        shared = self.shared if shared is None else shared
+        with context_scope(self, RoutingContext(token_mask, shared)) as ctx:
             yield ctx
 
     @contextmanager

@@ -26,10 +26,11 @@ per-site activations, dropped when the forward's scope ends (:func:`context_scop
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +51,16 @@ class RoutingSite:
     out_features: int
 
 
-@dataclass
-class RouterOutput:
+#: The default of ``RouterOutput.losses``: one shared value, so read-only.
+_NO_LOSSES: Mapping[str, torch.Tensor] = MappingProxyType({})
+
+
+class RouterOutput(NamedTuple):
     """One routing decision for ``T`` tokens.
+
+    A named tuple, not a dataclass: DeepSpeed ZeRO-3 finds a module's output tensors by walking
+    tuples, lists and dicts, and hooks the router's re-gathering for backward onto them; a
+    dataclass hides them, and the router's backward then met its partitioned (empty) weight.
 
     ``indices`` [T, k] (int64) and ``weights`` [T, k] (float32) select and weigh the experts.
     ``logits`` are the [T, E] router logits the load-balancing loss sees; routers that decide in
@@ -69,7 +77,7 @@ class RouterOutput:
     indices: torch.Tensor
     weights: torch.Tensor
     logits: torch.Tensor
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    losses: Mapping[str, torch.Tensor] = _NO_LOSSES
     residual: torch.Tensor | None = None
     logit_indices: torch.Tensor | None = None
     output: torch.Tensor | None = None

@@ -1,0 +1,104 @@
+"""Every router x granularity under DeepSpeed ZeRO-3 on a 2-process gloo group (run by torchrun).
+
+Started by ``tests/test_deepspeed.py`` as ``torchrun --nproc-per-node 2 tests/deepspeed_worker.py
+OUT``; one group serves every case, each in its own ``try``, rank 0 writes one JSON entry per case.
+
+A case: the same tiny model on every rank, partitioned by ``deepspeed.initialize`` (stage 3: each
+parameter's data is an empty placeholder outside the forward of the module that owns it).
+(1) A no-grad forward in eval mode, the decode path, equals the unpartitioned model's logits: the
+packed decode storage must not read (or keep) a placeholder. (2) One SGD step on each rank's half
+of the global batch equals one process taking the same micro-batches with accumulated gradients,
+router auxiliary loss on.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_routers import CASES, build, ids, perturb
+
+LR = 0.5
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(router: str, granularity: str) -> torch.nn.Module:
+    model = perturb(build(router, granularity)).train()
+    adapters = set(model.adapter_parameter_names())
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in adapters)
+    return model
+
+
+def run_case(router: str, granularity: str, rank: int, world: int) -> dict:
+    import deepspeed
+
+    tokens = ids(2 * world, 9, seed=11)
+    reference = make(router, granularity)
+    with torch.no_grad():
+        want_eval = reference.eval()(tokens).logits
+    reference.train()
+    for r, shard in enumerate(tokens.chunk(world)):
+        torch.manual_seed(100 + r)  # HyperMoE's noisy gate draws what rank r draws
+        (reference(shard, labels=shard).loss / world).backward()
+    trained = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    torch.optim.SGD(trained.values(), lr=LR).step()
+
+    model = make(router, granularity)
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, config=config,
+                                      optimizer=torch.optim.SGD(params, lr=LR))
+    placeholders = sum(p.data.numel() == 0 for p in model.parameters())
+    engine.eval()
+    with torch.no_grad():
+        got_eval = engine(tokens).logits
+    engine.train()
+    mine = tokens.chunk(world)[rank]
+    torch.manual_seed(100 + rank)
+    out = engine(mine, labels=mine)
+    assert out.aux_loss is not None and out.aux_loss.item() > 0
+    engine.backward(out.loss)
+    engine.step()
+    names = [n for n, p in model.named_parameters() if n in trained]
+    with deepspeed.zero.GatheredParameters([model.get_parameter(n) for n in names]):
+        got = {n: model.get_parameter(n).detach().clone() for n in names}
+    worst = max(((rel(got[n], trained[n].detach()), n) for n in names), default=(0.0, ""))
+    return {"ok": True, "placeholders": placeholders,
+            "params": len(list(model.parameters())), "trained": len(names),
+            "eval_rel_err": rel(got_eval, want_eval), "param_rel_err": worst[0],
+            "worst": worst[1]}
+
+
+def main(out: str) -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for router, granularity in CASES:
+        key = f"{router}-{granularity}"
+        try:
+            results[key] = run_case(router, granularity, rank, world)
+        except Exception:  # reported per case; the next case still runs
+            results[key] = {"ok": False, "error": traceback.format_exc(limit=-6)}
+        dist.barrier()
+    if rank == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

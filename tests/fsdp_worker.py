@@ -1,0 +1,165 @@
+"""One FSDP2 training step per router x granularity on a 2-process gloo group (run by torchrun).
+
+Started by ``tests/test_fsdp.py`` as ``torchrun --nproc-per-node 2 tests/fsdp_worker.py OUT``:
+one process group serves every case (starting a group costs seconds), each case runs inside its
+own ``try`` and rank 0 writes one JSON entry per case to OUT, so the pytest side reports (and
+fails) each case on its own.
+
+A case: the same tiny model on every rank, sharded as accelerate's ``fsdp_version: 2`` does
+(``fully_shard`` on every decoder layer, then the root, which then holds the shared routing
+modules, embeddings and head), router auxiliary loss on. Each rank takes its half of the global
+batch; one SGD step. The reference is one process taking the same global batch as the same
+per-rank micro-batches (the loss of each divided by the world size, the gradients accumulated),
+which is the step data parallelism defines: the router's load-balancing loss is a product of
+per-batch means, so it is per micro-batch in both runs, as Trainer computes it on every device.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_routers import CASES, build, ids, perturb
+
+LR = 0.5
+
+
+def _trained(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _freeze_base(model: torch.nn.Module) -> None:
+    adapters = set(model.adapter_parameter_names())
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in adapters)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def shard_units(model: torch.nn.Module, policy: str) -> list[torch.nn.Module]:
+    """The modules sharded before the root: the decoder layers, or (``no_split``, accelerate's
+    TRANSFORMER_BASED_WRAP default) every module of a class in the model's ``_no_split_modules``,
+    moe-hub's routed sites and HyperMoE's hypernetwork included, innermost first."""
+    from moe_hub.distributed import decoder_layers
+
+    if policy == "layers":
+        return decoder_layers(model)
+    names = set(model._no_split_modules)
+    return [m for m in reversed(list(model.modules())) if type(m).__name__ in names]
+
+
+def router_model(router: str, granularity: str):
+    def make() -> torch.nn.Module:
+        model = perturb(build(router, granularity)).train()
+        _freeze_base(model)
+        return model
+
+    return make
+
+
+def qlora_model(checkpoint: str):
+    """FSDP-QLoRA: the checkpoint's base in bitsandbytes NF4, stored in the compute dtype
+    (``bnb_4bit_quant_storage``, float32 here) so that FSDP can shard the packed weights."""
+
+    def make() -> torch.nn.Module:
+        from transformers import BitsAndBytesConfig
+
+        from moe_hub.finetune import prepare_for_training
+        from moe_hub.modeling import MoELoraForCausalLM
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_compute_dtype=torch.float32,
+                                   bnb_4bit_quant_storage=torch.float32)
+        model = MoELoraForCausalLM.from_pretrained(checkpoint, quantization_config=quant,
+                                                   dtype=torch.float32)
+        prepare_for_training(model)
+        return perturb(model)
+
+    return make
+
+
+def run_case(make, policy: str, rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    tokens = ids(2 * world, 9, seed=11)
+    reference = make()
+    before = {n: p.detach().clone() for n, p in _trained(reference).items()}
+    for r, shard in enumerate(tokens.chunk(world)):
+        torch.manual_seed(100 + r)  # HyperMoE's noisy gate draws what rank r draws
+        (reference(shard, labels=shard).loss / world).backward()
+    unmoved = [n for n, p in _trained(reference).items() if not p.grad.abs().sum() > 0]
+    torch.optim.SGD(_trained(reference).values(), lr=LR).step()
+
+    model = make()
+    full_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    mesh = init_device_mesh("cpu", (world,))
+    layers = shard_units(model, policy)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    local_frozen = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
+                       for p in model.parameters() if not p.requires_grad)
+    mine = tokens.chunk(world)[rank]
+    torch.manual_seed(100 + rank)
+    out = model(mine, labels=mine)
+    assert out.aux_loss is not None and out.aux_loss.item() > 0  # the router loss is on
+    out.loss.backward()
+    torch.optim.SGD(_trained(model).values(), lr=LR).step()
+
+    want = _trained(reference)
+    got = {n: _full(p.detach()) for n, p in _trained(model).items()}
+    if set(got) != set(want):
+        return {"ok": False, "error": f"trained parameters differ: {sorted(set(got) ^ set(want))}"}
+    worst_param, worst_update, worst_name = 0.0, 0.0, ""
+    for name, param in want.items():
+        ref, new = param.detach().double(), got[name].double()
+        err = ((new - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        step = ref - before[name].double()
+        moved = new - before[name].double()
+        update_err = ((moved - step).norm() / step.norm().clamp_min(1e-30)).item()
+        if step.norm() == 0:
+            update_err = moved.norm().item()
+        if err > worst_param:
+            worst_param, worst_name = err, name
+        worst_update = max(worst_update, update_err)
+    return {"ok": True, "unmoved": unmoved, "frozen_share": local_frozen / full_frozen,
+            "layers": len(layers), "params": len(want), "param_rel_err": worst_param,
+            "update_rel_err": worst_update, "worst": worst_name}
+
+
+POLICIES = ("layers", "no_split")
+
+
+def main(out: str, qlora_checkpoint: str | None = None) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    cases = {f"{router}-{granularity}-{policy}": (router_model(router, granularity), policy)
+             for (router, granularity), policy in itertools.product(CASES, POLICIES)}
+    if qlora_checkpoint:
+        cases.update({f"qlora-nf4-{policy}": (qlora_model(qlora_checkpoint), policy)
+                      for policy in POLICIES})
+    for key, (make, policy) in cases.items():
+        try:
+            results[key] = run_case(make, policy, rank, world)
+        except Exception:  # reported per case; the next case still runs
+            results[key] = {"ok": False, "error": traceback.format_exc(limit=-6)}
+        dist.barrier()
+    if rank == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

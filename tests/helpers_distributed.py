@@ -1,0 +1,54 @@
+"""Starting a real multi-process gloo group from a test: ``torchrun`` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """The environment of a launched group: this checkout first on the path, one thread per
+    process (the group's processes share the machine's cores), no GPU."""
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path,
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+    env.update(extra)
+    return env
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: float = 300,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node NPROC ARGS...`` on a free local port; output captured."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               "--master-addr=127.0.0.1", f"--master-port={free_port()}", *map(str, args)]
+    return subprocess.run(command, cwd=REPO, env=env or launch_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+#: Holds the sitecustomize that lets accelerate pick FSDP on a CPU-only machine (see there).
+CPU_FSDP = REPO / "tests" / "cpu_fsdp"
+
+
+def accelerate_launch(config: Path, *args: str, nproc: int = 2, timeout: float = 300,
+                      cpu_fsdp: bool = True) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file CONFIG --num_processes NPROC ARGS...`` on a free port
+    (on this CPU-only machine with FSDP made available to accelerate, see ``cpu_fsdp``)."""
+    env = launch_env()
+    if cpu_fsdp:
+        env["PYTHONPATH"] = os.pathsep.join([str(CPU_FSDP), env["PYTHONPATH"]])
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               "--num_processes", str(nproc), "--main_process_port", str(free_port()),
+               *map(str, args)]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
