@@ -609,9 +609,9 @@ def _copy_tokenizer_and_generation_config(ckpt: Path, staging: Path, native_conf
     which names remote code."""
     from transformers import GenerationConfig
 
-    from .convert import _TOKENIZER_FILES
+    from .checkpoint import TOKENIZER_PATTERNS
 
-    for pattern in _TOKENIZER_FILES:
+    for pattern in TOKENIZER_PATTERNS:
         for path in ckpt.glob(pattern):
             if path.is_file():
                 shutil.copy2(path, staging / path.name)

@@ -132,7 +132,14 @@ def plan_upload(
     from .export import export_upload_plan, is_export
 
     if is_export(checkpoint):  # a native MoE model written by `moe-hub export`
-        return export_upload_plan(checkpoint, repo_id, adapter_only)
+        plan = export_upload_plan(checkpoint, repo_id, adapter_only)
+        index = checkpoint / INDEX_FILE
+        weight_map = read_weight_map(index, "the export", "export again") \
+            if index.is_file() else {}
+        copied = [rel for rel, source in plan.items() if isinstance(source, Path)]
+        _refuse_outside_links(checkpoint, copied)
+        _check_weights(checkpoint, copied, weight_map)
+        return UploadPlan(plan, left_out(checkpoint, list(plan)))
     config = read_checkpoint_config(checkpoint)
     index = checkpoint / INDEX_FILE
     weight_map = read_weight_map(index, "the checkpoint", "re-create it with `moe-hub convert`") \
