@@ -65,7 +65,8 @@ def transformers_bars_off() -> Iterator[None]:
 
 def quiet_library_notices() -> None:
     """Hide library notices that ask a user for something irrelevant to moe-hub: bitsandbytes'
-    advice to install the Hub ``kernels`` package (its CPU fallback is what runs here), and
+    advice to install the Hub ``kernels`` package (its CPU fallback is what runs here),
+    DeepSpeed's notice that it falls back to the CPU (on stdout), and
     transformers' per-step notices that the base model's ``past_key_values`` argument is being
     renamed to ``cache`` (a notice for the model code, not for the person running a command)."""
     import logging
@@ -73,6 +74,10 @@ def quiet_library_notices() -> None:
 
     # Only that message: it names a Hub kernel package, and bitsandbytes logs it at import.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_kernels_advice)
+    # DeepSpeed (imported by accelerate/transformers wherever it is installed) logs its CPU
+    # fallback to stdout, where `finetune --no-progress` writes its JSON report.
+    logging.getLogger("DeepSpeed").addFilter(
+        lambda record: "Setting accelerator to CPU" not in record.getMessage())
     # Both the rename notice and the "both names set" notice, which prints the whole cache.
     warnings.filterwarnings("ignore", message=r".*`past_key_values`", category=FutureWarning)
     logging.getLogger("transformers.utils.generic").addFilter(

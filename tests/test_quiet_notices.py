@@ -56,3 +56,25 @@ def test_is_gradient_checkpointing_answers_without_a_future_warning(checkpoint: 
         assert model.is_gradient_checkpointing is True
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], \
         [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_deepspeed_cpu_notice_stays_off_stdout(quiet: bool) -> None:
+    """DeepSpeed (a test extra; accelerate and transformers import it wherever it is installed)
+    prints its CPU fallback to stdout, where `finetune --no-progress` writes its JSON report.
+    The unquieted run is the control: it shows this DeepSpeed still prints the notice."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from moe_hub.progress import quiet_library_notices\n"
+            + ("quiet_library_notices()\n" if quiet else "")
+            + "from deepspeed.accelerator import get_accelerator\n"
+            "print(get_accelerator().device_name())\n")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "cpu"
+    assert ("Setting accelerator to CPU" in run.stdout) is not quiet, run.stdout
