@@ -36,7 +36,7 @@ from .checkpoint import (
 from .dense_names import NamePlan, convert_tensors, plan_names
 from .errors import MoEHubError
 from .gguf_source import gguf_provenance
-from .hub_ids import is_hub_id, unreachable_hub_error
+from .hub_ids import download_snapshot, is_hub_id
 from .modeling import MoELoraConfig, MoELoraForCausalLM
 from .modeling.routing import ROUTERS
 from .options_file import is_finite_number, read_options_file
@@ -290,18 +290,8 @@ def _early_text_config(source: _BaseSource, options: ConvertOptions) -> Any:
         except Exception:  # an unreadable GGUF is reported, with its reason, when dequantised
             return None
         return config.get_text_config()
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
-
-    try:
-        folder = Path(snapshot_download(source.location, revision=options.revision,
-                                        allow_patterns=["config.json"]))
-    except RepositoryNotFoundError:
-        raise MoEHubError(f"no model {source.location!r} on the Hub (or it is private: log in "
-                          f"with `hf auth login` or set HF_TOKEN)") from None
-    except (HfHubHTTPError, OSError) as err:
-        raise unreachable_hub_error(err, f"BASE {source.location}") or MoEHubError(
-            f"could not download {source.location}: {err}") from None
+    folder = download_snapshot(source.location, options.revision, ["config.json"],
+                               kind="model", role="BASE")
     if not (folder / "config.json").is_file():
         return None  # reported by the full download
     _refuse_moe_hub_checkpoint(folder, source.location)
@@ -433,20 +423,10 @@ def _materialise_base(
 
 
 def _download(repo_id: str, revision: str | None, trust_remote_code: bool = False) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
-
     # The base's own code only when it may run.
     patterns = ["*.json", "*.safetensors", *TOKENIZER_PATTERNS, *(["*.py"] if trust_remote_code
                                                                   else [])]
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except RepositoryNotFoundError:
-        raise MoEHubError(f"no model {repo_id!r} on the Hub (or it is private: log in with "
-                          f"`hf auth login` or set HF_TOKEN)") from None
-    except (HfHubHTTPError, OSError) as err:
-        raise unreachable_hub_error(err, f"BASE {repo_id}") or MoEHubError(
-            f"could not download {repo_id}: {err}") from None
+    return download_snapshot(repo_id, revision, patterns, kind="model", role="BASE")
 
 
 def _gguf_to_dense(gguf: Path, target: Path) -> None:

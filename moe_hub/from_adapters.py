@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .errors import MoEHubError
-from .hub_ids import is_hub_id, unreachable_hub_error
+from .hub_ids import download_snapshot, is_hub_id
 from .modeling.moe_lora_block import LoraLinear, MoELoraBlock
 from .modeling.moe_lora_layer import MoELoraLinear
 
@@ -120,20 +120,11 @@ def _resolve_files(spec: str, revision: str | None) -> tuple[Path, Path, str | N
     if path.exists() or not is_hub_id(spec, owner_required=True):
         raise MoEHubError(f"adapter {spec} is neither a directory nor a Hub id (user/name): pass "
                           f"a PEFT adapter directory or Hub repository")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
     # One listing, then only the adapter's files: the listing request fails at once when the Hub
     # is unreachable (a per-file download would retry for half a minute first).
-    try:
-        folder = Path(snapshot_download(spec, revision=revision, allow_patterns=[
-            ADAPTER_CONFIG, ADAPTER_SAFETENSORS, ADAPTER_BIN]))
-    except RepositoryNotFoundError:
-        raise MoEHubError(f"no adapter {spec!r} on the Hub (or it is private: log in with "
-                          f"`hf auth login` or set HF_TOKEN)") from None
-    except (HfHubHTTPError, OSError) as err:
-        raise unreachable_hub_error(err, f"adapter {spec}") or MoEHubError(
-            f"could not download adapter {spec}: {err}") from None
+    folder = download_snapshot(spec, revision, [ADAPTER_CONFIG, ADAPTER_SAFETENSORS, ADAPTER_BIN],
+                               kind="adapter", role="adapter")
     config = folder / ADAPTER_CONFIG
     if not config.is_file():
         raise MoEHubError(f"Hub repository {spec} has no {ADAPTER_CONFIG}: it is not a PEFT "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 # "name" or "owner/name": word characters, '.' and '-', at most 96 each (the Hub's limit), and
 # starting with a letter or digit, which no relative path written as ./x, ../x or ~/x does.
@@ -55,3 +56,24 @@ def unreachable_hub_error(err: BaseException, what: str) -> Exception | None:
     return MoEHubError(f"cannot reach the Hub at {constants.ENDPOINT} to fetch {what} "
                        f"({type(cause).__name__}: {reason}): check the network connection or "
                        f"HF_ENDPOINT, or pass a local directory")
+
+
+def download_snapshot(repo_id: str, revision: str | None, patterns: list[str], *, kind: str,
+                      role: str) -> Path:
+    """``snapshot_download`` of the files matching ``patterns``, with moe-hub's one-line errors:
+    a missing (or private) repository names it as a ``kind`` ("model", "adapter"), an
+    unreachable Hub says so for the ``role`` it plays ("BASE", "adapter")."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    from .errors import MoEHubError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except RepositoryNotFoundError:
+        raise MoEHubError(f"no {kind} {repo_id!r} on the Hub (or it is private: log in with "
+                          f"`hf auth login` or set HF_TOKEN)") from None
+    except (HfHubHTTPError, OSError) as err:
+        name = repo_id if role == "BASE" else f"{role} {repo_id}"
+        raise unreachable_hub_error(err, f"{role} {repo_id}") or MoEHubError(
+            f"could not download {name}: {err}") from None
