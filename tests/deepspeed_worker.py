@@ -13,9 +13,8 @@ router auxiliary loss on.
 
 from __future__ import annotations
 
-import json
 import sys
-import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from helpers_distributed import run_cases_in_group
 from test_routers import CASES, build, ids, perturb
 
 LR = 0.5
@@ -87,17 +87,9 @@ def main(out: str) -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    results = {}
-    for router, granularity in CASES:
-        key = f"{router}-{granularity}"
-        try:
-            results[key] = run_case(router, granularity, rank, world)
-        except Exception:  # reported per case; the next case still runs
-            results[key] = {"ok": False, "error": traceback.format_exc(limit=-6)}
-        dist.barrier()
-    if rank == 0:
-        Path(out).write_text(json.dumps(results, indent=1))
-    dist.destroy_process_group()
+    run_cases_in_group({f"{router}-{granularity}": partial(run_case, router, granularity, rank,
+                                                           world)
+                        for router, granularity in CASES}, out)
 
 
 if __name__ == "__main__":

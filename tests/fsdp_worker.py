@@ -17,9 +17,8 @@ per-batch means, so it is per micro-batch in both runs, as Trainer computes it o
 from __future__ import annotations
 
 import itertools
-import json
 import sys
-import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from helpers_distributed import run_cases_in_group
 from test_routers import CASES, build, ids, perturb
 
 LR = 0.5
@@ -144,21 +144,13 @@ POLICIES = ("layers", "no_split")
 def main(out: str, qlora_checkpoint: str | None = None) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    results = {}
     cases = {f"{router}-{granularity}-{policy}": (router_model(router, granularity), policy)
              for (router, granularity), policy in itertools.product(CASES, POLICIES)}
     if qlora_checkpoint:
         cases.update({f"qlora-nf4-{policy}": (qlora_model(qlora_checkpoint), policy)
                       for policy in POLICIES})
-    for key, (make, policy) in cases.items():
-        try:
-            results[key] = run_case(make, policy, rank, world)
-        except Exception:  # reported per case; the next case still runs
-            results[key] = {"ok": False, "error": traceback.format_exc(limit=-6)}
-        dist.barrier()
-    if rank == 0:
-        Path(out).write_text(json.dumps(results, indent=1))
-    dist.destroy_process_group()
+    run_cases_in_group({key: partial(run_case, make, policy, rank, world)
+                        for key, (make, policy) in cases.items()}, out)
 
 
 if __name__ == "__main__":

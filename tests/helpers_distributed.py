@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,3 +53,23 @@ def accelerate_launch(config: Path, *args: str, nproc: int = 2, timeout: float =
                *map(str, args)]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_cases_in_group(cases: dict[str, Callable[[], dict]], out: str) -> None:
+    """Run each case on every process of the current group (one failing case is reported and
+    the next still runs), then rank 0 writes the results as JSON to ``out`` and the group ends."""
+    import json
+    import traceback
+
+    import torch.distributed as dist
+
+    results = {}
+    for key, case in cases.items():
+        try:
+            results[key] = case()
+        except Exception:  # reported per case; the next case still runs
+            results[key] = {"ok": False, "error": traceback.format_exc(limit=-6)}
+        dist.barrier()
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
