@@ -132,3 +132,16 @@ def assert_one_error_line(code: int, output: str, *needles: str) -> None:
     for needle in needles:
         assert needle in errors[0], output
     assert "Traceback" not in output
+
+
+def edited_copy(src: Path, dst: Path, **config_changes) -> Path:
+    """A copy of the checkpoint ``src`` at ``dst`` with ``config_changes`` written into its
+    config.json (a hand-edited or inconsistent checkpoint, as a user might produce)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(config_changes)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst

@@ -5,11 +5,10 @@ checkpoint written by a newer moe-hub says which release it needs."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_dense
+from conftest import edited_copy, save_tiny_dense
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -27,14 +26,6 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     dense = save_tiny_dense(root / "dense")
     return {"full": convert(dense, root / "full", **SMALL),
             "adapter-only": convert(dense, root / "adapter-only", adapter_only=True, **SMALL)}
-
-
-def edited_copy(src: Path, dst: Path, **config_changes) -> Path:
-    shutil.copytree(src, dst)
-    config = json.loads((dst / "config.json").read_text())
-    config.update(config_changes)
-    (dst / "config.json").write_text(json.dumps(config))
-    return dst
 
 
 def load(path: Path, remote_code: bool) -> None:

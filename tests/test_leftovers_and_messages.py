@@ -3,7 +3,6 @@ processes that no longer run), and one-line messages name the field or path at f
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -11,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_error_line, save_tiny_dense
+from conftest import assert_one_error_line, edited_copy, save_tiny_dense
 from typer.testing import CliRunner
 
 from moe_hub.cli.app import app
@@ -66,14 +65,6 @@ def test_out_may_not_be_the_current_directory(tmp_path, dense, monkeypatch, wher
     assert work.stat().st_ino == identity and not any(work.iterdir())
 
 
-def edited(src: Path, dst: Path, **changes) -> Path:
-    shutil.copytree(src, dst)
-    config = json.loads((dst / "config.json").read_text())
-    config.update(changes)
-    (dst / "config.json").write_text(json.dumps(config))
-    return dst
-
-
 @pytest.mark.parametrize("change, message", [
     ({"router_config": ["hidden_size", 16]},
      "config.json router_config must be a mapping of router options"),
@@ -82,7 +73,7 @@ def edited(src: Path, dst: Path, **changes) -> Path:
     ({"num_experts_per_tok": 1.5}, "config.json num_experts_per_tok must be an integer"),
 ])
 def test_config_fields_of_the_wrong_type_are_named(tmp_path, dense, change, message):
-    ckpt = edited(convert(dense, tmp_path / "moe", **SMALL), tmp_path / "edited", **change)
+    ckpt = edited_copy(convert(dense, tmp_path / "moe", **SMALL), tmp_path / "edited", **change)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         MoELoraForCausalLM.from_pretrained(ckpt)
     result = CliRunner().invoke(app, ["info", str(ckpt)])
