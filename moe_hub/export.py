@@ -33,7 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import publish, read_checkpoint_config, staging_dir, write_index
+from .checkpoint import (
+    TOKENIZER_PATTERNS,
+    publish,
+    read_checkpoint_config,
+    staging_dir,
+    write_index,
+)
 from .errors import MoEHubError
 from .safetensors_io import write_tensors
 
@@ -609,8 +615,6 @@ def _copy_tokenizer_and_generation_config(ckpt: Path, staging: Path, native_conf
     which names remote code."""
     from transformers import GenerationConfig
 
-    from .checkpoint import TOKENIZER_PATTERNS
-
     for pattern in TOKENIZER_PATTERNS:
         for path in ckpt.glob(pattern):
             if path.is_file():
@@ -624,8 +628,7 @@ def _copy_tokenizer_and_generation_config(ckpt: Path, staging: Path, native_conf
 #: What an export holds, all plain transformers files (the allow-list ``moe-hub push`` uploads).
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors",
                 "model-*-of-*.safetensors", "model.safetensors.index.json", "README.md",
-                "tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt",
-                "chat_template*", "added_tokens.json")
+                *TOKENIZER_PATTERNS)
 
 
 def export_upload_plan(directory: Path, repo_id: str, adapter_only: bool = False
