@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import save_file
 
 from .checkpoint import (
@@ -40,7 +39,7 @@ from .hub_ids import download_snapshot, is_hub_id
 from .modeling import MoELoraConfig, MoELoraForCausalLM
 from .modeling.routing import ROUTERS
 from .options_file import is_finite_number, read_options_file
-from .progress import third_party_progress, transformers_bars_off
+from .progress import hub_tqdm, third_party_progress, transformers_bars_off
 from .safetensors_io import read_header, rewrite_shard, tensor_names, write_tensors
 from .skeleton import model_skeleton
 
@@ -546,17 +545,17 @@ def _write_base_shards(
 ) -> dict[str, str]:
     weight_map: dict[str, str] = {}
     total = sum(path.stat().st_size for path in weight_files)
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
-        task = bar.add_task("writing base shards", total=total)
+    # huggingface_hub's tqdm: the style of every other bar of a conversion (downloads, the GGUF
+    # reader), and silenced by the same switches (HF_HUB_DISABLE_PROGRESS_BARS, --no-progress).
+    with hub_tqdm(total=total, desc="writing base shards", unit="B", unit_scale=True,
+                  unit_divisor=1024, disable=not progress) as bar:
         count = len(weight_files) + bool(plan.converted)
         for number, src in enumerate(weight_files, start=1):
             # Never "model.safetensors": transformers prefers that name over the index and would
             # not see the adapters.
             name = f"model-{number:05d}-of-{count:05d}.safetensors"
             sizes = rewrite_shard(src, staging / name, plan.renames.get, dtype,
-                                  on_bytes=lambda n: bar.advance(task, n))
+                                  on_bytes=bar.update)
             weight_map.update(dict.fromkeys(sizes, name))
         if plan.converted:
             # Tensors a conversion rule changes (not only renames) are computed one target at a

@@ -41,6 +41,7 @@ from .checkpoint import (
     write_index,
 )
 from .errors import MoEHubError
+from .progress import hub_tqdm
 from .safetensors_io import write_tensors
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -450,8 +451,6 @@ class _Plan:
         return [_Unit(self, layer, names, state) for layer, names in sorted(groups.items())]
 
     def write(self, staging: Path, dtype: torch.dtype, progress: bool) -> dict[str, int]:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
         units = self._units()
         per_unit = [sum(s.numel() for s in u.shapes().values()) * _itemsize(dtype) for u in units]
         shards: list[list[int]] = [[]]
@@ -464,16 +463,15 @@ class _Plan:
             filled += size
         sizes: dict[str, int] = {}
         weight_map: dict[str, str] = {}
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-        with Progress(*columns, disable=not progress, transient=True) as bar:
-            task = bar.add_task("baking experts", total=len(units))
+        with hub_tqdm(total=len(units), desc="baking experts", unit="layer",
+                      disable=not progress) as bar:
 
             def batches(indices: list[int]) -> Iterator[dict[str, torch.Tensor]]:
                 for i in indices:
                     tensors = units[i].tensors()
                     self.numels.update({n: t.numel() for n, t in tensors.items()})
                     yield tensors
-                    bar.advance(task)
+                    bar.update()
 
             for number, indices in enumerate(shards, start=1):
                 name = ("model.safetensors" if len(shards) == 1

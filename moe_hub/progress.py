@@ -7,6 +7,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+# moe-hub's own bars (writing shards, baking experts) are huggingface_hub's tqdm: the style of
+# the other bars a run shows (downloads, the GGUF reader, the Trainer), one switch for them all.
+from huggingface_hub.utils import tqdm as hub_tqdm
+
 
 @contextmanager
 def third_party_progress(enabled: bool, *, data: bool = False) -> Iterator[None]:
@@ -88,4 +92,4 @@ def _not_the_kernels_advice(record: Any) -> bool:
     return "Failed to load CPU gemm_4bit_forward from kernels-community" not in record.getMessage()
 
 
-__all__ = ["quiet_library_notices", "third_party_progress", "transformers_bars_off"]
+__all__ = ["hub_tqdm", "quiet_library_notices", "third_party_progress", "transformers_bars_off"]

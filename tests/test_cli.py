@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -55,6 +56,20 @@ def test_convert_with_no_progress_prints_no_progress_bar(tmp_path: Path, tiny_de
     assert quiet.exit_code == 0, quiet.output
     assert "Writing model shards" not in quiet.output
     assert "it/s" not in quiet.output and "%|" not in quiet.output, quiet.output
+
+
+def test_convert_bars_are_all_one_style(tmp_path: Path, tiny_dense: Path, capfd) -> None:
+    """moe-hub's own bar (writing base shards) is drawn like the download and GGUF reader bars
+    it follows (huggingface_hub's tqdm: "desc: 100%|...| n/total"), on stderr, not in a second
+    (rich) style; and --no-progress silences it with the rest."""
+    from moe_hub.convert import convert
+
+    capfd.readouterr()
+    convert(tiny_dense, tmp_path / "loud", experts=2, rank=2)
+    err = capfd.readouterr().err
+    assert re.search(r"writing base shards: +100%\|.*\| [\d.]+k?/[\d.]+k?", err), err[-2000:]
+    convert(tiny_dense, tmp_path / "quiet", experts=2, rank=2, progress=False)
+    assert "writing base shards" not in capfd.readouterr().err
 
 
 def test_no_progress_silences_transformers_shard_writing(tmp_path: Path, capfd) -> None:
