@@ -118,9 +118,16 @@ def checkpoint_files(checkpoint: Path, include: list[str] | None = None) -> list
         if entry.is_file() and any(fnmatch.fnmatchcase(entry.name, pattern)
                                    for pattern in TOKENIZER_PATTERNS):
             files.add(entry.name)
-    for pattern in include or ():
-        files.update(rel for rel in _all_files(checkpoint) if _matches(rel, pattern))
+    files.update(included_files(checkpoint, include))
     return sorted(files)
+
+
+def included_files(folder: Path, include: list[str] | None) -> set[str]:
+    """The files below ``folder`` (relative paths) that match an ``include`` pattern: fnmatch
+    on the relative path, or a folder name (``notes`` or ``notes/`` takes all of it)."""
+    if not include:
+        return set()
+    return {rel for rel in _all_files(folder) if any(_matches(rel, p) for p in include)}
 
 
 def _all_files(root: Path) -> list[str]:

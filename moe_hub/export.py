@@ -35,6 +35,7 @@ from torch import nn
 
 from .checkpoint import (
     TOKENIZER_PATTERNS,
+    included_files,
     publish,
     read_checkpoint_config,
     staging_dir,
@@ -629,10 +630,11 @@ EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors",
                 *TOKENIZER_PATTERNS)
 
 
-def export_upload_plan(directory: Path, repo_id: str, adapter_only: bool = False
-                       ) -> dict[str, bytes | Path]:
-    """What ``moe-hub push`` uploads for an export: its files (``EXPORT_FILES``), the card's
-    loading snippets naming ``repo_id`` instead of the folder."""
+def export_upload_plan(directory: Path, repo_id: str, adapter_only: bool = False,
+                       include: list[str] | None = None) -> dict[str, bytes | Path]:
+    """What ``moe-hub push`` uploads for an export: its files (``EXPORT_FILES``) and those
+    matching an ``include`` pattern, the card's loading snippets naming ``repo_id`` instead of
+    the folder."""
     if adapter_only:
         raise MoEHubError(f"{directory} is a native MoE export: it has no adapters to push "
                           f"alone; push it without --adapter-only")
@@ -641,6 +643,7 @@ def export_upload_plan(directory: Path, repo_id: str, adapter_only: bool = False
         for path in directory.glob(pattern):
             if path.is_file() and not path.name.startswith("."):
                 plan[path.name] = path
+    plan.update({rel: directory / rel for rel in sorted(included_files(directory, include))})
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:

@@ -132,7 +132,7 @@ def plan_upload(
     from .export import export_upload_plan, is_export
 
     if is_export(checkpoint):  # a native MoE model written by `moe-hub export`
-        plan = export_upload_plan(checkpoint, repo_id, adapter_only)
+        plan = export_upload_plan(checkpoint, repo_id, adapter_only, include)
         index = checkpoint / INDEX_FILE
         weight_map = read_weight_map(index, "the export", "export again") \
             if index.is_file() else {}

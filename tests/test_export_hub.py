@@ -41,12 +41,17 @@ def test_export_of_hub_based_adapters_pushes_and_loads_without_remote_code(
     assert f"base_model: {BASE_REPO}" in card  # the card's metadata names the Hub base
     assert "checkpoint `moe`" in " ".join(card.split())  # and the text the source checkpoint
 
+    # What else lies in the folder stays home unless --include names it, as for a checkpoint.
+    (native / "notes").mkdir()
+    (native / "notes" / "eval.json").write_text('{"acc": 0.5}')
+    (native / "credentials.json").write_text("secret")
     result = runner.invoke(app, ["push", str(native), "alice/tiny-mixtral", "--token", TOKEN,
-                                 "--endpoint", hub.endpoint])
+                                 "--endpoint", hub.endpoint, "--include", "notes/*"])
     assert result.exit_code == 0, result.output
     files = hub.files("alice/tiny-mixtral")
     assert set(files) - {".gitattributes"} == {"config.json", "generation_config.json",
-                                               "model.safetensors", "README.md"}
+                                               "model.safetensors", "README.md",
+                                               "notes/eval.json"}
     assert 'from_pretrained("alice/tiny-mixtral")' in files["README.md"].decode()
     assert json.loads(files["config.json"])["architectures"] == ["MixtralForCausalLM"]
 
