@@ -5,6 +5,7 @@ checkpoint written by a newer moe-hub says which release it needs."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -59,9 +60,20 @@ def test_adapter_tensors_missing_from_the_weights_are_named(tmp_path, checkpoint
         for name in dropped:
             del data["weight_map"][name]
         index.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"lack 2 of the 42 expert/router tensors") as caught:
-        MoELoraForCausalLM.from_pretrained(edited)
+    # transformers' logger does not propagate to pytest's: listen on it directly.
+    logger, records = logging.getLogger("transformers"), []
+    listener = logging.Handler()
+    listener.emit = records.append
+    logger.addHandler(listener)
+    try:
+        with pytest.raises(ValueError, match=r"lack 2 of the 42 expert/router tensors") as caught:
+            MoELoraForCausalLM.from_pretrained(edited)
+    finally:
+        logger.removeHandler(listener)
     assert all(name in str(caught.value) for name in dropped)
+    # The error is the one account: no loading report calling them "newly initialized".
+    logged = "\n".join(record.getMessage() for record in records)
+    assert "LOAD REPORT" not in logged and not any(name in logged for name in dropped), logged
 
 
 def test_every_adapter_entry_dropped_from_the_index_is_refused(tmp_path, checkpoints):

@@ -376,10 +376,17 @@ class MoELoraPreTrainedModel(PreTrainedModel):
             drop_unexpected_prefix=None if self._keeps_head else self._head_prefix + ".",
         )
         missing = reported_missing_keys(result, args)
-        self._refuse_missing_base(missing)
-        if missing is not None and not self.config.adapter_only:
-            # An adapter-only checkpoint's adapters are checked against its adapter file later.
-            refuse_missing_adapters(self, missing, "the checkpoint's weight files")
+        try:
+            self._refuse_missing_base(missing)
+            if missing is not None and not self.config.adapter_only:
+                # An adapter-only checkpoint's adapters are checked against its adapter file.
+                refuse_missing_adapters(self, missing, "the checkpoint's weight files")
+        except ValueError:
+            # transformers logs its report even when loading stops: without the missing keys,
+            # so that the error is the one account of them, not a table of weights "newly
+            # initialized ... consider training" for a model that will not exist.
+            filter_loading_report(result, args, drop_missing=missing)
+            raise
         return result
 
     def _refuse_missing_base(self, missing: Any) -> None:
