@@ -68,6 +68,66 @@ def full_state_dict(model: nn.Module) -> dict[str, Any]:
     )
 
 
+def routing_shard_groups(model: nn.Module) -> list[list[nn.Module]]:
+    """The routing modules of ``model`` as FSDP2 groups: each decoder layer's routers together
+    (routers outside every decoder layer, if any, as one more group), then each module of
+    ``moe_shared`` that the routers call (RMoE's GRU cell and hypernetwork, HyperMoE's
+    hypernetwork, GraphMoE's cell), each alone. The shared ones are called once per site, and a
+    one-module group is gathered and reduced around each call, as FSDP2 expects of a module it
+    sees several times in one forward."""
+    from .modeling.routing import Router
+
+    def routers(module: nn.Module) -> list[nn.Module]:
+        return [m for m in module.modules() if isinstance(m, Router)]
+
+    groups, grouped = [], set()
+    for layer in decoder_layers(model):
+        found = [r for r in routers(layer) if r not in grouped]
+        grouped.update(found)
+        if found:
+            groups.append(found)
+    rest = [r for r in routers(model) if r not in grouped]
+    if rest:
+        groups.append(rest)
+    shared = getattr(model, "moe_shared", None)
+    pending = list(shared.children()) if shared is not None else []
+    while pending:  # containers (RMoE's ModuleDict) are never called: their children are
+        module = pending.pop(0)
+        if isinstance(module, (nn.ModuleDict, nn.ModuleList)):
+            pending[:0] = list(module.children())
+        elif next(module.parameters(), None) is not None:
+            groups.append([module])
+    return groups
+
+
+def shard_routing_in_float32(model: nn.Module, **fully_shard_kwargs: Any) -> int:
+    """Shard ``model``'s routers and shared routing modules with FSDP2 in groups of their own
+    that gather, compute and reduce in float32; call it before sharding the rest of the model
+    (``fully_shard`` on the decoder layers and the root, or accelerate's ``prepare``), which
+    then leaves these parameters to their groups. Returns the number of groups.
+
+    Why: FSDP2's mixed precision is one policy per group, and accelerate gives every group the
+    run's dtype (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16)`` for
+    ``mixed_precision: bf16``). Left in the decoder-layer and root groups, the routers would be
+    all-gathered as bfloat16, so their logits come from rounded weights, and their gradients
+    summed in bfloat16: the float32 routing that ``Router._apply`` and ``float32_linear`` keep
+    everywhere else. ``fully_shard_kwargs`` (mesh, reshard_after_forward, offload_policy) should
+    be the rest of the model's; the mixed-precision policy is this function's own.
+    Collective: every process calls it on the same model."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # cast_forward_inputs off: a router reads the 16-bit hidden states as they are (float32_linear
+    # upcasts them in the matmul and keeps the 16-bit copy for backward, not a float32 one).
+    policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
+    groups = routing_shard_groups(model)
+    for group in groups:
+        fully_shard(group if len(group) > 1 else group[0], mp_policy=policy,
+                    **fully_shard_kwargs)
+    return len(groups)
+
+
 def _is_zero3_partitioned(param: Any) -> bool:
     # DeepSpeed ZeRO-3 replaces every parameter's data by an empty placeholder and records the
     # real size in ds_numel; GatheredParameters brings the whole tensor back for a while.

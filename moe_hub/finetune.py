@@ -45,6 +45,7 @@ from .distributed import (
     launched_sharded,
     load_full_parameters,
     refuse_unsupported,
+    shard_routing_in_float32,
 )
 from .errors import Interrupted, MoEHubError
 from .options_file import is_finite_number, read_options_file
@@ -376,6 +377,38 @@ def adapter_state(model: Any) -> dict[str, torch.Tensor]:
     return full_parameters(model, model.adapter_parameter_names())
 
 
+def _shard_routing_for_fsdp2(trainer: Any) -> None:
+    """Under FSDP2, give the routing modules float32 groups of their own before accelerate
+    shards the model (at ``train()``, in ``fsdp2_prepare_model``, which leaves modules already
+    sharded to their groups): accelerate's one mixed-precision policy would otherwise gather
+    the routers in the run's 16-bit dtype and reduce their gradients in it
+    (``shard_routing_in_float32``). The other settings are the ones accelerate gives its
+    groups."""
+    accelerator = trainer.accelerator
+    if not getattr(accelerator, "is_fsdp2", False):
+        return
+    plugin = accelerator.state.fsdp_plugin
+    quantized = any(type(p).__name__ == "Params4bit" for p in trainer.model.parameters())
+    if plugin.cpu_ram_efficient_loading and not quantized:
+        # accelerate then moves the model to the meta device and broadcasts rank 0's whole
+        # tensors into it, which it cannot do for parameters already sharded (it does not take
+        # that path for a 4-bit base).
+        if accelerator.is_main_process and accelerator.mixed_precision != "no":
+            from rich.console import Console
+
+            Console(stderr=True).print(
+                "FSDP2 with fsdp_cpu_ram_efficient_loading: the routers train in the run's "
+                "mixed precision, not float32; set fsdp_cpu_ram_efficient_loading: false (or "
+                "train on a 4-bit base) to keep them float32", highlight=False, soft_wrap=True)
+        return
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    if mesh is not None:  # the data-parallel dimensions, as fsdp2_prepare_model takes them
+        mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+    shard_routing_in_float32(trainer.model, mesh=mesh,
+                             reshard_after_forward=plugin.reshard_after_forward,
+                             offload_policy=plugin.cpu_offload)
+
+
 def _make_trainer_class() -> type:
     from transformers import Trainer
 
@@ -403,6 +436,7 @@ def _make_trainer_class() -> type:
             self.last_step_loss: tuple[int, torch.Tensor] | None = None
             self.add_callback(_finite_guard(self))
             _log_as_lines(self)
+            _shard_routing_for_fsdp2(self)
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:

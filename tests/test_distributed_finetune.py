@@ -9,6 +9,7 @@ bitsandbytes NF4 (packed into float32 storage under FSDP, so that it shards), th
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ckpt = tiny_checkpoint(root, router="rmoe", dropout=0.0)
     data = root / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    straight = cli_finetune(root, ckpt, data, "out")
+    # The launched processes record the FSDP groups accelerate left (cpu_fsdp/sitecustomize).
+    os.environ["MOE_HUB_TEST_FSDP_GROUPS"] = str(root / "groups.json")
+    try:
+        straight = cli_finetune(root, ckpt, data, "out")
+    finally:
+        del os.environ["MOE_HUB_TEST_FSDP_GROUPS"]
     resumed = None
     if straight.returncode == 0:
         resumed = cli_finetune(root, ckpt, data, "resumed", "--resume-from",
@@ -112,6 +118,20 @@ def test_fsdp2_cli_writes_one_normal_checkpoint(runs: dict) -> None:
         assert torch.equal(params[name].detach(), tensor), name
     moved = [n for n in saved if not torch.equal(saved[n], initial[n])]
     assert len(moved) == len(saved), sorted(set(saved) - set(moved))
+
+
+def test_fsdp2_cli_gives_the_routing_modules_float32_groups(runs: dict) -> None:
+    """After accelerate's own sharding (fsdp2_prepare_model, TRANSFORMER_BASED_WRAP) the routers
+    and the shared GRU are FSDP groups of their own that gather and reduce in float32, whatever
+    accelerate's policy for the rest (tests/test_fsdp.py shows these groups keep the routers
+    float32 under its bf16 policy); the decoder layers are accelerate's groups."""
+    _ok(runs["straight"])
+    groups = json.loads((runs["root"] / "groups.json").read_text())
+    routing = {n: g for n, g in groups.items() if ".router" in n or n.startswith("moe_shared.")}
+    layers = {n: g for n, g in groups.items() if n not in routing}
+    assert "moe_shared.rmoe.gru" in routing and len(routing) > len(layers) >= 2, groups
+    assert all(g == ["torch.float32", "torch.float32"] for g in routing.values()), routing
+    assert all(g is not None for g in layers.values()), layers
 
 
 def test_fsdp2_cli_matches_one_process_with_the_same_global_batch(runs: dict, tmp_path) -> None:

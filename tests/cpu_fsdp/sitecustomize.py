@@ -35,3 +35,46 @@ def _init_with_cpu_fsdp(self, *args, **kwargs):
 
 
 _state.AcceleratorState.__init__ = _init_with_cpu_fsdp
+
+
+def _record_fsdp_groups(path: str):
+    """For tests/test_distributed_finetune.py: once accelerate has sharded the model, rank 0
+    writes to ``path`` the mixed-precision policy of the FSDP group of each module that holds
+    routing parameters (null: no group of its own) and of the decoder layers' groups."""
+    import json
+
+    import accelerate.accelerator as _accelerator
+
+    prepare = _accelerator.fsdp2_prepare_model
+
+    def prepare_and_record(accelerator, model):
+        from torch.distributed.fsdp import FSDPModule
+
+        from moe_hub.distributed import decoder_layers
+
+        layers = {id(m) for m in decoder_layers(model)}  # by class name: before FSDP renames
+        model = prepare(accelerator, model)
+
+        def policy(module):
+            if not isinstance(module, FSDPModule):
+                return None
+            mp = module._get_fsdp_state()._mp_policy
+            return [str(mp.param_dtype), str(mp.reduce_dtype)]
+
+        names = set(model.adapter_parameter_names())
+        groups = {}
+        for name, module in model.named_modules():
+            own = [f"{name}.{n}" for n, _ in module.named_parameters(recurse=False)]
+            if id(module) in layers or (own and all(n in names and ".lora_" not in n
+                                                    for n in own)):
+                groups[name] = policy(module)
+        if accelerator.is_main_process:
+            with open(path, "w") as f:
+                json.dump(groups, f)
+        return model
+
+    _accelerator.fsdp2_prepare_model = prepare_and_record
+
+
+if os.environ.get("MOE_HUB_TEST_FSDP_GROUPS"):
+    _record_fsdp_groups(os.environ["MOE_HUB_TEST_FSDP_GROUPS"])
