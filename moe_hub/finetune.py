@@ -40,12 +40,7 @@ from .checkpoint import (
     write_index,
 )
 from .data import PadCollator, model_max_length, pad_token_id, prepare_data
-from .distributed import (
-    full_parameters,
-    launched_sharded,
-    load_full_parameters,
-    refuse_unsupported,
-)
+from .distributed import full_parameters, launched_sharded, load_full_parameters
 from .errors import Interrupted, MoEHubError
 from .options_file import is_finite_number, read_options_file
 from .outputs import published_outputs
@@ -717,7 +712,6 @@ def _finetune_locked(checkpoint: Path, data: Any, output: Path, options: Finetun
     from .modeling import MoELoraConfig
 
     config = MoELoraConfig.from_pretrained(checkpoint)
-    refuse_unsupported(config)
     tokenizer = _load_tokenizer(checkpoint, options, config)
     prepared = prepare_data(
         data, tokenizer, max_length=options.max_length, completion_only=options.completion_only,

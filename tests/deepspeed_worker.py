@@ -1,4 +1,5 @@
-"""Every router x granularity under DeepSpeed ZeRO-3 on a 2-process gloo group (run by torchrun).
+"""Every router x granularity under DeepSpeed ZeRO-3 and ZeRO-2 on a 2-process gloo group (run by
+torchrun).
 
 Started by ``tests/test_deepspeed.py`` as ``torchrun --nproc-per-node 2 tests/deepspeed_worker.py
 OUT``; one group serves every case, each in its own ``try``, rank 0 writes one JSON entry per case.
@@ -8,7 +9,12 @@ parameter's data is an empty placeholder outside the forward of the module that 
 (1) A no-grad forward in eval mode, the decode path, equals the unpartitioned model's logits: the
 packed decode storage must not read (or keep) a placeholder. (2) One SGD step on each rank's half
 of the global batch equals one process taking the same micro-batches with accumulated gradients,
-router auxiliary loss on.
+router auxiliary loss on. (3) The same step under ZeRO-2 (gradients and optimizer state
+partitioned, parameters whole) on a fresh copy of the model equals the same reference.
+
+Gradient clipping is off (``gradient_clipping: 0``): DeepSpeed clips at norm 1.0 unless told
+otherwise, which would scale every gradient of a case whose global norm exceeds 1 (HyperMoE's)
+and hide a wrong reduction behind a renormalised one.
 """
 
 from __future__ import annotations
@@ -41,6 +47,30 @@ def make(router: str, granularity: str) -> torch.nn.Module:
     return model
 
 
+def initialize(model: torch.nn.Module, stage: int) -> torch.nn.Module:
+    """``model`` under a DeepSpeed engine of ZeRO ``stage``, SGD on its trained parameters."""
+    import deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+              "gradient_clipping": 0.0}
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, config=config,
+                                      optimizer=torch.optim.SGD(params, lr=LR))
+    return engine
+
+
+def train_step(engine: torch.nn.Module, tokens: torch.Tensor, rank: int, world: int) -> None:
+    """One optimizer step on this rank's share of ``tokens``, with its rank's noise draws."""
+    engine.train()
+    mine = tokens.chunk(world)[rank]
+    torch.manual_seed(100 + rank)
+    out = engine(mine, labels=mine)
+    assert out.aux_loss is not None and out.aux_loss.item() > 0
+    engine.backward(out.loss)
+    engine.step()
+
+
 def run_case(router: str, granularity: str, rank: int, world: int) -> dict:
     import deepspeed
 
@@ -56,30 +86,27 @@ def run_case(router: str, granularity: str, rank: int, world: int) -> dict:
     torch.optim.SGD(trained.values(), lr=LR).step()
 
     model = make(router, granularity)
-    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, config=config,
-                                      optimizer=torch.optim.SGD(params, lr=LR))
+    engine = initialize(model, stage=3)
     placeholders = sum(p.data.numel() == 0 for p in model.parameters())
     engine.eval()
     with torch.no_grad():
         got_eval = engine(tokens).logits
-    engine.train()
-    mine = tokens.chunk(world)[rank]
-    torch.manual_seed(100 + rank)
-    out = engine(mine, labels=mine)
-    assert out.aux_loss is not None and out.aux_loss.item() > 0
-    engine.backward(out.loss)
-    engine.step()
+    train_step(engine, tokens, rank, world)
     names = [n for n, p in model.named_parameters() if n in trained]
     with deepspeed.zero.GatheredParameters([model.get_parameter(n) for n in names]):
         got = {n: model.get_parameter(n).detach().clone() for n in names}
     worst = max(((rel(got[n], trained[n].detach()), n) for n in names), default=(0.0, ""))
+
+    # ZeRO-2: every process holds the whole parameters again after the step.
+    model = make(router, granularity)
+    train_step(initialize(model, stage=2), tokens, rank, world)
+    got = {n: p.detach() for n, p in model.named_parameters() if n in trained}
+    worst2 = max(((rel(got[n], trained[n].detach()), n) for n in got), default=(0.0, ""))
     return {"ok": True, "placeholders": placeholders,
             "params": len(list(model.parameters())), "trained": len(names),
             "eval_rel_err": rel(got_eval, want_eval), "param_rel_err": worst[0],
-            "worst": worst[1]}
+            "worst": worst[1], "zero2_trained": len(got), "zero2_param_rel_err": worst2[0],
+            "zero2_worst": worst2[1]}
 
 
 def main(out: str) -> None:
