@@ -12,6 +12,10 @@ of the global batch equals one process taking the same micro-batches with accumu
 router auxiliary loss on. (3) The same step under ZeRO-2 (gradients and optimizer state
 partitioned, parameters whole) on a fresh copy of the model equals the same reference.
 
+One more case resumes ZeRO-3 with a 4-bit base: a run checkpointed after its first step and
+continued by a fresh engine (``load_checkpoint``, strict, as Trainer's resume calls it) takes the
+same losses and reaches the same adapters as the uninterrupted run.
+
 Gradient clipping is off (``gradient_clipping: 0``): DeepSpeed clips at norm 1.0 unless told
 otherwise, which would scale every gradient of a case whose global norm exceeds 1 (HyperMoE's)
 and hide a wrong reduction behind a renormalised one.
@@ -109,14 +113,83 @@ def run_case(router: str, granularity: str, rank: int, world: int) -> dict:
             "zero2_worst": worst2[1]}
 
 
+def run_resume_case(root: Path, rank: int, world: int) -> dict:
+    """ZeRO-3 on an NF4 base (float32 quant storage, as finetune asks for under ZeRO-3), AdamW:
+    3 steps straight, and steps 2-3 again on a fresh engine resumed from the step-1
+    checkpoint. Errors are the largest over the processes."""
+    from transformers import BitsAndBytesConfig
+
+    from moe_hub.finetune import prepare_for_training
+    from moe_hub.modeling import MoELoraForCausalLM
+
+    if rank == 0:
+        from helpers_finetune import tiny_checkpoint
+
+        tiny_checkpoint(root, router="rmoe", dropout=0.0,
+                        router_config={"hyper": True, "embed_dim": 16})
+    dist.barrier()
+    ckpt, saved = root / "ckpt-rmoe-0", root / "zero3-steps"
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32,
+                               bnb_4bit_quant_storage=torch.float32)
+
+    def engine_and_model():
+        import deepspeed
+
+        model = MoELoraForCausalLM.from_pretrained(ckpt, quantization_config=quant)
+        prepare_for_training(model)
+        perturb(model)  # B = 0 would leave A without a gradient at the first step
+        params = [p for p in model.parameters() if p.requires_grad]
+        config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True,
+                  "gradient_clipping": 0.0}
+        engine, *_ = deepspeed.initialize(model=model, config=config,
+                                          optimizer=torch.optim.AdamW(params, lr=1e-2))
+        return engine, model
+
+    def step(engine, number: int) -> float:
+        mine = ids(2 * world, 9, seed=20 + number).chunk(world)[rank]
+        loss = engine(mine, labels=mine).loss
+        engine.backward(loss)
+        engine.step()
+        return loss.item()
+
+    def adapters(model) -> dict:
+        import deepspeed
+
+        names = model.adapter_parameter_names()
+        with deepspeed.zero.GatheredParameters([model.get_parameter(n) for n in names]):
+            return {n: model.get_parameter(n).detach().clone() for n in names}
+
+    engine, model = engine_and_model()
+    straight = [step(engine, 1)]
+    engine.save_checkpoint(str(saved), tag="step1")
+    straight += [step(engine, 2), step(engine, 3)]
+    want = adapters(model)
+    engine, model = engine_and_model()
+    engine.load_checkpoint(str(saved), tag="step1")  # strict module load, optimizer state
+    resumed = [step(engine, 2), step(engine, 3)]
+    got = adapters(model)
+    errors = torch.tensor([max(abs(a - b) / abs(b) for a, b in zip(resumed, straight[1:])),
+                           max(rel(got[n], want[n]) for n in want)])
+    dist.all_reduce(errors, op=dist.ReduceOp.MAX)
+    module = torch.load(saved / "step1" / "zero_pp_rank_0_mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)["module"]
+    return {"ok": True, "losses": straight,
+            "quant_state_entries": sum(".weight.quant_state." in k for k in module),
+            "loss_rel_err": errors[0].item(), "adapter_rel_err": errors[1].item()}
+
+
 def main(out: str) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    run_cases_in_group({f"{router}-{granularity}": partial(run_case, router, granularity, rank,
-                                                           world)
-                        for router, granularity in CASES}, out)
+    cases = {f"{router}-{granularity}": partial(run_case, router, granularity, rank, world)
+             for router, granularity in CASES}
+    cases["zero3-resume-4bit"] = partial(run_resume_case, Path(out).parent, rank, world)
+    run_cases_in_group(cases, out)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ placeholder outside its module's forward). The decode path never reads a placeho
 eval forward equals the unpartitioned model; one SGD step equals one process on the same global
 batch, under ZeRO-3 and under ZeRO-2, the shared routing modules included (RMoE's GRU,
 HyperMoE's hypernetwork, whose banked heads ZeRO-3 gathers as external parameters of the
-hypernetwork, GraphMoE's cell).
+hypernetwork, GraphMoE's cell). A ZeRO-3 run on a 4-bit base resumes from its checkpoint and
+continues as the uninterrupted run.
 
 One group runs every case (``deepspeed_worker.py``) and reports each on its own."""
 
@@ -45,3 +46,15 @@ def test_zero2_step_equals_one_process(zero_results: dict, router: str,
     assert result["ok"], result["error"]
     assert result["zero2_trained"] == result["trained"] > 0, result
     assert result["zero2_param_rel_err"] < 1e-5, result
+
+
+def test_zero3_resume_with_a_4bit_base_continues_the_same_run(zero_results: dict) -> None:
+    """DeepSpeed's checkpoint holds the model's ``state_dict()``, bitsandbytes' quantization
+    state included, and ``load_checkpoint`` (Trainer's resume) loads it strictly: the model takes
+    the entries equal to its loaded base (``_take_unchanged_quant_state``); optimizer state and
+    partitions come back, so steps 2 and 3 repeat the uninterrupted run's."""
+    result = zero_results["zero3-resume-4bit"]
+    assert result["ok"], result["error"]
+    assert result["quant_state_entries"] > 0, result  # the 4-bit base's entries were there
+    assert len(set(result["losses"])) == 3, result  # it trains
+    assert result["loss_rel_err"] < 1e-6 and result["adapter_rel_err"] < 1e-6, result

@@ -2,8 +2,7 @@
 examples/accelerate/fsdp2.yaml), 2 gloo processes on the CPU, through the CLI.
 
 One uninterrupted run (4 steps, sharded Trainer checkpoints at 2 and 4) and one run resumed from
-its step-2 checkpoint, under FSDP2 and under DeepSpeed ZeRO-3 (examples/accelerate/
-deepspeed_zero3.yaml); each test reads what they wrote. FSDP-QLoRA: the base is loaded in
+its step-2 checkpoint; each test reads what they wrote. FSDP-QLoRA: the base is loaded in
 bitsandbytes NF4 (packed into float32 storage under FSDP and ZeRO-3, so that it shards), the
 router loss is on (weight 1) and the routers are RMoE's with ``hyper`` (a GRU and HyperMoE's
 hypernetwork, both shared by every site: held by FSDP's root unit, gathered by ZeRO-3 for every
@@ -12,7 +11,6 @@ site's call)."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -67,10 +65,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                root / "out.checkpoints" / "checkpoint-2")
     # DeepSpeed ZeRO-3 runs on its CPU accelerator with gloo as it is.
     zero3 = cli_finetune(root, ckpt, data, "zero3", config=ZERO3)
-    zero3_resumed = None
-    if zero3.returncode == 0:
-        zero3_resumed = cli_finetune(root, ckpt, data, "zero3-resumed", "--resume-from",
-                                     root / "zero3.checkpoints" / "checkpoint-2", config=ZERO3)
     # torchrun, FSDP2 asked through Trainer's own options (a --config file), 2 steps.
     options = root / "torchrun.json"
     options.write_text(json.dumps({**COMMON, "max_steps": 2, "fsdp": "full_shard auto_wrap",
@@ -81,7 +75,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     plain = torchrun("-m", "moe_hub.cli.app", "finetune", ckpt, "--data", data, "--output",
                      root / "torchrun", "--config", options, "--no-progress", env=env)
     return {"root": root, "ckpt": ckpt, "data": data, "straight": straight, "resumed": resumed,
-            "zero3": zero3, "zero3_resumed": zero3_resumed, "torchrun": plain}
+            "zero3": zero3, "torchrun": plain}
 
 
 def _ok(done) -> None:
@@ -141,37 +135,23 @@ def test_fsdp2_cli_matches_one_process_with_the_same_global_batch(runs: dict, tm
     assert errs[len(errs) // 2] < 2e-2 and errs[-1] < 0.2, errs
 
 
-def _continues(resumed_run: subprocess.CompletedProcess, straight: Path, resumed: Path) -> None:
-    """The run that wrote ``resumed`` (from the step-2 checkpoint of the run that wrote
-    ``straight``) trained steps 3 and 4 only, to the same losses and adapters."""
-    # The resumed run trained steps 3 and 4 only (1 and 2 come from the restored state)...
-    report = resumed_run.stdout
-    report = json.loads(report[report.index("{", report.rfind("\n{") + 1):])
-    assert (report["first_loss_step"], report["final_loss_step"]) == (3, 4), report
-    # ...with the restored adapters, optimizer, scheduler, RNG and data position.
-    a_losses, b_losses = losses(straight), losses(resumed)
-    assert sorted(b_losses) == [1, 2, 3, 4]
-    for step in (3, 4):
-        assert abs(b_losses[step] - a_losses[step]) <= 1e-5 * abs(a_losses[step]), step
-    a = load_file(straight / "moe_adapters.safetensors")
-    b = load_file(resumed / "moe_adapters.safetensors")
-    for name, tensor in a.items():
-        assert rel_err(b[name], tensor) < 1e-5, name
-
-
 def test_fsdp2_resume_from_a_sharded_checkpoint_continues_the_same_run(runs: dict) -> None:
     _ok(runs["straight"])
     _ok(runs["resumed"])
-    _continues(runs["resumed"], runs["root"] / "out", runs["root"] / "resumed")
-
-
-def test_deepspeed_zero3_resume_with_a_4bit_base_continues_the_same_run(runs: dict) -> None:
-    """DeepSpeed's checkpoint holds the model's own state dict, bitsandbytes' quantization state
-    included, and its resume loads that strictly: moe-hub's model takes the entries that equal
-    its loaded base (modeling_moe_lora._take_unchanged_quant_state)."""
-    _ok(runs["zero3"])
-    _ok(runs["zero3_resumed"])
-    _continues(runs["zero3_resumed"], runs["root"] / "zero3", runs["root"] / "zero3-resumed")
+    root = runs["root"]
+    straight, resumed = losses(root / "out"), losses(root / "resumed")
+    # The resumed run trained steps 3 and 4 only (1 and 2 come from the restored state)...
+    report = runs["resumed"].stdout
+    report = json.loads(report[report.index("{", report.rfind("\n{") + 1):])
+    assert (report["first_loss_step"], report["final_loss_step"]) == (3, 4), report
+    # ...with the restored adapters, optimizer, scheduler, RNG and data position.
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert abs(resumed[step] - straight[step]) <= 1e-5 * abs(straight[step]), step
+    a = load_file(root / "out" / "moe_adapters.safetensors")
+    b = load_file(root / "resumed" / "moe_adapters.safetensors")
+    for name, tensor in a.items():
+        assert rel_err(b[name], tensor) < 1e-5, name
 
 
 def test_deepspeed_zero3_cli_trains_as_fsdp2_does(runs: dict) -> None:
