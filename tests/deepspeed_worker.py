@@ -115,8 +115,8 @@ def run_case(router: str, granularity: str, rank: int, world: int) -> dict:
 
 def run_resume_case(root: Path, rank: int, world: int) -> dict:
     """ZeRO-3 on an NF4 base (float32 quant storage, as finetune asks for under ZeRO-3), AdamW:
-    3 steps straight, and steps 2-3 again on a fresh engine resumed from the step-1
-    checkpoint. Errors are the largest over the processes."""
+    2 steps straight, and step 2 again on a fresh engine resumed from the step-1 checkpoint
+    (step 2 reads the restored Adam moments). Errors are the largest over the processes."""
     from transformers import BitsAndBytesConfig
 
     from moe_hub.finetune import prepare_for_training
@@ -163,20 +163,22 @@ def run_resume_case(root: Path, rank: int, world: int) -> dict:
             return {n: model.get_parameter(n).detach().clone() for n in names}
 
     engine, model = engine_and_model()
+    initial = adapters(model)
     straight = [step(engine, 1)]
     engine.save_checkpoint(str(saved), tag="step1")
-    straight += [step(engine, 2), step(engine, 3)]
+    straight.append(step(engine, 2))
     want = adapters(model)
     engine, model = engine_and_model()
     engine.load_checkpoint(str(saved), tag="step1")  # strict module load, optimizer state
-    resumed = [step(engine, 2), step(engine, 3)]
+    resumed = step(engine, 2)
     got = adapters(model)
-    errors = torch.tensor([max(abs(a - b) / abs(b) for a, b in zip(resumed, straight[1:])),
+    errors = torch.tensor([abs(resumed - straight[1]) / abs(straight[1]),
                            max(rel(got[n], want[n]) for n in want)])
     dist.all_reduce(errors, op=dist.ReduceOp.MAX)
     module = torch.load(saved / "step1" / "zero_pp_rank_0_mp_rank_00_model_states.pt",
                         map_location="cpu", weights_only=False)["module"]
     return {"ok": True, "losses": straight,
+            "moved": min(rel(want[n], initial[n]) for n in want),
             "quant_state_entries": sum(".weight.quant_state." in k for k in module),
             "loss_rel_err": errors[0].item(), "adapter_rel_err": errors[1].item()}
 

@@ -52,9 +52,9 @@ def test_zero3_resume_with_a_4bit_base_continues_the_same_run(zero_results: dict
     """DeepSpeed's checkpoint holds the model's ``state_dict()``, bitsandbytes' quantization
     state included, and ``load_checkpoint`` (Trainer's resume) loads it strictly: the model takes
     the entries equal to its loaded base (``_take_unchanged_quant_state``); optimizer state and
-    partitions come back, so steps 2 and 3 repeat the uninterrupted run's."""
+    partitions come back, so step 2 repeats the uninterrupted run's."""
     result = zero_results["zero3-resume-4bit"]
     assert result["ok"], result["error"]
     assert result["quant_state_entries"] > 0, result  # the 4-bit base's entries were there
-    assert len(set(result["losses"])) == 3, result  # it trains
+    assert result["moved"] > 1e-4, result  # every adapter trained
     assert result["loss_rel_err"] < 1e-6 and result["adapter_rel_err"] < 1e-6, result
