@@ -199,25 +199,3 @@ def launched_sharded() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and \
         os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
 
-
-def launched_zero3() -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and \
-        os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
-
-
-def refuse_unsupported(config: Any) -> None:
-    """Stop (one line naming the fix) before training a combination known to train wrongly.
-
-    DeepSpeed ZeRO-3 (0.19.8) mis-reduces the gradients of the shared hypernetwork (HyperMoE, and
-    RMoE with ``hyper``), whose parameters every site uses within one forward: measured 0.03-0.4
-    relative error after one step on 2 processes (tests/test_deepspeed.py); FSDP2 and ZeRO-2 are
-    exact."""
-    from .errors import MoEHubError
-
-    options = getattr(config, "router_config", None) or {}
-    hyper = config.router == "hypermoe" or (config.router == "rmoe" and options.get("hyper"))
-    if hyper and launched_zero3():
-        raise MoEHubError(
-            f"DeepSpeed ZeRO-3 computes wrong gradients for the {config.router} router's shared "
-            f"hypernetwork: launch with examples/accelerate/fsdp2.yaml or "
-            f"examples/accelerate/deepspeed_zero2.yaml instead")

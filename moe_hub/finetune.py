@@ -44,7 +44,6 @@ from .distributed import (
     full_parameters,
     launched_sharded,
     load_full_parameters,
-    refuse_unsupported,
     shard_routing_in_float32,
 )
 from .errors import Interrupted, MoEHubError
@@ -751,7 +750,6 @@ def _finetune_locked(checkpoint: Path, data: Any, output: Path, options: Finetun
     from .modeling import MoELoraConfig
 
     config = MoELoraConfig.from_pretrained(checkpoint)
-    refuse_unsupported(config)
     tokenizer = _load_tokenizer(checkpoint, options, config)
     prepared = prepare_data(
         data, tokenizer, max_length=options.max_length, completion_only=options.completion_only,

@@ -3,8 +3,10 @@ examples/accelerate/fsdp2.yaml), 2 gloo processes on the CPU, through the CLI.
 
 One uninterrupted run (4 steps, sharded Trainer checkpoints at 2 and 4) and one run resumed from
 its step-2 checkpoint; each test reads what they wrote. FSDP-QLoRA: the base is loaded in
-bitsandbytes NF4 (packed into float32 storage under FSDP, so that it shards), the router loss is on
-(weight 1) and the routers are RMoE's (a GRU shared by every site, held by FSDP's root unit)."""
+bitsandbytes NF4 (packed into float32 storage under FSDP and ZeRO-3, so that it shards), the
+router loss is on (weight 1) and the routers are RMoE's with ``hyper`` (a GRU and HyperMoE's
+hypernetwork, both shared by every site: held by FSDP's root unit, gathered by ZeRO-3 for every
+site's call)."""
 
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ def cli_finetune(root: Path, ckpt: Path, data: Path, out: str, *extra: str,
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("fsdp-cli")
-    ckpt = tiny_checkpoint(root, router="rmoe", dropout=0.0)
+    ckpt = tiny_checkpoint(root, router="rmoe", dropout=0.0,
+                           router_config={"hyper": True, "embed_dim": 16})
     data = root / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     # The launched processes record the FSDP groups accelerate left (cpu_fsdp/sitecustomize).

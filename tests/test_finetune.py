@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -192,6 +193,30 @@ def test_quantized_loading_touches_base_linears_only(tmp_path):
         params = dict(model.named_parameters())
         assert all(type(params[n]) is torch.nn.Parameter and params[n].dtype == torch.float32
                    for n in adapters)
+
+
+def test_4bit_model_loads_its_own_state_dict_strictly(tmp_path):
+    """What a DeepSpeed resume does (``engine.load_checkpoint`` loads the model's saved
+    ``state_dict()`` strictly): bitsandbytes writes each 4-bit weight's quantization state into
+    the state dict and never reads it back; the model takes the entries equal to what it holds,
+    and an entry that differs is still refused."""
+    ckpt = tiny_checkpoint(tmp_path)
+    model = load_for_training(ckpt, FinetuneOptions(quantize="nf4"))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    absmax = [k for k in state if k.endswith(".base_layer.weight.absmax")]
+    assert absmax and any(k.endswith(".weight.quant_state.bitsandbytes__nf4") for k in state)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.zero_()
+    assert not model.load_state_dict(state, strict=True).unexpected_keys
+    assert all(torch.equal(model.get_parameter(k), v) for k, v in state.items()
+               if k.endswith("lora_B"))
+    # A base quantized otherwise: its quantization state is not silently dropped.
+    state[absmax[0]] = state[absmax[0]] + 1
+    unexpected = f'Unexpected key(s) in state_dict: "{absmax[0]}"'
+    with pytest.raises(RuntimeError, match=re.escape(unexpected)):
+        model.load_state_dict(state, strict=True)
 
 
 @pytest.mark.parametrize("router", sorted(ROUTERS))

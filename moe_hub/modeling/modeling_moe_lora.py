@@ -149,6 +149,7 @@ class MoELoraPreTrainedModel(PreTrainedModel):
         self._adopt(dense)
         # Whatever the config said it was loaded from, this model is saved in the current layout.
         config.checkpoint_layout = CHECKPOINT_LAYOUT
+        self.register_load_state_dict_pre_hook(_take_unchanged_quant_state)
         self.post_init()
 
     def _adopt(self, dense: PreTrainedModel) -> None:
@@ -503,6 +504,35 @@ class MoELoraPreTrainedModel(PreTrainedModel):
                 gradient_checkpointing_kwargs=_checkpoint_kwargs(gradient_checkpointing_kwargs),
                 **options,
             )
+
+
+def _take_unchanged_quant_state(model: nn.Module, state_dict: dict[str, Any], prefix: str,
+                                *_: Any) -> None:
+    """``load_state_dict`` pre-hook: take the 4-bit base's quantization-state entries that equal
+    what its modules already hold, so that a strict load of the model's own ``state_dict()``
+    succeeds.
+
+    bitsandbytes' ``Linear4bit`` writes its weight's quantization state (``weight.absmax``, ...)
+    into ``state_dict()`` but never reads it back in ``load_state_dict``: a strict load of a 4-bit
+    model's own state dict fails on those "unexpected" keys. DeepSpeed's checkpoints are such
+    state dicts, loaded strictly on resume (Trainer's ``deepspeed_load_checkpoint``, or
+    ``engine.load_checkpoint`` called directly). The base is frozen and the resumed run loads the
+    same base, so the entries match what is there: nothing to load. An entry that differs (a
+    base quantized otherwise) stays in the state dict and is reported as before."""
+    # Every 4-bit weight's entries include "<name>.weight.quant_state.bitsandbytes__<type>".
+    if not any(".weight.quant_state." in key for key in state_dict):
+        return
+    for name, module in model.named_modules(prefix=prefix.rstrip(".")):
+        quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if quant_state is None or not hasattr(quant_state, "as_dict"):
+            continue
+        head = f"{name}.weight." if name else "weight."
+        for key, held in quant_state.as_dict(packed=True).items():
+            given = state_dict.get(head + key)
+            if isinstance(given, torch.Tensor) and isinstance(held, torch.Tensor) and \
+                    given.shape == held.shape and given.dtype == held.dtype and \
+                    torch.equal(given.to(held.device), held):
+                del state_dict[head + key]
 
 
 def _checkpoint_kwargs(kwargs: dict | None) -> dict:

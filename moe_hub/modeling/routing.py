@@ -291,6 +291,11 @@ class ParameterBank(nn.ParameterDict):
     would read a meta tensor. ``fetch`` calls the bank when accelerate hooked it (the tensor
     returned stays valid after the hook offloads the bank again) and indexes it otherwise (a
     module call costs ~5 us). State-dict names are those of a ParameterDict.
+
+    Under DeepSpeed ZeRO-3 the bank's entries are partitioned like any parameter: indexing one
+    during the engine's forward gathers it and registers it as an external parameter of the module
+    then running (the hypernetwork), which gathers it again for every later call and for backward
+    (tests/test_deepspeed.py: one step equals one process's).
     """
 
     __call__ = nn.Module.__call__  # ParameterDict refuses calls
