@@ -9,12 +9,14 @@ an interrupt leaves no OUT behind.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from .checkpoint import (
 )
 from .dense_names import NamePlan, convert_tensors, plan_names
 from .errors import MoEHubError
-from .gguf_source import gguf_provenance
+from .gguf_source import gguf_provenance, parsed_once
 from .hub_ids import download_snapshot, is_hub_id
 from .modeling import MoELoraConfig, MoELoraForCausalLM
 from .modeling.routing import ROUTERS
@@ -207,12 +209,18 @@ def convert(
     # sibling folder: never inside OUT, always removed.
     with third_party_progress(progress), staging_dir(out, ".scratch") as scratch, \
             staging_dir(out) as staging:
-        # --targets and the model's other options are checked against BASE's architecture from
-        # its config alone, before any weight is downloaded, dequantised or read.
-        early_config = _early_text_config(source, options)
-        if early_config is not None:
-            _skeleton(options, early_config, None, None, adapters)
-        dense_dir, origin, revision, provenance = _materialise_base(source, options, scratch)
+        gguf = _gguf_file(source)
+        # A GGUF is parsed once for its config, tensors and tokenizer (see parsed_once), and its
+        # config, read first, is handed to the later stages.
+        with parsed_once(gguf) if gguf else nullcontext():
+            gguf_config = _gguf_config(gguf) if gguf else None
+            # --targets and the model's other options are checked against BASE's architecture
+            # from its config alone, before any weight is downloaded, dequantised or read.
+            early_config = _early_text_config(source, options, gguf_config)
+            if early_config is not None:
+                _skeleton(options, early_config, None, None, adapters)
+            dense_dir, origin, revision, provenance = _materialise_base(source, options, scratch,
+                                                                        gguf, gguf_config)
         text_config = _dense_config(dense_dir, options.trust_remote_code)
         config, model = _skeleton(options, text_config, origin, revision, adapters)
         weight_files = dense_weight_files(dense_dir, options.allow_pickle, scratch / "pickle")
@@ -267,28 +275,20 @@ def _skeleton(options: ConvertOptions, text_config: Any, origin: str | None,
         raise MoEHubError(str(err)) from None
 
 
-def _early_text_config(source: _BaseSource, options: ConvertOptions) -> Any:
-    """BASE's text config read without its weights (a GGUF's metadata, a Hub repository's
-    config.json alone), or None where that is not possible: then the checks run once the base
-    is at hand, as before."""
-    from transformers import AutoConfig
-
+def _early_text_config(source: _BaseSource, options: ConvertOptions,
+                       gguf_config: Any = None) -> Any:
+    """BASE's text config read without its weights (a GGUF's metadata, read once by
+    ``_gguf_config``; a Hub repository's config.json alone), or None where that is not possible:
+    then the checks run once the base is at hand, as before."""
     if source.kind == "dir":
         return _dense_config(Path(source.location).expanduser(), options.trust_remote_code)
     if options.targets is None and options.granularity == "linear":
-        # The defaults fit every decoder with linears; reading a GGUF's metadata (its whole
-        # vocabulary) or a Hub repository twice would only slow down a good conversion.
+        # The defaults fit every decoder with linears; a Hub repository's config read twice
+        # would only slow down a good conversion.
         return None
     if source.kind == "gguf":
-        from .default_model import default_model_path
-
-        gguf = default_model_path() if source.alias else Path(source.location).expanduser()
-        try:
-            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                trust_remote_code=False)
-        except Exception:  # an unreadable GGUF is reported, with its reason, when dequantised
-            return None
-        return config.get_text_config()
+        # A copy: the skeleton built from it must not touch the config the weights load with.
+        return copy.deepcopy(gguf_config).get_text_config() if gguf_config is not None else None
     folder = download_snapshot(source.location, options.revision, ["config.json"],
                                kind="model", role="BASE")
     if not (folder / "config.json").is_file():
@@ -396,20 +396,40 @@ def _refuse_custom_code(directory: Path, shown: str, trust: bool) -> None:
     )
 
 
+def _gguf_file(source: _BaseSource) -> Path | None:
+    """The GGUF file BASE names (the embedded default is downloaded on first use), else None."""
+    if source.kind != "gguf":
+        return None
+    from .default_model import default_model_path
+
+    return default_model_path() if source.alias else Path(source.location).expanduser()
+
+
+def _gguf_config(gguf: Path) -> Any:
+    """The model config in a GGUF's metadata, or None where transformers cannot read it (then
+    dequantising reports why, in moe-hub's words)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                          trust_remote_code=False)
+    except Exception:
+        return None
+
+
 def _materialise_base(
-    source: _BaseSource, options: ConvertOptions, scratch: Path
+    source: _BaseSource, options: ConvertOptions, scratch: Path, gguf: Path | None,
+    gguf_config: Any,
 ) -> tuple[Path, str, str | None, dict[str, str]]:
     """Return (local dense directory, name recorded as the base, revision recorded with it,
     provenance of a GGUF base).
 
-    A GGUF file is dequantised into ``scratch``. A Hub base records the commit it was downloaded
-    at, so an adapter-only checkpoint stays pinned to it."""
-    if source.kind == "gguf":
-        from .default_model import default_model_path
-
-        gguf = default_model_path() if source.alias else Path(source.location).expanduser()
+    A GGUF file (``gguf``, with its config when it could be read) is dequantised into
+    ``scratch``. A Hub base records the commit it was downloaded at, so an adapter-only
+    checkpoint stays pinned to it."""
+    if gguf is not None:
         dense = scratch / "gguf-dense"
-        _gguf_to_dense(gguf, dense)
+        _gguf_to_dense(gguf, dense, gguf_config)
         return dense, gguf.name, None, gguf_provenance(gguf, source.default_model)
     if source.kind == "dir":
         return Path(source.location).expanduser(), source.location, options.revision, {}
@@ -428,9 +448,10 @@ def _download(repo_id: str, revision: str | None, trust_remote_code: bool = Fals
     return download_snapshot(repo_id, revision, patterns, kind="model", role="BASE")
 
 
-def _gguf_to_dense(gguf: Path, target: Path) -> None:
+def _gguf_to_dense(gguf: Path, target: Path, config: Any = None) -> None:
     """Dequantise a GGUF file with transformers (needs the ``gguf`` package) into a safetensors
-    directory. GGUF is one file, read whole by transformers: this path is not streamed."""
+    directory. GGUF is one file, read whole by transformers: this path is not streamed.
+    ``config``: the file's config already read (None: transformers reads it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # One bar for this stage: the GGUF reader's (dequantising is what takes the time), not
@@ -438,7 +459,7 @@ def _gguf_to_dense(gguf: Path, target: Path) -> None:
     with transformers_bars_off():
         try:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                         trust_remote_code=False)
+                                                         config=config, trust_remote_code=False)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                       trust_remote_code=False)
         except (ValueError, OSError, KeyError, RuntimeError) as err:  # RuntimeError: shapes

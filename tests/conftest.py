@@ -93,7 +93,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_converted(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct converted with the default options (topk, 8 experts, top-2, r=16),
-    once per test session: loading the GGUF costs ~30 s on two cores."""
+    once per test session: a conversion of the GGUF costs ~10 s on two cores."""
     from moe_hub.convert import convert
 
     return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "moe", progress=False)

@@ -214,6 +214,41 @@ def test_gguf_metadata_gives_origin_and_license(tmp_path: Path) -> None:
                                                          LICENSE_KEY: "apache-2.0"}
 
 
+def test_gguf_provenance_reads_the_header_as_gguf_does(tmp_path: Path) -> None:
+    """The ``general.*`` strings are read from the header alone, stepping over the vocabulary
+    and other arrays (GGUFReader decodes them all, seconds for SmolLM2): the same fields gguf's
+    own reader finds, in either byte order, and none from a file cut short."""
+    from gguf import GGUFEndian, GGUFReader, GGUFValueType, GGUFWriter
+
+    from moe_hub.gguf_source import LICENSE_KEY, ORIGIN_KEY, _read_fields, gguf_provenance
+
+    for endian in (GGUFEndian.LITTLE, GGUFEndian.BIG):
+        path = tmp_path / f"{endian.name}.gguf"
+        writer = GGUFWriter(str(path), "llama", endianess=endian)
+        # Arrays, numbers and nested arrays before and between the strings looked for.
+        writer.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(3000)])
+        writer.add_array("tokenizer.ggml.scores", [0.5] * 100)
+        writer.add_key_value("general.nested", [[1, 2], [3]], GGUFValueType.ARRAY)
+        writer.add_uint32("general.quantization_version", 2)
+        writer.add_string("general.base_model.0.repo_url",
+                          "https://huggingface.co/org/fine-tuned-from")
+        writer.add_array("general.tags", ["a", "b"])
+        writer.add_string("general.license", "llama3.2 ünïcode")
+        writer.add_string("tokenizer.chat_template", "{{ general.license }}")
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        theirs = {name: field.contents() for name, field in GGUFReader(path).fields.items()
+                  if name.startswith("general.") and isinstance(field.contents(), str)}
+        assert _read_fields(path) == theirs and len(theirs) == 3, endian
+        assert gguf_provenance(path) == {ORIGIN_KEY: "org/fine-tuned-from",
+                                         LICENSE_KEY: "llama3.2 ünïcode"}
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:20000])  # inside the token array
+    assert gguf_provenance(cut) == {}
+
+
 def test_card_of_a_run_on_the_shipped_set_names_no_hub_dataset(tmp_path: Path) -> None:
     """``--data default`` is moe-hub's shipped set, not a Hub data set called "default": the
     card's metadata names none (the Hub would link one), its text says what was used."""

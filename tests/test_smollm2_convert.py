@@ -59,13 +59,42 @@ def test_model_card_snippet_runs_as_written(converted: Path, tmp_path: Path) -> 
     assert out.strip().startswith("The capital of France is")
 
 
-def test_python_convert_shows_one_bar_for_the_gguf_stage(smollm2_gguf: Path, tmp_path: Path,
-                                                          capfd: pytest.CaptureFixture) -> None:
+def test_python_convert_shows_one_bar_and_parses_the_gguf_once(
+        smollm2_gguf: Path, tmp_path: Path, capfd: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Dequantising the GGUF is one stage with one bar (the GGUF reader's), not also
-    transformers' weight-loading and shard-writing bars."""
+    transformers' weight-loading and shard-writing bars. And the file is parsed once: gguf's
+    reader decodes the whole vocabulary (seconds), and transformers asks for it for the config,
+    the tensors and the tokenizer, and --targets / block routing read the config early too.
+    gguf's tensor-name map, which transformers rebuilt for every module, is built once."""
+    import os
+
+    from gguf.gguf_reader import GGUFReader
+    from gguf.tensor_mapping import TensorNameMap
+
     from moe_hub.convert import convert
 
-    convert(smollm2_gguf, tmp_path / "moe", experts=2, rank=2)
+    parses = []
+    parse = GGUFReader.__init__
+
+    def counted(self: GGUFReader, path: str, *args: object, **kwargs: object) -> None:
+        parses.append(os.path.realpath(path))
+        parse(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(GGUFReader, "__init__", counted)
+    maps = []
+    build = TensorNameMap.__init__
+
+    def counted_map(self: TensorNameMap, *args: object) -> None:
+        maps.append(args)
+        build(self, *args)
+
+    monkeypatch.setattr(TensorNameMap, "__init__", counted_map)
+    convert(smollm2_gguf, tmp_path / "moe", experts=2, rank=2, granularity="block",
+            targets=["up_proj", "down_proj"])
     err = capfd.readouterr().err
     assert "de-quantizing GGUF tensors" in err
     assert "Loading weights" not in err and "Writing model shards" not in err, err[-2000:]
+    # At most once: a transformers whose own fast reader covers llama needs no GGUFReader.
+    assert parses in ([], [os.path.realpath(smollm2_gguf)]), parses
+    assert len(maps) <= 1, len(maps)
