@@ -637,6 +637,10 @@ def _write_config(config: MoELoraConfig, text_config: Any, dtype: torch.dtype | 
     for key, value in (provenance or {}).items():
         # Where a GGUF base came from: the model card's base_model and license metadata.
         setattr(config, key, value)
+    # The dense config remembers the folder it was read from: for a GGUF base that is this run's
+    # scratch folder, a temporary path that would make every conversion's config.json differ.
+    # It names the base as the checkpoint records it instead.
+    text_config._name_or_path = config.base_model_name_or_path
     config.save_pretrained(staging)
 
 

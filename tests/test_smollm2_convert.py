@@ -98,3 +98,14 @@ def test_python_convert_shows_one_bar_and_parses_the_gguf_once(
     # At most once: a transformers whose own fast reader covers llama needs no GGUFReader.
     assert parses in ([], [os.path.realpath(smollm2_gguf)]), parses
     assert len(maps) <= 1, len(maps)
+
+
+def test_config_json_names_no_temporary_folder(converted: Path) -> None:
+    """The dense config inside config.json was read from the run's scratch folder (the
+    dequantised GGUF): it names the base as recorded, so two conversions write the same file and
+    no temporary path is published."""
+    import json
+
+    config = json.loads((converted / "config.json").read_text())
+    assert ".scratch" not in json.dumps(config)
+    assert config["text_config"]["_name_or_path"] == config["base_model_name_or_path"]
