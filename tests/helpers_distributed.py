@@ -18,10 +18,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: The sitecustomize every launched process finds first: FSDP through accelerate on the CPU, no
+#: DeepSpeed shared-memory op build (see there).
+LAUNCHED_SITE = REPO / "tests" / "launched"
+
+
 def launch_env(**extra: str) -> dict[str, str]:
-    """The environment of a launched group: this checkout first on the path, one thread per
-    process (the group's processes share the machine's cores), no GPU."""
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    """The environment of a launched group: ``LAUNCHED_SITE`` and this checkout first on the
+    path, one thread per process (the group's processes share the machine's cores), no GPU."""
+    path = os.pathsep.join([str(LAUNCHED_SITE), str(REPO), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path,
            "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
     env.update(extra)
@@ -37,17 +42,11 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 300,
                           text=True, timeout=timeout)
 
 
-#: Holds the sitecustomize that lets accelerate pick FSDP on a CPU-only machine (see there).
-CPU_FSDP = REPO / "tests" / "cpu_fsdp"
-
-
-def accelerate_launch(config: Path, *args: str, nproc: int = 2, timeout: float = 300,
-                      cpu_fsdp: bool = True) -> subprocess.CompletedProcess:
+def accelerate_launch(config: Path, *args: str, nproc: int = 2, timeout: float = 300
+                      ) -> subprocess.CompletedProcess:
     """``accelerate launch --config_file CONFIG --num_processes NPROC ARGS...`` on a free port
-    (on this CPU-only machine with FSDP made available to accelerate, see ``cpu_fsdp``)."""
+    (on this CPU-only machine with FSDP made available to accelerate, see ``LAUNCHED_SITE``)."""
     env = launch_env()
-    if cpu_fsdp:
-        env["PYTHONPATH"] = os.pathsep.join([str(CPU_FSDP), env["PYTHONPATH"]])
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                "--num_processes", str(nproc), "--main_process_port", str(free_port()),
                *map(str, args)]
