@@ -61,7 +61,9 @@ def load_rows(data: str | os.PathLike, split: str = "train") -> Any:
             try:
                 return datasets.load_dataset(_LOCAL_BUILDERS[suffix], data_files=str(path),
                                              split="train", **_builder_options(path, suffix))
-            except (ValueError, datasets.exceptions.DatasetGenerationError):
+            # datasets 4.x raises TypeError ("'str' object is not a mapping") where a JSON
+            # Lines line is a list; 5.x a DatasetGenerationError.
+            except (ValueError, TypeError, datasets.exceptions.DatasetGenerationError):
                 if suffix in (".jsonl", ".json"):
                     _check_json_lines(path)  # names the line, when one line is at fault
                 raise
