@@ -212,6 +212,9 @@ class CheckpointSaveError(Exception):
         reason = os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno else \
             " ".join(str(cause).split())[-160:]
         super().__init__(f"cannot save checkpoint-{step} in {run_dir} ({reason})")
+        # Only a failing write (a full disk, a quota, a lost mount) is fixed by freeing space;
+        # safetensors reports one as its own error carrying the OS's ("os error 27").
+        self.storage = isinstance(cause, OSError) or "os error" in str(cause)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -406,6 +409,14 @@ def _shard_routing_for_fsdp2(trainer: Any) -> None:
     shard_routing_in_float32(trainer.model, mesh=mesh,
                              reshard_after_forward=plugin.reshard_after_forward,
                              offload_policy=plugin.cpu_offload)
+    if getattr(plugin, "transformer_cls_names_to_wrap", None) is None:
+        # Sharded modules change class (FSDP<Name>): the model's _no_split_modules now names
+        # classes it no longer has (HyperNetwork), which accelerate 1.6-1.10 refuses (1.16 skips
+        # them). Name the classes that are left: what either would wrap.
+        present = {type(module).__name__ for module in trainer.model.modules()}
+        plugin.transformer_cls_names_to_wrap = [
+            name for name in getattr(trainer.model, "_no_split_modules", None) or ()
+            if name in present]
 
 
 def _make_trainer_class() -> type:
@@ -714,7 +725,8 @@ def finetune(
             kept = complete_checkpoints(run_dir)
             then = (f"then resume from {kept[0].name} with --resume" if kept else
                     "then run again")
-            raise MoEHubError(f"{err}: {output} was not written; free disk space, {then}"
+            advice = "free disk space, " if err.storage else "fix that, "
+            raise MoEHubError(f"{err}: {output} was not written; {advice}{then}"
                               ) from None
 
 

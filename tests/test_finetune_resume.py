@@ -299,3 +299,26 @@ def test_a_full_disk_during_a_save_leaves_no_checkpoint_and_names_the_resume(tmp
     metrics = finetune(ckpt, data, tmp_path / "out", max_steps=6, save_steps=2, resume=True,
                        **FAST)
     assert metrics["global_step"] == 6
+
+
+LIBRARY_FAILS_AT_SAVE = """
+    from transformers import Trainer
+    original = Trainer._save_optimizer_and_scheduler
+    def save_optimizer_and_scheduler(self, output_dir):
+        if self.state.global_step == 4:  # what an incompatible library does mid-save
+            raise AttributeError("'DTensor' object has no attribute 'quant_state'")
+        return original(self, output_dir)
+    Trainer._save_optimizer_and_scheduler = save_optimizer_and_scheduler
+"""
+
+
+def test_a_save_failing_for_another_reason_does_not_blame_the_disk(tmp_path, ckpt):
+    """Only a failing write is fixed by freeing space: another error is named as it is."""
+    data = write_data(tmp_path / "d.jsonl")
+    args = ["finetune", str(ckpt), "--data", str(data), "--output", str(tmp_path / "out"),
+            "--max-steps", "6", "--save-steps", "2", "--max-length", "16", "--no-progress"]
+    done = run_cli(args, LIBRARY_FAILS_AT_SAVE, tmp_path)
+    assert_one_error_line(done.returncode, done.stderr, "cannot save checkpoint-4 in",
+                          "has no attribute 'quant_state'", "out was not written; fix that, "
+                          "then resume from checkpoint-2 with --resume")
+    assert "disk" not in done.stderr
