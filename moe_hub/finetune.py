@@ -419,6 +419,31 @@ def _shard_routing_for_fsdp2(trainer: Any) -> None:
             if name in present]
 
 
+def _keep_adapters_float32_for_deepspeed(trainer: Any) -> None:
+    """Under DeepSpeed's bf16 mode (``--bf16`` fills the configs' ``bf16: auto``) with ZeRO,
+    train the experts and routers in float32 from their exact values, and reduce their
+    gradients in float32 unless the DeepSpeed config chose otherwise.
+
+    Why: DeepSpeed casts every parameter to bfloat16 before ZeRO builds its optimizer, so the
+    routers would compute from rounded weights, and ZeRO sums gradients (and ZeRO-3
+    accumulates them) in the model's dtype by default: each router gradient would be rounded
+    twice more. The trained parameters are moe-hub's small adapters, so float32 costs little.
+    ZeRO-2 and ZeRO-3 only (the shipped configs): not in fp16 mode (DeepSpeed scales the loss
+    only when the trained parameters are fp16), nor under ZeRO-0/1, whose bf16 optimizers expect
+    bfloat16 parameters; the routers follow DeepSpeed's dtype there (``_float32_cast``)."""
+    if not getattr(trainer, "is_deepspeed_enabled", False) or not trainer.args.bf16:
+        return
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    stage = int(plugin.zero_stage or 0)
+    if stage not in (2, 3):
+        return
+    trainer.model.keep_adapters_float32_in_deepspeed()
+    config = plugin.deepspeed_config  # what accelerate passes to deepspeed.initialize
+    config.setdefault("communication_data_type", "fp32")
+    if stage == 3:  # ZeRO-2 accumulates in its partition of the (float32) parameters' dtype
+        config.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+
+
 def _make_trainer_class() -> type:
     from transformers import Trainer
 
@@ -447,6 +472,7 @@ def _make_trainer_class() -> type:
             self.add_callback(_finite_guard(self))
             _log_as_lines(self)
             _shard_routing_for_fsdp2(self)
+            _keep_adapters_float32_for_deepspeed(self)
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:

@@ -100,6 +100,67 @@ def test_routers_stay_float32_through_16bit_casts(cast: str) -> None:
                 model(tokens[:1, :1])
 
 
+def _cast_like_deepspeed(model: torch.nn.Module) -> torch.nn.Module:
+    """What DeepSpeed's bf16 mode does before ZeRO builds its optimizer: every parameter cast
+    past ``Module._apply``, then the model moved."""
+    for param in model.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    return model.to("cpu")
+
+
+def _routing(name: str) -> bool:
+    return ".router." in name or name.startswith("moe_shared.")
+
+
+def test_routers_keep_a_16bit_dtype_set_directly_through_a_move() -> None:
+    """DeepSpeed's cast leaves one dtype for ZeRO-3 (which trains one): the routers follow it
+    through the move instead of coming back float32 among bfloat16 experts; a cast of the model
+    still puts them back in float32."""
+    for router, granularity in (("rmoe-hyper", "linear"), ("graphmoe", "block")):
+        model = _cast_like_deepspeed(build(router, granularity))
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}, router
+        model.half()
+        for name, param in model.named_parameters():
+            assert param.dtype == (torch.float32 if _routing(name) else torch.float16), name
+
+
+def test_keep_adapters_float32_in_deepspeed_undoes_its_cast_once() -> None:
+    model = build("rmoe-hyper", "linear")
+    adapters = set(model.adapter_parameter_names())
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in adapters)
+    want = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert model.keep_adapters_float32_in_deepspeed() == len(adapters)
+    _cast_like_deepspeed(model)
+    for name, param in model.named_parameters():
+        if name in adapters:  # their own float32 values, not a rounding of them
+            assert param.dtype == torch.float32 and torch.equal(param, want[name]), name
+        else:
+            assert param.dtype == torch.bfloat16, name
+    _cast_like_deepspeed(model)  # undone once: the next cast stays
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+    # A cast of the model in between is the caller's: nothing comes back afterwards.
+    model = build("topk", "linear")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in adapters)
+    model.keep_adapters_float32_in_deepspeed()
+    model.to(torch.bfloat16)
+    _cast_like_deepspeed(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_keep_adapters_float32_in_deepspeed_refuses_what_zero3_cannot_train() -> None:
+    model = build("topk", "linear")  # the base trains too: ZeRO-3 trains one dtype
+    with pytest.raises(ValueError, match=r"trains too.*set_trainable"):
+        model.keep_adapters_float32_in_deepspeed()
+    model.set_trainable("adapters")
+    first = model.get_parameter(model.adapter_parameter_names()[0])
+    first.data = first.data.bfloat16()
+    with pytest.raises(ValueError, match=r"not float32.*prepare_for_training"):
+        model.keep_adapters_float32_in_deepspeed()
+
+
 def test_decode_follows_in_place_optimizer_steps_without_eval() -> None:
     """No train()/eval() between the steps and the no-grad forwards: the decode path reads what
     the optimizers wrote (SGD, foreach AdamW, fused AdamW)."""

@@ -279,6 +279,54 @@ class MoELoraPreTrainedModel(PreTrainedModel):
                 trainable.append(name)
         return trainable
 
+    def keep_adapters_float32_in_deepspeed(self) -> int:
+        """Keep the experts, routers and shared routing modules float32, with their exact values,
+        through DeepSpeed's bf16 mode: call it right before ``deepspeed.initialize`` (or before
+        ``Trainer.train()`` under a DeepSpeed config). Returns the number of tensors kept.
+
+        Why: DeepSpeed's bf16 mode casts every parameter (``p.data = p.data.to(bfloat16)``,
+        past ``Module._apply``) and then moves the model. Left alone, the routers follow it
+        (``routing._float32_cast``): they read bfloat16-rounded weights, and ZeRO keeps their
+        float32 master copies. Kept, the adapters get their float32 tensors back at that move,
+        before ZeRO builds its optimizer: every trained parameter is then float32, which ZeRO-2
+        and ZeRO-3 take (ZeRO-3 takes one dtype for all of them, so the experts come too), the
+        routers compute from exact float32 weights and the experts are stored in float32 as on
+        one GPU (the expert op still computes with the base's bfloat16 operands). Not for
+        DeepSpeed's fp16 mode: it scales the loss only when the trained parameters are fp16.
+
+        Only a cast that happens after this call and past ``_apply`` is undone, once; a cast of
+        the model through ``.to(dtype)``/``.half()`` in between cancels it."""
+        adapters = set(self.adapter_parameter_names())
+        named = dict(self.named_parameters())
+        trained_base = sorted(n for n, p in named.items() if p.requires_grad and n not in adapters)
+        if trained_base:
+            raise ValueError(f"{trained_base[0]} trains too: DeepSpeed ZeRO-3 trains one dtype, "
+                             f"so float32 adapters need a frozen base (set_trainable('adapters'))")
+        wrong = sorted(n for n in adapters if named[n].dtype != torch.float32)
+        if wrong:
+            raise ValueError(f"adapter {wrong[0]} is {named[wrong[0]].dtype}, not float32: make "
+                             f"the adapters float32 first (moe_hub.finetune.prepare_for_training)")
+        # The tensors themselves, not copies: nothing is held twice until DeepSpeed's cast
+        # replaces them, and in-place changes meanwhile (a state-dict load) are kept.
+        self.__dict__["_float32_adapters"] = [(named[n], named[n].data) for n in sorted(adapters)]
+        return len(adapters)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> MoELoraPreTrainedModel:
+        kept = self.__dict__.get("_float32_adapters")
+        if kept:
+            # 16-bit since keep_adapters_float32_in_deepspeed: cast past _apply, as DeepSpeed's
+            # bf16 mode does just before this move. Their float32 tensors come back, once.
+            cast = [(p, t) for p, t in kept if p.dtype in (torch.float16, torch.bfloat16)]
+            if cast:
+                for param, tensor in cast:
+                    param.data = tensor
+                kept = self.__dict__["_float32_adapters"] = None
+        dtypes = [p.dtype for p, _ in kept] if kept else []
+        super()._apply(fn, recurse)
+        if kept and any(p.dtype != dtype for (p, _), dtype in zip(kept, dtypes)):
+            self.__dict__["_float32_adapters"] = None  # the caller cast the model: theirs wins
+        return self
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts; a 4-bit weight counts its unpacked elements."""
         return self.num_parameters(only_trainable=True), self.num_parameters()

@@ -307,14 +307,28 @@ class ParameterBank(nn.ParameterDict):
         return self(key) if getattr(self, "_hf_hook", None) is not None else self[key]
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _float32_cast(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor],
                                                                            torch.Tensor]:
     """``fn`` (what ``Module._apply`` applies: ``.half()``, ``.to(dtype)``, a device move) with
-    16-bit floating results put back in float32."""
+    the 16-bit results it cast to put back in float32.
+
+    A tensor that already was 16-bit keeps its dtype through a move: someone set it directly
+    (``p.data = p.data.to(torch.bfloat16)``), as DeepSpeed's bf16 and fp16 modes do with every
+    parameter just before they move the model, because their ZeRO-3 optimizer holds one dtype
+    for all trained parameters. Putting the routers back in float32 there made ZeRO-3's start
+    fail (an ``AssertionError`` in its ``defragment``), while the values had been rounded anyway;
+    following DeepSpeed, the routers read 16-bit weights, its optimizer keeps their float32
+    master copies, and the router math still runs in float32 (``float32_linear``).
+    ``keep_adapters_float32_in_deepspeed()`` of the model keeps them float32 there instead."""
 
     def cast(tensor: torch.Tensor) -> torch.Tensor:
         out = fn(tensor)
-        return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+        if out.dtype in _HALF and out.dtype != tensor.dtype:
+            return out.float()
+        return out
 
     return cast
 
@@ -395,7 +409,8 @@ class Router(nn.Module):
         # Routers compute in float32 (a 16-bit weight would round the logits before they are
         # upcast), so they are stored in it whatever a 16-bit cast of the model asks for, as
         # from_pretrained keeps them (_keep_in_fp32_modules_strict). float64 passes: reference
-        # computations use it.
+        # computations use it. Parameters already 16-bit (DeepSpeed's cast) stay so when moved:
+        # see _float32_cast.
         return super()._apply(_float32_cast(fn), *args, **kwargs)
 
     def __call__(self, x: torch.Tensor, ctx: RoutingContext, experts: Any = None,
