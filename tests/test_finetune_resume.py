@@ -254,11 +254,17 @@ SIGKILL_IN_SAVE = """
 """
 
 
-def test_a_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(tmp_path, ckpt, capfd):
+def finetune_saving_every_2_steps(tmp_path, ckpt, patch: str):
+    """``moe-hub finetune`` for 6 steps with a checkpoint every 2, ``patch`` run first in its
+    process; returns the data file and the finished process."""
     data = write_data(tmp_path / "d.jsonl")
     args = ["finetune", str(ckpt), "--data", str(data), "--output", str(tmp_path / "out"),
             "--max-steps", "6", "--save-steps", "2", "--max-length", "16", "--no-progress"]
-    done = run_cli(args, SIGKILL_IN_SAVE, tmp_path)
+    return data, run_cli(args, patch, tmp_path)
+
+
+def test_a_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(tmp_path, ckpt, capfd):
+    data, done = finetune_saving_every_2_steps(tmp_path, ckpt, SIGKILL_IN_SAVE)
     assert done.returncode == -signal.SIGKILL, done.stderr
     run_dir = tmp_path / "out.checkpoints"
     # What the kill left: checkpoint-2, the half-saved step 4 under its hidden name, the lock.
@@ -288,10 +294,7 @@ DISK_FULL_AT_SAVE = """
 
 
 def test_a_full_disk_during_a_save_leaves_no_checkpoint_and_names_the_resume(tmp_path, ckpt):
-    data = write_data(tmp_path / "d.jsonl")
-    args = ["finetune", str(ckpt), "--data", str(data), "--output", str(tmp_path / "out"),
-            "--max-steps", "6", "--save-steps", "2", "--max-length", "16", "--no-progress"]
-    done = run_cli(args, DISK_FULL_AT_SAVE, tmp_path)
+    data, done = finetune_saving_every_2_steps(tmp_path, ckpt, DISK_FULL_AT_SAVE)
     assert_one_error_line(done.returncode, done.stderr, "cannot save checkpoint-4 in",
                           "out was not written; free disk space, then resume from checkpoint-2 "
                           "with --resume")
@@ -314,10 +317,7 @@ LIBRARY_FAILS_AT_SAVE = """
 
 def test_a_save_failing_for_another_reason_does_not_blame_the_disk(tmp_path, ckpt):
     """Only a failing write is fixed by freeing space: another error is named as it is."""
-    data = write_data(tmp_path / "d.jsonl")
-    args = ["finetune", str(ckpt), "--data", str(data), "--output", str(tmp_path / "out"),
-            "--max-steps", "6", "--save-steps", "2", "--max-length", "16", "--no-progress"]
-    done = run_cli(args, LIBRARY_FAILS_AT_SAVE, tmp_path)
+    _, done = finetune_saving_every_2_steps(tmp_path, ckpt, LIBRARY_FAILS_AT_SAVE)
     assert_one_error_line(done.returncode, done.stderr, "cannot save checkpoint-4 in",
                           "has no attribute 'quant_state'", "out was not written; fix that, "
                           "then resume from checkpoint-2 with --resume")

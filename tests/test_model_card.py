@@ -187,6 +187,14 @@ def test_gguf_base_card_names_its_origin_and_no_local_paths(tmp_path: Path) -> N
     assert not re.search(r"\d\.\d{6,}", text)
 
 
+def write_gguf(writer) -> None:
+    """Write what a ``gguf.GGUFWriter`` holds (header, metadata, no tensors) and close it."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def test_gguf_metadata_gives_origin_and_license(tmp_path: Path) -> None:
     """general.source.url / general.license of a real GGUF header (written by the gguf
     package) are what conversion records; the embedded default falls back to its known origin."""
@@ -198,17 +206,11 @@ def test_gguf_metadata_gives_origin_and_license(tmp_path: Path) -> None:
     writer = GGUFWriter(str(path), "llama")
     writer.add_string("general.source.url", "https://huggingface.co/org/original-model")
     writer.add_string("general.license", "mit")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(writer)
     assert gguf_provenance(path) == {ORIGIN_KEY: "org/original-model", LICENSE_KEY: "mit"}
     bare = tmp_path / "bare.gguf"
     writer = GGUFWriter(str(bare), "llama")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(writer)
     assert gguf_provenance(bare) == {}
     assert gguf_provenance(bare, default_model=True) == {ORIGIN_KEY: HUB_BASE,
                                                          LICENSE_KEY: "apache-2.0"}
@@ -235,10 +237,7 @@ def test_gguf_provenance_reads_the_header_as_gguf_does(tmp_path: Path) -> None:
         writer.add_array("general.tags", ["a", "b"])
         writer.add_string("general.license", "llama3.2 ünïcode")
         writer.add_string("tokenizer.chat_template", "{{ general.license }}")
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        write_gguf(writer)
         theirs = {name: field.contents() for name, field in GGUFReader(path).fields.items()
                   if name.startswith("general.") and isinstance(field.contents(), str)}
         assert _read_fields(path) == theirs and len(theirs) == 3, endian
