@@ -205,18 +205,27 @@ BF16_ZERO3_CASES = {("topk", "linear"), ("rmoe", "block"), ("rmoe-hyper", "linea
                     ("hypermoe", "block"), ("graphmoe", "linear"), ("graphmoe-message", "block")}
 
 
+def bf16_reference(router: str, granularity: str, world: int, step, adapters: bool) -> tuple:
+    """The one-process side of a bf16 case: the global batch, the trained names, their starting
+    values, each rank's loss and the parameters after ``step`` on the model cast by
+    ``to_bf16(adapters=adapters)``."""
+    tokens = ids(2 * world, 9, seed=11)
+    reference = make(router, granularity)
+    names = [n for n, p in reference.named_parameters() if p.requires_grad]
+    initial = {n: reference.get_parameter(n).detach().clone() for n in names}
+    losses = step(to_bf16(reference, adapters=adapters), tokens, world)
+    want = {n: reference.get_parameter(n) for n in names}
+    return tokens, names, initial, losses, want
+
+
 def run_bf16_case(router: str, granularity: str, rank: int, world: int) -> dict:
     """DeepSpeed's bf16 mode (``"bf16": {"enabled": true}``, what Trainer's ``--bf16`` gives) as
     finetune runs it (``keep_adapters_float32_in_deepspeed`` and ``BF16``), ZeRO-2 (and ZeRO-3
     for ``BF16_ZERO3_CASES``): the adapters start as their exact float32 values; the loss is
     one process's on a bfloat16 base with float32 adapters (DeepSpeed does not autocast: the
     same arithmetic); one step equals that process's step."""
-    tokens = ids(2 * world, 9, seed=11)
-    reference = make(router, granularity)
-    names = [n for n, p in reference.named_parameters() if p.requires_grad]
-    initial = {n: reference.get_parameter(n).detach().clone() for n in names}
-    losses = reference_step(to_bf16(reference, adapters=False), tokens, world)
-    want = {n: reference.get_parameter(n) for n in names}
+    tokens, names, initial, losses, want = bf16_reference(router, granularity, world,
+                                                          reference_step, adapters=False)
     out: dict = {"ok": True}
     for stage in (3, 2) if (router, granularity) in BF16_ZERO3_CASES else (2,):
         model = make(router, granularity)
@@ -244,12 +253,8 @@ def run_bf16_follow_case(router: str, granularity: str, rank: int, world: int) -
     starts (a bare ``AssertionError`` when the routers came back float32 among bfloat16
     experts), the routers hold the bfloat16 rounding of their values, and the loss and the step
     are one process's on bfloat16 adapters with float32 master copies."""
-    tokens = ids(2 * world, 9, seed=11)
-    reference = make(router, granularity)
-    names = [n for n, p in reference.named_parameters() if p.requires_grad]
-    initial = {n: reference.get_parameter(n).detach().clone() for n in names}
-    losses = master_step(to_bf16(reference, adapters=True), tokens, world)
-    want = {n: reference.get_parameter(n) for n in names}
+    tokens, names, initial, losses, want = bf16_reference(router, granularity, world,
+                                                          master_step, adapters=True)
     model = make(router, granularity)
     engine = initialize(model, 3, bf16={"enabled": True})
     start = gathered(model, names)
